@@ -1,0 +1,190 @@
+"""Reading a dataset folder: which classes it has and which images each split holds.
+
+Two layouts are understood, and nothing inside the folder is ever written to:
+
+* Tiny ImageNet: ``wnids.txt``, ``words.txt``, ``train/<wnid>/images/*``,
+  ``val/images/*`` labelled by ``val/val_annotations.txt``, ``test/images/*`` (unlabelled).
+* ImageFolder: ``<split>/<class>/*`` for each split, or ``<class>/*`` directly under the
+  root, which is then the ``train`` split.
+
+Classes are the sorted wnids of ``wnids.txt`` (or the sorted class folders of the train split);
+label i is the i-th of them. This module is the one place that decides that order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from pathlib import Path
+
+from extract.errors import UserError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+SPLITS = ("train", "val", "test")
+UNLABELED = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class Classes:
+    """Label index -> wnid (or folder name) and its human-readable name."""
+
+    wnids: list[str]
+    names: list[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    """The images of one split, in the order their features are stored."""
+
+    split: str
+    paths: list[str]  # relative to the dataset root, with '/' separators
+    labels: list[int]
+
+    def sha256(self) -> str:
+        """Fingerprint of the image list, so a resumed run can tell it is the same one."""
+        digest = hashlib.sha256()
+        for path, label in zip(self.paths, self.labels):
+            digest.update(f"{path}\t{label}\n".encode("utf-8", "surrogateescape"))
+        return digest.hexdigest()
+
+
+def is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files below `folder`, sorted; symlinked folders are not followed (no loops)."""
+    found = []
+    for directory, subdirs, files in os.walk(folder):
+        subdirs.sort()
+        found.extend(Path(directory) / name for name in sorted(files) if is_image(Path(name)))
+    return found
+
+
+def check_root(root: Path) -> None:
+    if not root.is_dir():
+        raise UserError(f"{root}: data folder not found")
+    if not any(root.iterdir()):
+        raise UserError(f"{root}: data folder is empty")
+
+
+def read_words(path: Path) -> dict[str, str]:
+    """``words.txt``: wnid TAB comma-separated names -> wnid -> first name."""
+    names = {}
+    for number, line in enumerate(read_lines(path), start=1):
+        if not line.strip():
+            continue
+        wnid, sep, words = line.partition("\t")
+        if not sep or not wnid.strip():
+            raise UserError(f"{path}:{number}: expected 'wnid<TAB>names', got {line[:60]!r}")
+        names[wnid.strip()] = words.split(",")[0].strip() or wnid.strip()
+    return names
+
+
+def read_wnids(path: Path) -> list[str]:
+    wnids = [line.strip() for line in read_lines(path) if line.strip()]
+    duplicates = sorted({w for w in wnids if wnids.count(w) > 1})
+    if duplicates:
+        raise UserError(f"{path}: wnid {duplicates[0]} is listed more than once")
+    return wnids
+
+
+def read_val_annotations(path: Path) -> dict[str, str]:
+    """``val_annotations.txt``: file TAB wnid TAB box -> file name -> wnid."""
+    labels = {}
+    for number, line in enumerate(read_lines(path), start=1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) < 2 or not fields[0].strip() or not fields[1].strip():
+            raise UserError(f"{path}:{number}: expected 'file<TAB>wnid<TAB>box', got {line[:60]!r}")
+        labels[fields[0].strip()] = fields[1].strip()
+    return labels
+
+
+def read_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path}: not UTF-8 text (byte {error.start})") from None
+
+
+def is_tiny_imagenet(root: Path) -> bool:
+    return (root / "wnids.txt").is_file() or (root / "val" / "val_annotations.txt").is_file()
+
+
+def train_folder(root: Path) -> Path:
+    """The folder whose subfolders are the training classes."""
+    return root / "train" if (root / "train").is_dir() else root
+
+
+def read_classes(root: Path) -> Classes:
+    """The class list: sorted wnids of wnids.txt, else the sorted class folders of train."""
+    check_root(root)
+    if (root / "wnids.txt").is_file():
+        wnids = sorted(read_wnids(root / "wnids.txt"))
+    else:
+        folder = train_folder(root)
+        wnids = sorted(
+            entry.name for entry in folder.iterdir()
+            if entry.is_dir() and entry.name not in SPLITS
+        )
+    if not wnids:
+        raise UserError(f"{root}: no classes found (no wnids.txt and no train/<class>/ folders)")
+    words = read_words(root / "words.txt") if (root / "words.txt").is_file() else {}
+    return Classes(wnids=wnids, names=[words.get(wnid, wnid) for wnid in wnids])
+
+
+def default_splits(root: Path) -> list[str]:
+    """train, and val when the folder has one (test only when asked for)."""
+    return ["train", "val"] if (root / "val").is_dir() else ["train"]
+
+
+def read_manifest(root: Path, split: str, classes: Classes) -> Manifest:
+    """List the images of one split with their labels (-1 for unlabelled test images)."""
+    if split not in SPLITS:
+        raise UserError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
+    index = {wnid: label for label, wnid in enumerate(classes.wnids)}
+    folder = root / split
+    if split == "train":
+        folder = train_folder(root)
+    elif not folder.is_dir():
+        raise UserError(f"{folder}: split folder not found")
+
+    if split == "val" and (folder / "val_annotations.txt").is_file():
+        annotations_file = folder / "val_annotations.txt"
+        annotations = read_val_annotations(annotations_file)
+        images = list_images(folder / "images") if (folder / "images").is_dir() else []
+        labels = []
+        for image in images:
+            wnid = annotations.get(image.name)
+            if wnid is None:
+                raise UserError(f"{annotations_file}: no line for {image.relative_to(root)}")
+            if wnid not in index:
+                raise UserError(f"{annotations_file}: {image.name} is labelled {wnid!r}, not a known wnid")
+            labels.append(index[wnid])
+    elif split == "test" and (folder / "images").is_dir():
+        images = list_images(folder / "images")
+        labels = [UNLABELED] * len(images)
+    else:
+        images, labels = [], []
+        for wnid in classes.wnids:
+            class_folder = folder / wnid
+            for image in list_images(class_folder) if class_folder.is_dir() else []:
+                images.append(image)
+                labels.append(index[wnid])
+        if split != "train":
+            unknown = sorted(
+                entry.name for entry in folder.iterdir()
+                if entry.is_dir() and entry.name not in index and entry.name != "images"
+            )
+            if unknown:
+                raise UserError(f"{folder / unknown[0]}: class folder not among the train classes")
+            if not images and (folder / "images").is_dir():
+                images = list_images(folder / "images")
+                labels = [UNLABELED] * len(images)
+    if not images:
+        raise UserError(f"{folder}: no images found")
+    paths = [image.relative_to(root).as_posix() for image in images]
+    return Manifest(split=split, paths=paths, labels=labels)

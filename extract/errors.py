@@ -1,0 +1,30 @@
+"""Expected problems (bad input, missing files) and how every command reports them.
+
+An expected problem is a `UserError`: the command prints one line naming the file and what is
+wrong, and exits with status 2, without a traceback. Anything else is a bug and keeps its
+traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+USAGE_EXIT = 2
+
+
+class UserError(Exception):
+    """A problem with the user's input that they can fix; its message is shown as is."""
+
+
+def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
+    """Run a command's `main`, turning `UserError` into one line on stderr and exit status 2."""
+    try:
+        status = main(argv)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(USAGE_EXIT)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(status or 0)

@@ -1,0 +1,102 @@
+"""The one image preprocessing of the project: extraction and live inference both use it.
+
+It is torchvision's ImageNet evaluation transform (resize the shorter side to 256, bilinear with
+antialiasing, center-crop 224, scale to [0, 1], normalize with ImageNet mean and std), split in
+two halves so that the expensive part can run where it is cheapest:
+
+* `to_uint8` (per image, in DataLoader workers or the capture loop): decode result -> RGB ->
+  resize -> crop -> uint8 CHW tensor. Staying in uint8 keeps worker-to-main copies 4x smaller.
+* `normalize` (per batch, on the compute device): uint8 -> float -> (x / 255 - mean) / std.
+
+The parameters are written into every HDF5 file and checkpoint (`Preprocess.to_json`) so that a
+model is always fed the way its features were made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocess:
+    """Parameters of the evaluation transform; the defaults are torchvision's for AlexNet."""
+
+    resize_size: int = 256
+    crop_size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+    antialias: bool = True
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Preprocess:
+        fields = json.loads(text)
+        fields["mean"] = tuple(fields["mean"])
+        fields["std"] = tuple(fields["std"])
+        return cls(**fields)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode (L, P, RGBA, CMYK, I;16, ...) to 8-bit RGB.
+
+    16-bit and 32-bit integer images are scaled down to 8 bits first: PIL's own conversion
+    clips them, which turns most 16-bit photos white.
+    """
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        pixels = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if pixels.max() > 255 else 255.0
+        pixels = np.clip(pixels / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(pixels, mode="L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return image.convert("RGB")
+
+
+def to_uint8(image: Image.Image, params: Preprocess = Preprocess()) -> torch.Tensor:
+    """RGB-convert, resize and crop one image; returns a (3, crop, crop) uint8 tensor."""
+    image = to_rgb(image)
+    image = F.resize(
+        image,
+        params.resize_size,
+        interpolation=InterpolationMode(params.interpolation),
+        antialias=params.antialias,
+    )
+    image = F.center_crop(image, params.crop_size)
+    return F.pil_to_tensor(image)
+
+
+def rgb_array_to_uint8(rgb: np.ndarray, params: Preprocess = Preprocess()) -> torch.Tensor:
+    """Same as `to_uint8` for an HxWx3 uint8 RGB array (a video frame after BGR -> RGB)."""
+    return to_uint8(Image.fromarray(np.ascontiguousarray(rgb), mode="RGB"), params)
+
+
+def normalize(
+    batch: torch.Tensor, params: Preprocess = Preprocess(), dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Turn a (N, 3, H, W) uint8 batch into the normalized float batch the network expects.
+
+    Runs on whatever device `batch` is on; the result is channels_last, which the convolutions
+    of AlexNet run faster in on both CPU and GPU.
+    """
+    mean = torch.tensor(params.mean, device=batch.device).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(params.std, device=batch.device).view(1, 3, 1, 1) * 255.0
+    images = (batch.float() - mean) / std
+    return images.to(dtype=dtype, memory_format=torch.channels_last)

@@ -1,0 +1,1 @@
+"""Train the new classification layer on cached fc7 features."""
