@@ -91,7 +91,8 @@ def create(
 def open_for_resume(path: Path, attrs: dict, manifests: list[Manifest], flip: bool) -> h5py.File:
     """Reopen an interrupted run after checking it was made the same way from the same images."""
     file = open_file(path, "r+")
-    for key in (*PROVENANCE_KEYS, "precision", "store_dtype"):
+    # The weights are identified by their digest; the same file under another path is fine.
+    for key in ("weights_sha256", "preprocess", "backbone", "node", "precision", "store_dtype"):
         if str(file.attrs.get(key)) != str(attrs[key]):
             file.close()
             raise UserError(
