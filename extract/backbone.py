@@ -80,7 +80,8 @@ def read_state_dict(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, 
     for key, tensor in expected.items():
         if state[key].shape != tensor.shape:
             raise UserError(
-                f"{path}: {key} has shape {tuple(state[key].shape)}, AlexNet needs {tuple(tensor.shape)}"
+                f"{path}: {key} has shape {tuple(state[key].shape)}, "
+                f"AlexNet needs {tuple(tensor.shape)}"
             )
     return state
 

@@ -162,7 +162,8 @@ def read_manifest(root: Path, split: str, classes: Classes) -> Manifest:
             if wnid is None:
                 raise UserError(f"{annotations_file}: no line for {image.relative_to(root)}")
             if wnid not in index:
-                raise UserError(f"{annotations_file}: {image.name} is labelled {wnid!r}, not a known wnid")
+                raise UserError(
+                    f"{annotations_file}: {image.name} is labelled {wnid!r}, not a known wnid")
             labels.append(index[wnid])
     elif split == "test" and (folder / "images").is_dir():
         images = list_images(folder / "images")

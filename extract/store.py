@@ -83,7 +83,8 @@ def create(
             )
         group.create_dataset("labels", shape=(0,), maxshape=(None,), chunks=(4096,), dtype=np.int64)
         group.create_dataset("paths", shape=(0,), maxshape=(None,), chunks=(4096,), dtype=STRING)
-        group.create_dataset("failed", shape=(0, 2), maxshape=(None, 2), chunks=(256, 2), dtype=STRING)
+        group.create_dataset("failed", shape=(0, 2), maxshape=(None, 2), chunks=(256, 2),
+                             dtype=STRING)
     file.flush()
     return file
 
@@ -93,10 +94,11 @@ def open_for_resume(path: Path, attrs: dict, manifests: list[Manifest], flip: bo
     file = open_file(path, "r+")
     # The weights are identified by their digest; the same file under another path is fine.
     for key in ("weights_sha256", "preprocess", "backbone", "node", "precision", "store_dtype"):
-        if str(file.attrs.get(key)) != str(attrs[key]):
+        recorded = str(file.attrs.get(key))
+        if recorded != str(attrs[key]):
             file.close()
             raise UserError(
-                f"{path}: cannot resume, it was made with {key}={file.attrs.get(key)!r}, "
+                f"{path}: cannot resume, it was made with {key}={recorded[:80]!r}, "
                 f"this run uses {attrs[key]!r} (use --overwrite to start again)"
             )
     if bool(file.attrs["flip"]) != flip or json.loads(file.attrs["splits"]) != [

@@ -9,12 +9,12 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import WNIDS, extract_features
 from PIL import Image
 from torchvision import transforms
 from torchvision.models import alexnet
 from torchvision.models.feature_extraction import create_feature_extractor
 
+from conftest import WNIDS, extract_features
 from extract import store
 
 

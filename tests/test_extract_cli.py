@@ -1,0 +1,193 @@
+"""The command line: clear one-line errors with exit 2, resume after SIGKILL, no overwrites."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from conftest import extract_features
+from extract import __main__ as cli
+from extract import store
+from extract.errors import run_cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as stopped:
+        run_cli(cli.main, argv)
+    captured = capsys.readouterr()
+    return stopped.value.code, captured.out, captured.err
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def test_missing_and_empty_data_folder(tmp_path, capsys):
+    code, _, err = run_main(["--data", str(tmp_path / "nope"), "--out", str(tmp_path / "f.h5")],
+                            capsys)
+    assert_one_line_error(code, err, "nope", "not found")
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_main(["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "f.h5")],
+                            capsys)
+    assert_one_line_error(code, err, "empty")
+
+
+def test_no_wnids_and_no_train_folders(tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "readme.txt").write_text("hello")
+    code, _, err = run_main(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "f.h5")],
+                            capsys)
+    assert_one_line_error(code, err, "no classes found")
+
+
+def test_val_annotation_with_unknown_wnid(tiny_imagenet, tmp_path, capsys):
+    annotations = tiny_imagenet / "val" / "val_annotations.txt"
+    lines = annotations.read_text().splitlines()
+    lines[0] = lines[0].replace("n01443537", "n00000000")
+    annotations.write_text("\n".join(lines) + "\n")
+    code, _, err = run_main(["--data", str(tiny_imagenet), "--out", str(tmp_path / "f.h5"),
+                             "--weights", "random"], capsys)
+    assert_one_line_error(code, err, "val_annotations.txt", "n00000000")
+
+
+def test_unwritable_output(tiny_imagenet, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    code, _, err = run_main(["--data", str(tiny_imagenet), "--out", str(blocker / "f.h5"),
+                             "--weights", "random"], capsys)
+    assert_one_line_error(code, err, "cannot write")
+
+
+@pytest.mark.parametrize("content", [b"garbage bytes", "wrong keys"])
+def test_bad_weights_file(tiny_imagenet, tmp_path, capsys, content):
+    weights = tmp_path / "w.pth"
+    if isinstance(content, bytes):
+        weights.write_bytes(content)
+    else:
+        torch.save({"fc.weight": torch.zeros(2, 2)}, weights)
+    code, _, err = run_main(["--data", str(tiny_imagenet), "--out", str(tmp_path / "f.h5"),
+                             "--weights", str(weights)], capsys)
+    assert_one_line_error(code, err, str(weights))
+    assert not (tmp_path / "f.h5").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_requested_without_cuda(tiny_imagenet, tmp_path, capsys):
+    code, _, err = run_main(["--data", str(tiny_imagenet), "--out", str(tmp_path / "f.h5"),
+                             "--device", "cuda"], capsys)
+    assert_one_line_error(code, err, "CUDA")
+
+
+def test_complete_file_is_not_overwritten_without_overwrite(tiny_imagenet, tmp_path, capsys):
+    out = extract_features(tiny_imagenet, tmp_path / "f.h5")
+    before = out.read_bytes()
+    code, _, err = run_main(["--data", str(tiny_imagenet), "--out", str(out),
+                             "--weights", "random"], capsys)
+    assert_one_line_error(code, err, "already exists", "--overwrite")
+    assert out.read_bytes() == before
+    code, out_text, _ = run_main(["--data", str(tiny_imagenet), "--out", str(out), "--overwrite",
+                                  "--weights", "random", "--workers", "0", "--no-progress"],
+                                 capsys)
+    assert code == 0 and "extracted 18 images, 0 failed" in out_text
+
+
+def test_summary_line_and_progress_bar(tiny_imagenet, tmp_path, capsys):
+    code, out, err = run_main(["--data", str(tiny_imagenet), "--out", str(tmp_path / "f.h5"),
+                               "--weights", "random", "--workers", "0"], capsys)
+    assert code == 0
+    assert "img/s" in err and "100%" in err
+    assert "extracted 18 images, 0 failed" in out and "images/s" in out and "MB" in out
+
+
+def start_cli(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "extract", *args], cwd=REPO, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def rows_written(part: Path) -> int:
+    """Rows committed in an interrupted file; opened without HDF5 locking, read only."""
+    with h5py.File(part, "r", locking=False) as file:
+        return sum(int(file[s].attrs["next_index"]) for s in store.splits(file))
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tiny_imagenet, tmp_path, weights_file):
+    from conftest import write_tiny_imagenet
+    data = write_tiny_imagenet(tmp_path / "bigger", train_per_class=12, val_per_class=4)
+    common = ["--data", str(data), "--weights", str(weights_file), "--batch-size", "2",
+              "--workers", "0", "--store-dtype", "float32"]
+    reference = tmp_path / "reference.h5"
+    extract_features(data, reference, weights=str(weights_file), store_dtype="float32",
+                     batch_size=2)
+
+    out = tmp_path / "killed.h5"
+    part = store.part_path(out)
+    process = start_cli([*common, "--out", str(out)])
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if part.exists() and rows_written(part) >= 6:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not out.exists(), "an interrupted run must never appear under the final name"
+    done = rows_written(part)
+    assert 0 < done < 48
+
+    resumed = start_cli([*common, "--out", str(out), "--resume", "--no-progress"])
+    stdout, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr.decode()
+    assert f"extracted {48 - done} images" in stdout.decode(), "only the rest is recomputed"
+    with h5py.File(out) as got, h5py.File(reference) as expected:
+        assert bool(got.attrs["complete"])
+        for split in ("train", "val"):
+            for name in ("features", "labels", "paths"):
+                np.testing.assert_array_equal(got[split][name][()], expected[split][name][()])
+
+
+def test_resume_refuses_other_weights_or_images(tiny_imagenet, tmp_path, weights_file, capsys):
+    out = tmp_path / "f.h5"
+    part = store.part_path(out)
+    extract_features(tiny_imagenet, part.with_name("seed.h5"), weights=str(weights_file))
+    part.with_name("seed.h5").rename(part)  # a stand-in for an interrupted run
+    code, _, err = run_main(["--data", str(tiny_imagenet), "--out", str(out), "--resume",
+                             "--weights", "random"], capsys)
+    assert_one_line_error(code, err, "cannot resume", "weights_sha256")
+    (tiny_imagenet / "train/n01443537/images/n01443537_0.JPEG").unlink()
+    code, _, err = run_main(["--data", str(tiny_imagenet), "--out", str(out), "--resume",
+                             "--weights", str(weights_file)], capsys)
+    assert_one_line_error(code, err, "cannot resume", "train images differ")
+
+
+def test_interrupted_run_needs_resume_or_overwrite(tiny_imagenet, tmp_path, capsys):
+    out = tmp_path / "f.h5"
+    store.part_path(out).write_bytes(b"partial")
+    code, _, err = run_main(["--data", str(tiny_imagenet), "--out", str(out),
+                             "--weights", "random"], capsys)
+    assert_one_line_error(code, err, "interrupted run", "--resume")
+
+
+def test_cli_exit_status_and_help():
+    process = subprocess.run([sys.executable, "-m", "extract", "--data", "/nonexistent",
+                              "--out", "/tmp/x.h5"], cwd=REPO, capture_output=True, text=True)
+    assert process.returncode == 2
+    assert process.stderr.strip() == "error: /nonexistent: data folder not found"
+    help_text = subprocess.run([sys.executable, "-m", "extract", "--help"], cwd=REPO,
+                               capture_output=True, text=True).stdout
+    assert "Examples:" in help_text and "--resume" in help_text
