@@ -1,0 +1,78 @@
+"""The training history as a table and as pictures: history.csv, loss.png, accuracy.png, time.png.
+
+Both are rewritten from the checkpoint's per-epoch lists, so they always agree with `last.pt`.
+Matplotlib runs on the Agg backend: no display is needed.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+
+CSV = "history.csv"
+PLOTS = ("loss.png", "accuracy.png", "time.png")
+# Checkpoint key -> history.csv column, in column order.
+COLUMNS = {
+    "history_epochs": "epoch",
+    "train_loss": "train_loss",
+    "train_accuracy": "train_top1",
+    "validation_loss": "val_loss",
+    "validation_accuracy": "val_top1",
+    "validation_top5": "val_top5",
+    "time": "seconds",
+}
+LISTS = tuple(COLUMNS)
+
+
+def cell(value) -> str:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.6g}"
+    return str(value)
+
+
+def write_csv(state: dict, path: Path) -> None:
+    """One row per epoch; empty cells where there is no val split. Written atomically."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "w", newline="") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(COLUMNS.values())
+        for row in zip(*(state[key] for key in COLUMNS)):
+            writer.writerow(cell(value) for value in row)
+    os.replace(temporary, path)
+
+
+def plot(path: Path, epochs: list[int], series: dict[str, list[float]], ylabel: str,
+         bars: bool = False) -> None:
+    figure, axes = plt.subplots(figsize=(6, 4), dpi=100)
+    for label, values in series.items():
+        if all(math.isnan(value) for value in values):
+            continue
+        if bars:
+            axes.bar(epochs, values, label=label)
+        else:
+            axes.plot(epochs, values, marker="o", markersize=3, label=label)
+    axes.set_xlabel("epoch")
+    axes.set_ylabel(ylabel)
+    axes.grid(alpha=0.3)
+    if axes.get_legend_handles_labels()[0]:
+        axes.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def write_plots(state: dict, folder: Path) -> None:
+    epochs = state["history_epochs"]
+    plot(folder / "loss.png", epochs,
+         {"train": state["train_loss"], "val": state["validation_loss"]}, "cross-entropy")
+    plot(folder / "accuracy.png", epochs,
+         {"train top-1": state["train_accuracy"], "val top-1": state["validation_accuracy"],
+          "val top-5": state["validation_top5"]}, "accuracy (%)")
+    plot(folder / "time.png", epochs, {"epoch": state["time"]}, "seconds", bars=True)

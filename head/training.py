@@ -1,0 +1,330 @@
+"""The training loop over cached features: shuffle, batch, step, measure, checkpoint.
+
+One epoch draws a permutation (and, with flipped features, a plain-or-flipped choice per image)
+from a `torch.Generator` seeded with `--seed`, indexes the in-memory feature tensor with it, casts
+each batch to float32 and takes an Adam step on the cross-entropy of the logits. The generator's
+state is saved in every checkpoint, so a resumed run draws exactly what an uninterrupted one
+would have.
+
+Validation is measured on the exported layer (standardisation folded in, applied to the raw
+features), so `best_accuracy` is what `head.evaluate` recomputes from `best.pt`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from extract.errors import UserError
+from head import checkpoint, history
+from head.features import FeatureSet, SplitTensors, standardization
+from head.model import (
+    fold_standardization,
+    initial_head,
+    pretrained_fc8_head,
+    unfold_standardization,
+)
+
+EVAL_BATCH = 4096
+INITS = ("random", "fc8")
+# Settings a resumed run must share with the run it continues (--epochs may grow).
+SAME_ON_RESUME = ("batch_size", "lr", "weight_decay", "seed", "init", "standardize", "flip")
+
+
+@dataclasses.dataclass
+class Settings:
+    """The hyper-parameters; the defaults are the seed's recipe."""
+
+    epochs: int = 50
+    batch_size: int = 100
+    lr: float = 0.001
+    weight_decay: float = 0.0
+    seed: int = 0
+    init: str = "random"
+    standardize: bool = False
+    flip: bool = False
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+    def recorded(self) -> dict:
+        return {key: getattr(self, key) for key in ("epochs", *SAME_ON_RESUME)}
+
+
+@dataclasses.dataclass
+class Scores:
+    loss: float
+    top1: float  # percent
+    top5: float  # percent
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything that changes while training; `to_checkpoint` turns it into the saved dict."""
+
+    head: nn.Linear  # trained in standardised space when `mean` is set
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    mean: torch.Tensor | None
+    std: torch.Tensor | None
+    history: dict[str, list] = dataclasses.field(default_factory=lambda: {
+        key: [] for key in history.LISTS})
+    epoch: int = 0
+    best_epoch: int = -1
+    best_accuracy: float = 0.0
+    best_score: float = math.nan
+
+    def exported(self) -> dict[str, torch.Tensor]:
+        """The layer on raw features: what the checkpoint's ``state_dict`` holds."""
+        weight, bias = self.head.weight.detach(), self.head.bias.detach()
+        if self.mean is not None:
+            return fold_standardization(weight, bias, self.mean, self.std)
+        return {"weight": weight.clone(), "bias": bias.clone()}
+
+
+def scores(logits: torch.Tensor, labels: torch.Tensor) -> Scores:
+    """Mean cross-entropy, top-1 and top-5 (percent) of float32 logits."""
+    k = min(5, logits.shape[1])
+    top = logits.topk(k, dim=1).indices
+    hits = top == labels[:, None]
+    count = len(labels)
+    return Scores(
+        loss=F.cross_entropy(logits, labels).item(),
+        top1=100.0 * hits[:, 0].sum().item() / count,
+        top5=100.0 * hits.any(dim=1).sum().item() / count,
+    )
+
+
+@torch.no_grad()
+def predict(layer: dict[str, torch.Tensor], features: torch.Tensor,
+            batch_size: int = EVAL_BATCH) -> torch.Tensor:
+    """Logits (float32, on the features' device) of a raw-feature layer over all rows."""
+    weight = layer["weight"].to(features.device, torch.float32)
+    bias = layer["bias"].to(features.device, torch.float32)
+    return torch.cat([F.linear(features[start:start + batch_size].float(), weight, bias)
+                      for start in range(0, len(features), batch_size)])
+
+
+def epoch_order(count: int, generator: torch.Generator,
+                flip: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """This epoch's sample order and, with flipped features, which images use the flipped view."""
+    order = torch.randperm(count, generator=generator)
+    flipped = torch.rand(count, generator=generator) < 0.5 if flip else None
+    return order, flipped
+
+
+def train_epoch(run: Run, train: SplitTensors, settings: Settings, bar: tqdm) -> Scores:
+    """One pass over the train split in the generator's order; returns running loss and top-1."""
+    run.head.train()
+    device = train.features.device
+    order, flipped = epoch_order(len(train), run.generator,
+                                 settings.flip and train.features_flip is not None)
+    loss_sum, correct = 0.0, 0
+    for start in range(0, len(train), settings.batch_size):
+        rows = order[start:start + settings.batch_size].to(device)
+        features = train.features[rows]
+        if flipped is not None:
+            use_flip = flipped[start:start + settings.batch_size].to(device)
+            features = torch.where(use_flip[:, None], train.features_flip[rows], features)
+        features = features.float()
+        if run.mean is not None:
+            features = (features - run.mean) / run.std
+        labels = train.labels[rows]
+        logits = run.head(features)
+        loss = F.cross_entropy(logits, labels)
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        run.optimizer.step()
+        loss_sum += loss.item() * len(rows)
+        correct += (logits.argmax(1) == labels).sum().item()
+        bar.update(len(rows))
+    return Scores(loss=loss_sum / len(train), top1=100.0 * correct / len(train), top5=math.nan)
+
+
+def validate(run: Run, val: SplitTensors | None) -> Scores:
+    if val is None:
+        return Scores(math.nan, math.nan, math.nan)
+    return scores(predict(run.exported(), val.features), val.labels)
+
+
+def record(run: Run, epoch: int, train_scores: Scores, val_scores: Scores, seconds: float,
+           has_val: bool) -> bool:
+    """Append one epoch to the history; returns whether it is the best so far."""
+    for key, value in (("history_epochs", epoch), ("train_loss", train_scores.loss),
+                       ("train_accuracy", train_scores.top1),
+                       ("validation_loss", val_scores.loss),
+                       ("validation_accuracy", val_scores.top1),
+                       ("validation_top5", val_scores.top5), ("time", seconds)):
+        run.history[key].append(value)
+    run.epoch = epoch
+    # Higher val top-1 is better; without val, lower train loss (negated to compare alike).
+    score = val_scores.top1 if has_val else -train_scores.loss
+    if math.isnan(run.best_score) or score > run.best_score:
+        run.best_score = score
+        run.best_epoch = epoch
+        run.best_accuracy = val_scores.top1 if has_val else train_scores.top1
+        return True
+    return False
+
+
+def epoch_line(epoch: int, epochs: int, train_scores: Scores, val_scores: Scores,
+               seconds: float) -> str:
+    val = ("val -" if math.isnan(val_scores.loss) else
+           f"val loss {val_scores.loss:.3f} top1 {val_scores.top1:.1f}% "
+           f"top5 {val_scores.top5:.1f}%")
+    return (f"epoch {epoch}/{epochs}  train loss {train_scores.loss:.3f} "
+            f"top1 {train_scores.top1:.1f}%  {val}  {seconds:.1f} s")
+
+
+def to_checkpoint(run: Run, data: FeatureSet, settings: Settings, has_val: bool) -> dict:
+    """The saved dict: the seed's keys, the provenance, and what resuming needs."""
+    exported = run.exported()
+    return {
+        "epoch": run.epoch,
+        "best_accuracy": run.best_accuracy,
+        "state_dict": {"weight": exported["weight"].cpu().float(),
+                       "bias": exported["bias"].cpu().float()},
+        "optimizer": run.optimizer.state_dict(),
+        **{key: list(values) for key, values in run.history.items()},
+        "numeric_class_names": list(data.wnids),
+        "tiny_class": dict(zip(data.wnids, data.names)),
+        "features": dict(data.provenance),
+        "best_epoch": run.best_epoch,
+        "selection": "validation top-1" if has_val else "train loss",
+        "args": settings.recorded(),
+        "generator": run.generator.get_state(),
+        "trainable": {name: value.detach().cpu().clone()
+                      for name, value in run.head.state_dict().items()},
+        "standardization": None if run.mean is None
+        else {"mean": run.mean.cpu(), "std": run.std.cpu()},
+    }
+
+
+def new_run(data: FeatureSet, settings: Settings, device: torch.device) -> Run:
+    mean = std = None
+    if settings.standardize:
+        mean, std = standardization(data.train.features)
+    if settings.init == "fc8":
+        head = pretrained_fc8_head(data.provenance, data.wnids, str(data.path))
+        if mean is not None:
+            with torch.no_grad():
+                head.load_state_dict(unfold_standardization(
+                    head.weight, head.bias, mean.cpu(), std.cpu()))
+    else:
+        head = initial_head(data.num_classes, settings.seed)
+    head = head.to(device)
+    optimizer = torch.optim.Adam(head.parameters(), lr=settings.lr,
+                                 weight_decay=settings.weight_decay)
+    generator = torch.Generator().manual_seed(settings.seed)
+    return Run(head=head, optimizer=optimizer, generator=generator, mean=mean, std=std)
+
+
+def resumed_run(path: Path, data: FeatureSet, settings: Settings, device: torch.device) -> Run:
+    """Rebuild the run from `last.pt` after checking it continues this very training."""
+    state = checkpoint.load(path)
+    if "args" not in state or "trainable" not in state or "generator" not in state:
+        raise UserError(f"{path}: not written by head.train (no training state); cannot resume")
+    saved_classes = list(state["numeric_class_names"])
+    if len(saved_classes) != data.num_classes:
+        raise UserError(f"{path}: checkpoint has {len(saved_classes)} classes, {data.path} has "
+                        f"{data.num_classes}; cannot resume (use another --save folder)")
+    if saved_classes != list(data.wnids):
+        raise UserError(f"{path}: checkpoint classes differ from those of {data.path}")
+    if dict(state["features"]) != dict(data.provenance):
+        raise UserError(f"{path}: trained on features from another backbone or preprocessing "
+                        f"than {data.path}; cannot resume")
+    changed = [f"--{key.replace('_', '-')} {state['args'][key]} -> {getattr(settings, key)}"
+               for key in SAME_ON_RESUME if state["args"].get(key) != getattr(settings, key)]
+    if changed:
+        raise UserError(f"{path}: cannot resume with other settings ({'; '.join(changed)})")
+    head = initial_head(data.num_classes, settings.seed)
+    head.load_state_dict(state["trainable"])
+    head = head.to(device)
+    optimizer = torch.optim.Adam(head.parameters(), lr=settings.lr,
+                                 weight_decay=settings.weight_decay)
+    optimizer.load_state_dict(state["optimizer"])
+    generator = torch.Generator()
+    generator.set_state(state["generator"])
+    standard = state["standardization"]
+    run = Run(head=head, optimizer=optimizer, generator=generator,
+              mean=None if standard is None else standard["mean"].to(device),
+              std=None if standard is None else standard["std"].to(device))
+    run.history = {key: list(state[key]) for key in history.LISTS}
+    run.epoch = int(state["epoch"])
+    run.best_epoch = int(state["best_epoch"])
+    run.best_accuracy = float(state["best_accuracy"])
+    best = run.history["history_epochs"].index(run.best_epoch)
+    run.best_score = (run.history["validation_accuracy"][best] if state["selection"] ==
+                      "validation top-1" else -run.history["train_loss"][best])
+    return run
+
+
+def save(run: Run, data: FeatureSet, settings: Settings, save_dir: Path, has_val: bool,
+         is_best: bool) -> dict:
+    state = to_checkpoint(run, data, settings, has_val)
+    checkpoint.save_atomic(state, save_dir / checkpoint.LAST)
+    if is_best:
+        checkpoint.save_atomic(state, save_dir / checkpoint.BEST)
+    history.write_csv(state, save_dir / history.CSV)
+    return state
+
+
+def train(data: FeatureSet, save_dir: Path, settings: Settings, device: torch.device,
+          report=print) -> dict:
+    """Train (or resume training) the head on `data`; returns the last checkpoint dict."""
+    last = save_dir / checkpoint.LAST
+    if settings.resume:
+        if not last.is_file():
+            raise UserError(f"{last}: nothing to resume (run without --resume to start)")
+    elif last.exists() and not settings.overwrite:
+        raise UserError(f"{last}: a run is already saved here (use --resume to continue it, "
+                        f"or --overwrite to start again)")
+    if settings.flip and data.train.features_flip is None:
+        settings = dataclasses.replace(settings, flip=False)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    has_val = data.val is not None
+    if not has_val:
+        report(f"note: {data.path} has no val split; training anyway and keeping as best.pt "
+               f"the epoch with the lowest train loss")
+
+    run = resumed_run(last, data, settings, device) if settings.resume else \
+        new_run(data, settings, device)
+    state = None
+    if run.epoch == 0 and settings.init == "fc8" and not run.history["history_epochs"]:
+        # Before any step: how well ImageNet's own classifier rows already do, as epoch 0.
+        started = time.perf_counter()
+        train_scores = scores(predict(run.exported(), data.train.features), data.train.labels)
+        val_scores = validate(run, data.val)
+        seconds = time.perf_counter() - started
+        is_best = record(run, 0, train_scores, val_scores, seconds, has_val)
+        report(epoch_line(0, settings.epochs, train_scores, val_scores, seconds))
+        state = save(run, data, settings, save_dir, has_val, is_best)
+    if run.epoch >= settings.epochs and state is None:
+        report(f"{last}: already trained for {run.epoch} epochs (--epochs {settings.epochs}); "
+               f"nothing to do")
+    for epoch in range(run.epoch + 1, settings.epochs + 1):
+        started = time.perf_counter()
+        with tqdm(total=len(data.train), unit="img", desc=f"epoch {epoch}", leave=False,
+                  disable=not settings.progress) as bar:
+            train_scores = train_epoch(run, data.train, settings, bar)
+        val_scores = validate(run, data.val)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - started
+        if not math.isfinite(train_scores.loss):
+            raise UserError(f"epoch {epoch}: the train loss is {train_scores.loss}; lower --lr "
+                            f"(the last good epoch is in {last})")
+        is_best = record(run, epoch, train_scores, val_scores, seconds, has_val)
+        report(epoch_line(epoch, settings.epochs, train_scores, val_scores, seconds))
+        state = save(run, data, settings, save_dir, has_val, is_best)
+    if state is None:
+        state = to_checkpoint(run, data, settings, has_val)
+    history.write_plots(state, save_dir)
+    return state
