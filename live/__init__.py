@@ -1,0 +1,1 @@
+"""Backbone and trained head stitched back together, classifying video frames as they come."""

@@ -1,0 +1,107 @@
+"""python -m live: classify camera frames, videos, streams or image folders with a trained head.
+
+Examples:
+    python -m live --imagenet                  # webcam 0, ImageNet's own labels: camera check
+    python -m live --model build/demo/model    # webcam 0 with the trained head, in a window
+    python -m live --model build/demo/model --source 1 --smooth 0.8 --threshold 0.5
+    python -m live --model build/demo/model --source clip.mp4 --output labelled.mp4
+    python -m live --model build/demo/model --source rtsp://cam.local/stream --no-display \\
+        --log frames.jsonl
+    python -m live --model build/demo/model --source 'photos/*.jpg' --no-display --log frames.jsonl
+    python -m live --model build/demo/model --source build/demo/data/test/images --no-display \\
+        --output live.mp4 --log live.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from extract.errors import UserError, run_cli
+from live import model, session
+from live.sources import open_source
+from live.window import Window, display_missing
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m live",
+        description="Stitch the frozen backbone (from extract) and the trained head (from "
+        "head.train) back together and classify frames live, with the labels drawn on the video.",
+        epilog=__doc__.split("\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", type=Path,
+                      help="checkpoint file, or the folder head.train saved (its best.pt)")
+    what.add_argument("--imagenet", action="store_true",
+                      help="no head: the pretrained network's own 1000 ImageNet classes")
+    parser.add_argument("--source", default="0",
+                        help="camera index, video file, stream URL, image folder or glob "
+                        "(default: 0, the first camera)")
+    parser.add_argument("--weights", default=None,
+                        help="backbone weights: imagenet, random or a state_dict file (default: "
+                        "those recorded in the checkpoint; others are refused unless their "
+                        "sha256 matches; imagenet with --imagenet)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    parser.add_argument("--topk", type=int, default=5, help="labels shown and logged (5)")
+    parser.add_argument("--smooth", type=float, default=0.0, metavar="ALPHA",
+                        help="moving average of the shown probabilities, ALPHA = weight of the "
+                        "past in [0, 1); 0 = off (default)")
+    parser.add_argument("--threshold", type=float, default=0.0, metavar="P",
+                        help="show 'uncertain' when the top probability is below P (default 0)")
+    parser.add_argument("--no-display", action="store_true",
+                        help="no window (automatic when no display is available)")
+    parser.add_argument("--output", type=Path, help="annotated video to write (.mp4)")
+    parser.add_argument("--log", type=Path, help="JSONL file, one line per classified frame")
+    parser.add_argument("--max-frames", type=int, help="stop after this many frames")
+    parser.add_argument("--loop", action="store_true",
+                        help="restart video files and folders at the end (with --max-frames "
+                        "or q to stop)")
+    args = parser.parse_args(argv)
+    if args.topk < 1:
+        parser.error("--topk must be >= 1")
+    if not 0.0 <= args.smooth < 1.0:
+        parser.error("--smooth must be in [0, 1)")
+    if not 0.0 <= args.threshold <= 1.0:
+        parser.error("--threshold must be in [0, 1]")
+    if args.max_frames is not None and args.max_frames < 1:
+        parser.error("--max-frames must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # The source first: a camera that is not there should not cost the model's loading time.
+    with open_source(args.source, loop=args.loop) as source:
+        if args.imagenet:
+            classifier = model.imagenet(args.weights or "imagenet", args.device)
+        else:
+            classifier = model.from_checkpoint(args.model, args.weights, args.device)
+        classifier.warm_up()
+        window = None
+        if not args.no_display:
+            missing = display_missing()
+            if missing:
+                print(f"{missing}: running headless", file=sys.stderr)
+            else:
+                window = Window(f"live: {source.description}")
+        settings = session.Settings(
+            topk=args.topk, smooth=args.smooth, threshold=args.threshold, window=window,
+            output=args.output, log=args.log, max_frames=args.max_frames,
+        )
+        summary = session.run(classifier, source, settings)
+    if summary.frames == 0:
+        if summary.interrupted:
+            raise KeyboardInterrupt
+        raise UserError(f"{source.description}: no frame could be read")
+    print(summary.line())
+    for label, path in (("video", args.output), ("log", args.log)):
+        if path:
+            print(f"{label}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

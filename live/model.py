@@ -1,0 +1,137 @@
+"""The stitched classifier: `extract`'s backbone up to fc7 and `head`'s trained layer, one module.
+
+The backbone is rebuilt from the provenance the checkpoint carries (weights, their SHA-256, the
+preprocessing parameters), so a frame is fed to the network exactly as the training images were.
+Weights whose digest differs from the recorded one are refused: the head would be reading
+features it never saw.
+
+A video frame is BGR (OpenCV's order); `frame_pixels` converts it to RGB explicitly and then hands
+it to `extract.preprocess`, the one preprocessing of the project.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from importlib import resources
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+
+from extract import backbone
+from extract.errors import UserError
+from extract.preprocess import Preprocess, normalize, rgb_array_to_uint8
+from extract.runner import resolve_device
+from head import checkpoint
+from head.model import head_from_state
+
+WARM_UP_RUNS = 2
+
+
+class Stitched(nn.Module):
+    """Normalized (N, 3, H, W) images in, class logits out: fc7 extractor, then the head."""
+
+    def __init__(self, fc7: nn.Module, head: nn.Linear):
+        super().__init__()
+        self.fc7 = fc7
+        self.head = head
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.fc7(images))
+
+
+@dataclasses.dataclass
+class Classifier:
+    """The network with everything needed to feed it and to name its outputs."""
+
+    network: Stitched
+    params: Preprocess
+    wnids: list[str | None]
+    names: list[str]
+    device: torch.device
+    weights_sha256: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.names)
+
+    def probabilities(self, pixels: torch.Tensor) -> np.ndarray:
+        """Class probabilities (C,) for one (3, crop, crop) uint8 image from `frame_pixels`."""
+        with torch.inference_mode():
+            images = normalize(pixels.unsqueeze(0).to(self.device), self.params)
+            logits = self.network(images)
+            return torch.softmax(logits.float(), dim=1)[0].cpu().numpy()
+
+    def warm_up(self) -> None:
+        """Run the network before the first frame, so that frame's latency is not the slowest."""
+        blank = torch.zeros(3, self.params.crop_size, self.params.crop_size, dtype=torch.uint8)
+        for _ in range(WARM_UP_RUNS):
+            self.probabilities(blank)
+
+
+def frame_pixels(bgr: np.ndarray, params: Preprocess) -> torch.Tensor:
+    """A BGR video frame -> RGB -> `extract`'s resize and crop: a (3, crop, crop) uint8 tensor."""
+    rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return rgb_array_to_uint8(rgb, params)
+
+
+def prepare(network: Stitched, device: torch.device) -> Stitched:
+    """Eval mode, no gradients, on the device, in the channels_last layout `normalize` produces."""
+    return network.eval().requires_grad_(False).to(device, memory_format=torch.channels_last)
+
+
+def from_checkpoint(model: Path, weights: str | None = None, device: str = "cpu") -> Classifier:
+    """Rebuild backbone and head from a checkpoint (a file, or a folder holding best.pt)."""
+    state = checkpoint.load(model)
+    features = state["features"]
+    if features.get("backbone") != backbone.BACKBONE or features.get("node") != backbone.FC7_NODE:
+        raise UserError(f"{model}: trained on {features.get('backbone')} {features.get('node')}, "
+                        f"live runs {backbone.BACKBONE} {backbone.FC7_NODE}")
+    wnids = list(state["numeric_class_names"])
+    head = head_from_state(state["state_dict"], origin=str(model))
+    if head.out_features != len(wnids):
+        raise UserError(f"{model}: the head has {head.out_features} outputs but the checkpoint "
+                        f"names {len(wnids)} classes")
+    alexnet = backbone.load_alexnet(weights or features["weights"])
+    digest = backbone.state_dict_sha256(alexnet)
+    if digest != features["weights_sha256"]:
+        raise UserError(
+            f"--weights {weights or features['weights']}: sha256 {digest[:12]}... differs from "
+            f"{features['weights_sha256'][:12]}... of the weights the head was trained on "
+            f"(extracted with --weights {features['weights']})")
+    resolved = resolve_device(device)
+    return Classifier(
+        network=prepare(Stitched(backbone.fc7_extractor(alexnet), head), resolved),
+        params=Preprocess.from_json(features["preprocess"]),
+        wnids=wnids,
+        names=[state["tiny_class"].get(wnid, wnid) for wnid in wnids],
+        device=resolved,
+        weights_sha256=digest,
+    )
+
+
+def imagenet(weights: str = "imagenet", device: str = "cpu") -> Classifier:
+    """The pretrained network's own 1000-way ImageNet classifier (fc8), to check the camera and
+    the preprocessing before any training."""
+    alexnet = backbone.load_alexnet(weights)
+    resolved = resolve_device(device)
+    return Classifier(
+        network=prepare(Stitched(backbone.fc7_extractor(alexnet), backbone.fc8_layer(alexnet)),
+                        resolved),
+        params=Preprocess(),
+        wnids=imagenet_wnids(),
+        names=list(backbone.IMAGENET_WEIGHTS.meta["categories"]),
+        device=resolved,
+        weights_sha256=backbone.state_dict_sha256(alexnet),
+    )
+
+
+def imagenet_wnids() -> list[str | None]:
+    """The 1000 ImageNet wnids in torchvision's class order, from the list `head` ships;
+    None for each class where that list is not installed (torchvision ships names only)."""
+    listing = resources.files("head").joinpath("imagenet_wnids.txt")
+    if not listing.is_file():
+        return [None] * len(backbone.IMAGENET_WEIGHTS.meta["categories"])
+    return listing.read_text().split()

@@ -1,0 +1,306 @@
+"""live: the stitched model, the frame sources, and the command run headless on generated videos."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import extract_features, pattern_image, write_tiny_imagenet
+from extract import backbone, store
+from extract.errors import UserError
+from extract.preprocess import Preprocess
+from head.checkpoint import KEYS, save_atomic
+from live import model, session
+from live.__main__ import main
+from live.sources import LiveCapture, open_source
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_checkpoint(root: Path, weights_file: Path) -> Path:
+    """A head checkpoint as head.train writes it: seeded random head on real extracted features'
+    provenance; returns the model folder (holding best.pt)."""
+    data = write_tiny_imagenet(root / "data", train_per_class=1, val_per_class=0, test_images=0)
+    features = extract_features(data, root / "features.h5", splits=["train"],
+                                weights=str(weights_file))
+    with store.open_complete(features) as file:
+        classes = store.read_classes(file)
+        provenance = store.provenance(file)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(backbone.FEATURE_DIM, len(classes.wnids))
+    state = dict.fromkeys(KEYS, [])
+    state.update(
+        epoch=1, best_accuracy=0.0, state_dict=head.state_dict(), optimizer={},
+        numeric_class_names=classes.wnids, tiny_class=dict(zip(classes.wnids, classes.names)),
+        features=provenance,
+    )
+    folder = root / "model"
+    folder.mkdir()
+    save_atomic(state, folder / "best.pt")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, weights_file: Path) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("live-model"), weights_file)
+
+
+def video_frames(count: int, width: int = 160, height: int = 120) -> list[np.ndarray]:
+    """BGR frames with class-like colour patterns that differ from frame to frame."""
+    return [cv2.cvtColor(np.asarray(pattern_image(i % 3, i, size=width))[:height],
+                         cv2.COLOR_RGB2BGR) for i in range(count)]
+
+
+def write_lossless_video(path: Path, frames: list[np.ndarray], fps: float = 10.0) -> Path:
+    """FFV1 in AVI; checks that reading it back gives exactly the frames written."""
+    height, width = frames[0].shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"FFV1"), fps, (width, height))
+    assert writer.isOpened()
+    for frame in frames:
+        writer.write(frame)
+    writer.release()
+    assert all(np.array_equal(a, b) for a, b in zip(read_video(path), frames, strict=True))
+    return path
+
+
+def read_video(path: Path) -> list[np.ndarray]:
+    capture = cv2.VideoCapture(str(path))
+    frames = []
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            break
+        frames.append(frame)
+    capture.release()
+    return frames
+
+
+def run_live(*args: str) -> subprocess.CompletedProcess:
+    """`python -m live` as a user runs it, from the repo root, on a machine with no display."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    return subprocess.run([sys.executable, "-m", "live", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def read_log(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_pure_red_bgr_frame_lands_in_the_red_channel():
+    red = np.zeros((120, 160, 3), np.uint8)
+    red[..., 2] = 255  # OpenCV's BGR order: red is the last channel
+    pixels = model.frame_pixels(red, Preprocess())
+    assert pixels.shape == (3, 224, 224) and pixels.dtype == torch.uint8
+    assert (pixels[0] == 255).all() and (pixels[1:] == 0).all()
+
+
+def test_stitched_model_gives_the_logits_of_fc7_then_head(model_dir, weights_file):
+    classifier = model.from_checkpoint(model_dir)
+    assert not classifier.network.training
+    reference_fc7 = backbone.fc7_extractor(backbone.load_alexnet(str(weights_file)))
+    head = torch.load(model_dir / "best.pt", weights_only=True)["state_dict"]
+    images = torch.randn(2, 3, 224, 224)
+    with torch.inference_mode():
+        expected = reference_fc7(images) @ head["weight"].T + head["bias"]
+        actual = classifier.network(images.to(memory_format=torch.channels_last))
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    assert classifier.names == ["goldfish", "European fire salamander", "bullfrog"]
+
+
+def test_weights_other_than_the_recorded_ones_are_refused(model_dir):
+    with pytest.raises(UserError, match="sha256"):
+        model.from_checkpoint(model_dir, weights="random")
+
+
+def test_smoothing_is_an_exponential_moving_average_and_zero_is_off():
+    first, second = np.array([1.0, 0.0]), np.array([0.0, 1.0])
+    assert np.array_equal(session.smoothed(first, second, 0.0), second)
+    np.testing.assert_allclose(session.smoothed(first, second, 0.75), [0.75, 0.25])
+    assert np.array_equal(session.smoothed(None, second, 0.75), second)
+
+
+def test_video_file_gives_every_frame_in_order_and_loops(tmp_path):
+    frames = video_frames(5)
+    path = write_lossless_video(tmp_path / "clip.avi", frames)
+    with open_source(str(path)) as source:
+        read = list(source.frames())
+    assert [f.index for f in read] == list(range(5))
+    assert all(np.array_equal(f.bgr, g) for f, g in zip(read, frames))
+    assert source.fps == 10.0 and not source.live
+    with open_source(str(path), loop=True) as source:
+        looped = [f for _, f in zip(range(12), source.frames())]
+    assert [f.index for f in looped] == list(range(12))
+    assert np.array_equal(looped[7].bgr, frames[2])
+
+
+def test_image_folder_and_glob_give_files_in_sorted_order_as_bgr(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name, colour in (("b.png", (0, 255, 0)), ("a.png", (255, 0, 0)), ("c.txt", None)):
+        if colour:
+            Image.new("RGB", (32, 24), colour).save(folder / name)
+        else:
+            (folder / name).write_text("not an image")
+    for spec in (str(folder), str(folder / "*.png")):
+        with open_source(spec) as source:
+            read = list(source.frames())
+        assert [Path(f.path).name for f in read] == ["a.png", "b.png"]
+        assert tuple(read[0].bgr[0, 0]) == (0, 0, 255)  # RGB red, stored BGR
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("9", "camera 9 cannot be opened"),
+    ("missing.mp4", "no such file or folder"),
+    ("garbage.avi", "cannot be read as a video"),
+    ("empty", "no images in this folder"),
+    ("empty/*.jpg", "no image files match"),
+])
+def test_sources_that_cannot_be_opened_raise_one_clear_error(tmp_path, monkeypatch, spec, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "garbage.avi").write_bytes(b"\x00not a video" * 100)
+    with pytest.raises(UserError, match=message):
+        open_source(spec)
+
+
+class FakeCamera:
+    """A capture that delivers numbered frames every `interval` seconds, `count` of them."""
+
+    def __init__(self, count: int | None, interval: float = 0.001):
+        self.count, self.interval = count, interval
+        self.delivered = 0
+        self.releases = 0
+
+    def read(self):
+        if self.count is not None and self.delivered >= self.count:
+            return False, None
+        time.sleep(self.interval)
+        self.delivered += 1
+        return True, np.full((4, 4, 3), self.delivered - 1, np.uint8)
+
+    def get(self, prop):
+        return 30.0
+
+    def release(self):
+        self.releases += 1
+
+
+def test_capture_thread_keeps_only_the_newest_frame_and_counts_the_dropped(tmp_path):
+    camera = FakeCamera(count=60)
+    with LiveCapture(0, "fake", open_capture=lambda target, description: camera) as source:
+        seen = []
+        for frame in source.frames():
+            assert int(frame.bgr[0, 0, 0]) == frame.index
+            seen.append(frame.index)
+            time.sleep(0.005)  # a classifier slower than the camera
+    assert seen == sorted(set(seen))  # in order, never the same frame twice
+    assert seen[-1] == 59  # the last frame of an ending stream is still classified
+    assert source.dropped == 60 - len(seen) > 0
+    assert camera.releases == 1
+
+
+def test_capture_is_released_when_the_loop_stops_early():
+    camera = FakeCamera(count=None)
+    with LiveCapture(0, "fake", open_capture=lambda target, description: camera) as source:
+        for frame in source.frames():
+            if frame.index >= 3:
+                break
+    assert camera.releases == 1
+    assert not any(thread.name == "live-capture" for thread in threading.enumerate())
+
+
+def test_live_log_matches_the_extract_path_frame_by_frame(tmp_path, model_dir, weights_file):
+    """No train/serve skew: each video frame, classified by live, gets the same top-k as the
+    same frame saved as PNG, run through extract, and the head applied to its features."""
+    frames = video_frames(8)
+    video = write_lossless_video(tmp_path / "frames.avi", frames)
+    result = run_live("--model", str(model_dir), "--source", str(video), "--topk", "3",
+                      "--log", str(tmp_path / "frames.jsonl"))
+    assert result.returncode == 0, result.stderr
+    assert "running headless" in result.stderr
+    assert result.stdout.startswith("8 frames, 0 dropped")
+
+    reference = tmp_path / "reference"
+    (reference / "train" / "frames").mkdir(parents=True)
+    for index, frame in enumerate(frames):
+        cv2.imwrite(str(reference / "train" / "frames" / f"{index:03d}.png"), frame)
+    features_path = extract_features(reference, tmp_path / "reference.h5", splits=["train"],
+                                     weights=str(weights_file), store_dtype="float32")
+    with store.open_complete(features_path) as file:
+        split = store.read_split(file, "train")
+    assert split.paths == [f"train/frames/{index:03d}.png" for index in range(8)]
+    head = torch.load(model_dir / "best.pt", weights_only=True)["state_dict"]
+    logits = torch.from_numpy(split.features) @ head["weight"].T + head["bias"]
+    expected = torch.softmax(logits, dim=1).numpy()
+
+    log = read_log(tmp_path / "frames.jsonl")
+    assert [line["frame"] for line in log] == list(range(8))
+    for line, probs in zip(log, expected):
+        indices = [entry["index"] for entry in line["topk"]]
+        assert indices == list(np.argsort(-probs)[:3])
+        np.testing.assert_allclose([entry["prob"] for entry in line["topk"]], probs[indices],
+                                   atol=1e-4)
+        assert line["topk"][0]["wnid"] == ["n01443537", "n01629819", "n01641577"][indices[0]]
+        assert line["smoothed_top1"]["index"] == indices[0]
+        assert line["latency_ms"] > 0 and line["time"] > 0
+
+
+@pytest.mark.parametrize("source", ["7", "garbage.avi", "empty", "missing"])
+def test_sources_that_cannot_be_opened_exit_2_with_one_line(tmp_path, model_dir, source):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "garbage.avi").write_bytes(b"\x00not a video" * 100)
+    spec = source if source.isdigit() else str(tmp_path / source)
+    result = run_live("--model", str(model_dir), "--source", spec)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("error: ")
+
+
+def test_stream_that_ends_gives_a_summary_and_exit_0(tmp_path, model_dir):
+    video = write_lossless_video(tmp_path / "stream.avi", video_frames(6))
+    result = run_live("--model", str(model_dir), "--source", video.as_uri(),
+                      "--log", str(tmp_path / "stream.jsonl"))
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    classified = len(read_log(tmp_path / "stream.jsonl"))
+    assert result.stdout.startswith(f"{classified} frames, {6 - classified} dropped")
+    assert "latency p50" in result.stdout and "p95" in result.stdout
+
+
+def test_output_video_has_one_annotated_frame_per_classified_frame(tmp_path, model_dir, capsys):
+    video = write_lossless_video(tmp_path / "clip.avi", video_frames(4))
+    status = main(["--model", str(model_dir), "--source", str(video), "--no-display", "--loop",
+                   "--max-frames", "10", "--output", str(tmp_path / "out.mp4"),
+                   "--smooth", "0.5", "--threshold", "0.9"])
+    assert status == 0
+    assert capsys.readouterr().out.startswith("10 frames, 0 dropped")
+    written = read_video(tmp_path / "out.mp4")
+    assert len(written) == 10
+    assert written[0].shape[1] >= 480  # small frames are enlarged so the labels are readable
+    capture = cv2.VideoCapture(str(tmp_path / "out.mp4"))
+    assert capture.get(cv2.CAP_PROP_FPS) == pytest.approx(10.0)
+    capture.release()
+
+
+def test_imagenet_mode_predicts_the_1000_imagenet_classes(tmp_path, torch_home, capsys):
+    video = write_lossless_video(tmp_path / "clip.avi", video_frames(2))
+    status = main(["--imagenet", "--source", str(video), "--no-display",
+                   "--log", str(tmp_path / "imagenet.jsonl")])
+    assert status == 0
+    categories = backbone.IMAGENET_WEIGHTS.meta["categories"]
+    log = read_log(tmp_path / "imagenet.jsonl")
+    assert len(log) == 2 and len(log[0]["topk"]) == 5
+    for entry in log[0]["topk"]:
+        assert entry["name"] == categories[entry["index"]]
