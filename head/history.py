@@ -33,7 +33,7 @@ LISTS = tuple(COLUMNS)
 
 def cell(value) -> str:
     if isinstance(value, float):
-        return "" if math.isnan(value) else f"{value:.6g}"
+        return "" if math.isnan(value) else f"{value:.10g}"
     return str(value)
 
 
