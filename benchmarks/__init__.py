@@ -1,0 +1,1 @@
+"""Benchmarks: each runs the project and the plain PyTorch way side by side and prints the ratio."""

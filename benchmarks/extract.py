@@ -1,0 +1,138 @@
+"""Extraction speed: ours (`python -m extract`) against the plain torchvision way, same files.
+
+The plain way is what users write: `ImageFolder` with the evaluation transforms, a `DataLoader`,
+AlexNet cut at fc7 in fp32 under `no_grad`, features collected and saved with `np.save`.
+
+Examples:
+    python -m benchmarks.extract --images 2000
+    python -m benchmarks.extract --images 110000 --data /tmp/bench-data --batch-size 512 \
+        --workers 16 --precisions auto,bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks import report, synthetic
+
+
+def plain(data: Path, out: Path, batch_size: int, workers: int, device: str) -> dict:
+    from torchvision import datasets, transforms
+    from torchvision.models import alexnet
+
+    started = time.perf_counter()
+    transform = transforms.Compose([
+        transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
+        transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    ])
+    dataset = datasets.ImageFolder(data / "train", transform=transform)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                                         pin_memory=device == "cuda")
+    model = alexnet(weights=None)
+    model.classifier = model.classifier[:6]
+    model = model.eval().to(device)
+    features = []
+    with torch.no_grad():
+        for images, _ in loader:
+            features.append(model(images.to(device)).cpu())
+    np.save(out, torch.cat(features).numpy())
+    seconds = time.perf_counter() - started
+    paths = [Path(p).relative_to(data).as_posix() for p, _ in dataset.samples]
+    return {"seconds": seconds, "images": len(dataset), "paths": paths}
+
+
+def ours(data: Path, out: Path, batch_size: int, workers: int, device: str,
+         precision: str) -> dict:
+    from extract import runner
+
+    options = runner.Options(data=data, out=out, splits=["train"], weights="random",
+                             device=device, batch_size=batch_size, workers=workers,
+                             precision=precision, overwrite=True, progress=False)
+    started = time.perf_counter()
+    summary = runner.run(options)
+    return {"seconds": time.perf_counter() - started, "images": summary.images}
+
+
+def variant_main(args) -> None:
+    """One side of the comparison, in its own process; prints a JSON line."""
+    torch.manual_seed(0)
+    if args.variant == "plain":
+        result = plain(args.data, args.out, args.batch_size, args.workers, args.device)
+    else:
+        result = ours(args.data, args.out, args.batch_size, args.workers, args.device,
+                      args.variant.split(":", 1)[1])
+    result.update(peak_rss_mb=report.peak_rss_mb(), peak_gpu_mb=report.peak_gpu_mb())
+    print(json.dumps(result))
+
+
+def max_relative_difference(ours_file: Path, plain_file: Path, plain_paths: list[str]) -> float:
+    from extract import store
+
+    with store.open_complete(ours_file) as file:
+        arrays = store.read_split(file, "train")
+    reference = np.load(plain_file)
+    order = {path: row for row, path in enumerate(plain_paths)}
+    reference = reference[[order[p] for p in arrays.paths]]
+    ours_rows = arrays.features.astype(np.float32)
+    norms = np.linalg.norm(reference, axis=1)
+    return float((np.linalg.norm(ours_rows - reference, axis=1) / norms).max())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--classes", type=int, default=200)
+    parser.add_argument("--data", type=Path, help="reuse (or create) the synthetic data here")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precisions", default="auto,bf16",
+                        help="our precisions to run (comma-separated)")
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.workers is None:
+        from extract.runner import Options
+        args.workers = Options.workers
+    if args.variant:
+        variant_main(args)
+        return
+
+    scratch = Path(tempfile.mkdtemp(prefix="bench-extract-"))
+    data = args.data or scratch / "data"
+    if not (data / "wnids.txt").is_file():
+        synthetic.write_images(data, args.images, args.classes)
+    common = ["--data", str(data), "--batch-size", str(args.batch_size),
+              "--workers", str(args.workers), "--device", args.device]
+    plain_result = report.run_variant(
+        "benchmarks.extract", [*common, "--variant", "plain", "--out", str(scratch / "p.npy")])
+    rate = plain_result["images"] / plain_result["seconds"]
+    rows = [["plain torchvision (fp32)", plain_result["images"], plain_result["seconds"], rate,
+             1.0, plain_result["peak_rss_mb"], plain_result["peak_gpu_mb"], "-"]]
+    for precision in args.precisions.split(","):
+        out = scratch / f"ours-{precision}.h5"
+        result = report.run_variant(
+            "benchmarks.extract", [*common, "--variant", f"ours:{precision}", "--out", str(out)])
+        difference = max_relative_difference(out, scratch / "p.npy", plain_result["paths"])
+        ours_rate = result["images"] / result["seconds"]
+        rows.append([f"ours --precision {precision}", result["images"], result["seconds"],
+                     ours_rate, ours_rate / rate, result["peak_rss_mb"], result["peak_gpu_mb"],
+                     f"{difference:.1e}"])
+    report.publish(
+        f"extract: {plain_result['images']} JPEG files 64x64, batch {args.batch_size}, "
+        f"{args.workers} workers, {args.device}",
+        ["pipeline", "images", "seconds", "images/s", "x plain", "peak RSS MB", "peak GPU MB",
+         "max rel. diff"], rows,
+        "End to end: JPEG files to features on disk (ours: complete HDF5 file, float16).")
+
+
+if __name__ == "__main__":
+    main()

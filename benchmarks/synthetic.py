@@ -1,0 +1,108 @@
+"""Synthetic Tiny-ImageNet-shaped data for benchmarks: real 64x64 JPEG files and fc7-like features.
+
+The images have structure (class-dependent colour gradients, stripes and a disc, plus noise) so
+JPEG decoding and compression behave as on photos, not as on flat colour.
+
+Examples:
+    python -m benchmarks.synthetic images --out /tmp/bench-data --images 2000 --classes 20
+    python -m benchmarks.synthetic features --out /tmp/bench-features.h5 --rows 100000
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from extract import store
+from extract.backbone import FEATURE_DIM
+from extract.dataset import Classes, Manifest
+from extract.preprocess import Preprocess
+
+SIZE = 64
+
+
+def wnid(label: int) -> str:
+    return f"n{label:08d}"
+
+
+def synthetic_image(label: int, index: int) -> Image.Image:
+    rng = np.random.default_rng(label * 1_000_003 + index)
+    y, x = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) / SIZE
+    hue = np.array([(label * 37) % 256, (label * 91) % 256, (label * 151) % 256], np.float32)
+    angle = rng.uniform(0, np.pi)
+    stripes = np.sin((x * np.cos(angle) + y * np.sin(angle)) * rng.uniform(6, 20))
+    cx, cy, radius = rng.uniform(0.2, 0.8, 2).tolist() + [rng.uniform(0.1, 0.3)]
+    disc = ((x - cx) ** 2 + (y - cy) ** 2 < radius**2).astype(np.float32)
+    pixels = (hue * (0.5 + 0.5 * y[..., None]) + 50 * stripes[..., None]
+              + 80 * disc[..., None] + rng.normal(0, 12, (SIZE, SIZE, 3)))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+
+
+def write_class(args: tuple[Path, int, int]) -> None:
+    root, label, count = args
+    folder = root / "train" / wnid(label) / "images"
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        synthetic_image(label, index).save(folder / f"{wnid(label)}_{index}.JPEG", quality=90)
+
+
+def write_images(root: Path, images: int, classes: int) -> Path:
+    """Write `images` training JPEG files over `classes` classes in Tiny ImageNet layout."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "wnids.txt").write_text("".join(f"{wnid(c)}\n" for c in range(classes)))
+    (root / "words.txt").write_text("".join(f"{wnid(c)}\tclass {c}\n" for c in range(classes)))
+    per_class = [images // classes + (1 if c < images % classes else 0) for c in range(classes)]
+    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+        list(pool.map(write_class, [(root, c, n) for c, n in enumerate(per_class)]))
+    return root
+
+
+def write_features(path: Path, rows: int, classes: int, val_rows: int = 10_000) -> Path:
+    """A complete feature file of random non-negative, sparse fc7-like rows (float16)."""
+    rng = np.random.default_rng(0)
+    class_list = Classes(wnids=[wnid(c) for c in range(classes)],
+                         names=[f"class {c}" for c in range(classes)])
+    manifests = []
+    for split, count in (("train", rows), ("val", val_rows)):
+        labels = rng.integers(0, classes, count).tolist()
+        manifests.append(Manifest(split, [f"{split}/{i}.JPEG" for i in range(count)], labels))
+    attrs = {"backbone": "alexnet", "node": "classifier.5", "weights": "random",
+             "weights_sha256": "0" * 64, "preprocess": Preprocess().to_json(),
+             "precision": "fp32", "store_dtype": "float16", "torch_version": "",
+             "torchvision_version": ""}
+    centres = rng.gamma(1.0, 1.0, (classes, FEATURE_DIM)).astype(np.float32)
+    with store.create(path, attrs, class_list, manifests, flip=False) as file:
+        for manifest in manifests:
+            labels = np.asarray(manifest.labels)
+            for start in range(0, len(labels), 8192):
+                block = labels[start:start + 8192]
+                noise = rng.standard_normal((len(block), FEATURE_DIM), np.float32) * 1.5
+                features = np.maximum(centres[block] + noise, 0).astype(np.float16)
+                store.append(file[manifest.split], features, None, block.tolist(),
+                             manifest.paths[start:start + 8192], [], start + len(block))
+        store.mark_complete(file)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("kind", choices=("images", "features"))
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--classes", type=int, default=200)
+    args = parser.parse_args()
+    if args.kind == "images":
+        write_images(args.out, args.images, args.classes)
+    else:
+        write_features(args.out, args.rows, args.classes)
+
+
+if __name__ == "__main__":
+    main()
