@@ -7,6 +7,7 @@ loop runs headless and says so once.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 
 import cv2
@@ -17,12 +18,41 @@ KEYS = {ord("q"): QUIT, 27: QUIT, ord(" "): PAUSE, ord("s"): SNAPSHOT}
 
 
 def display_missing() -> str | None:
-    """Why no window can be shown here, or None when one can."""
-    if sys.platform.startswith("linux") and not (
-        os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
-    ):
+    """Why no window can be shown here, or None when one can.
+
+    An X display that is set but not reachable (a stale ssh DISPLAY) is checked up front: Qt,
+    behind cv2.imshow, aborts the whole process there instead of raising.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    display, wayland = os.environ.get("DISPLAY"), os.environ.get("WAYLAND_DISPLAY")
+    if not (display or wayland):
         return "no display (DISPLAY and WAYLAND_DISPLAY are unset)"
+    if display and not wayland and not x_server_reachable(display):
+        return f"no display (the X server of DISPLAY={display} does not answer)"
     return None
+
+
+def x_server_reachable(display: str, timeout_s: float = 1.0) -> bool:
+    """Whether something listens where DISPLAY points: the local socket, or TCP 6000 + n."""
+    host, _, screen = display.rpartition(":")
+    number = screen.split(".")[0]
+    if not number.isdigit():
+        return False
+    if host in ("", "unix"):
+        addresses = [(socket.AF_UNIX, f"\0/tmp/.X11-unix/X{number}"),
+                     (socket.AF_UNIX, f"/tmp/.X11-unix/X{number}")]
+    else:
+        addresses = [(socket.AF_INET, (host, 6000 + int(number)))]
+    for family, address in addresses:
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.settimeout(timeout_s)
+                probe.connect(address)
+                return True
+        except OSError:
+            continue
+    return False
 
 
 class DisplayFailed(Exception):

@@ -24,6 +24,7 @@ from head.checkpoint import KEYS, save_atomic
 from live import model, session
 from live.__main__ import main
 from live.sources import LiveCapture, open_source
+from live.window import PAUSE, QUIT, SNAPSHOT, DisplayFailed, display_missing
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -304,3 +305,48 @@ def test_imagenet_mode_predicts_the_1000_imagenet_classes(tmp_path, torch_home, 
     assert len(log) == 2 and len(log[0]["topk"]) == 5
     for entry in log[0]["topk"]:
         assert entry["name"] == categories[entry["index"]]
+
+
+def test_display_that_is_unset_or_unreachable_means_headless(monkeypatch):
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    monkeypatch.delenv("DISPLAY", raising=False)
+    assert "unset" in display_missing()
+    monkeypatch.setenv("DISPLAY", "localhost:97")  # nothing listens on TCP 6097
+    assert "does not answer" in display_missing()
+
+
+class ScriptedWindow:
+    """A window whose user presses the given keys, one per shown frame."""
+
+    def __init__(self, actions: list[str | None]):
+        self.actions = list(actions)
+        self.shown = 0
+        self.closed = False
+
+    def show(self, bgr, wait_ms: int = 1):
+        self.shown += 1
+        if self.actions == ["fail"]:
+            raise DisplayFailed("cannot show")
+        return self.actions.pop(0) if self.actions else None
+
+    def close(self):
+        self.closed = True
+
+
+def test_keys_pause_snapshot_and_quit_and_a_failing_display_goes_headless(
+        tmp_path, model_dir, capsys):
+    classifier = model.from_checkpoint(model_dir)
+    video = write_lossless_video(tmp_path / "clip.avi", video_frames(6))
+    window = ScriptedWindow([None, PAUSE, SNAPSHOT, PAUSE, QUIT])
+    with open_source(str(video)) as source:
+        summary = session.run(classifier, source, session.Settings(
+            window=window, snapshot_dir=tmp_path))
+    assert summary.frames == 3  # quit while showing the third frame; pause held the second
+    assert window.shown == 5 and window.closed
+    assert (tmp_path / "snapshot_000001.png").is_file()
+
+    window = ScriptedWindow(["fail"])
+    with open_source(str(video)) as source:
+        summary = session.run(classifier, source, session.Settings(window=window))
+    assert summary.frames == 6 and window.shown == 1 and window.closed
+    assert "continuing headless" in capsys.readouterr().err
