@@ -6,14 +6,17 @@ Examples:
     python -m extract --data tiny-imagenet-200 --out features.h5 --precision bf16 --device cuda
     python -m extract --data tiny-imagenet-200 --out features.h5 --resume   # after a crash
     python -m extract --data my_images --out features.h5 --weights alexnet_state_dict.pth
+    torchrun --nproc-per-node 8 -m extract --data imagenet --out features.h5   # 8 GPUs
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
+from extract import distributed
 from extract.errors import UserError, run_cli
 from extract.runner import PRECISIONS, Options, run
 
@@ -69,8 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     options = parse_args(argv)
     if options.resume and options.overwrite:
         raise UserError("--resume and --overwrite contradict each other; pick one")
-    summary = run(options)
-    print(summary.line(options.out), file=sys.stderr if summary.already_complete else sys.stdout)
+    summary = distributed.run(options) if distributed.launched() else run(options)
+    if not distributed.launched() or int(os.environ["RANK"]) == 0:
+        stream = sys.stderr if summary.already_complete else sys.stdout
+        print(summary.line(options.out), file=stream)
     return 0
 
 

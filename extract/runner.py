@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from extract import backbone, store
-from extract.dataset import Manifest, default_splits, read_classes, read_manifest
+from extract.dataset import Classes, Manifest, default_splits, read_classes, read_manifest
 from extract.errors import UserError
 from extract.images import ImageFiles, collate
 from extract.preprocess import Preprocess, normalize
@@ -130,18 +130,29 @@ def acquire_lock(out: Path):
     return handle
 
 
+def read_dataset(options: Options) -> tuple[Classes, list[Manifest]]:
+    """The class list and the manifest of every requested split."""
+    classes = read_classes(options.data)
+    split_names = options.splits or default_splits(options.data)
+    return classes, [read_manifest(options.data, split, classes) for split in split_names]
+
+
 def run(options: Options) -> Summary:
     """Extract every requested split into `options.out`; resumable and crash-safe."""
+    classes, manifests = read_dataset(options)
+    return extract_to(options, options.out, classes, manifests)
+
+
+def extract_to(options: Options, out: Path, classes: Classes,
+               manifests: list[Manifest]) -> Summary:
+    """Write the features of `manifests` to `out` (through `out.part`), resuming if asked."""
     root = options.data
-    classes = read_classes(root)
-    split_names = options.splits or default_splits(root)
-    manifests = [read_manifest(root, split, classes) for split in split_names]
     device = resolve_device(options.device)
     precision = resolve_precision(options.precision, device)
     if options.store_dtype not in ("float16", "float32"):
         raise UserError(f"--store-dtype {options.store_dtype}: choose float16 or float32")
 
-    out, part = options.out, store.part_path(options.out)
+    part = store.part_path(out)
     lock = acquire_lock(out)
     try:
         if out.exists() and not options.overwrite:

@@ -222,3 +222,40 @@ def read_split(file: h5py.File, split: str, with_flip: bool = False) -> SplitArr
 
 def read_failed(file: h5py.File, split: str) -> list[tuple[str, str]]:
     return [tuple(row) for row in file[split]["failed"].asstr()[()]]
+
+
+def merge(parts: list[Path], out_part: Path, classes: Classes, manifests: list[Manifest],
+          block_rows: int = 8192) -> h5py.File:
+    """Concatenate complete per-rank files, in rank order, into one file of the usual layout.
+
+    Each part holds a contiguous slice of every split's manifest; a missing or incomplete part
+    is an error (a virtual dataset would read it silently as zeros).
+    """
+    sources = [open_complete(part) for part in parts]
+    try:
+        attrs = {key: str(sources[0].attrs[key]) for key in (
+            *PROVENANCE_KEYS, "precision", "store_dtype", "torch_version", "torchvision_version")}
+        flip = bool(sources[0].attrs["flip"])
+        file = create(out_part, attrs, classes, manifests, flip)
+        for manifest in manifests:
+            target = file[manifest.split]
+            next_index = 0
+            for source in sources:
+                group = source[manifest.split]
+                rows = int(group.attrs["rows"])
+                next_index += int(group.attrs["manifest_size"])
+                failed = [tuple(row) for row in group["failed"].asstr()[()]]
+                for start in range(0, max(rows, 1), block_rows):
+                    stop = min(start + block_rows, rows)
+                    append(
+                        target, group["features"][start:stop],
+                        group["features_flip"][start:stop] if flip else None,
+                        group["labels"][start:stop].tolist(),
+                        list(group["paths"].asstr()[start:stop]),
+                        failed if stop == rows else [],
+                        next_index if stop == rows else int(target.attrs["next_index"]),
+                    )
+        return file
+    finally:
+        for source in sources:
+            source.close()
