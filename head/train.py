@@ -14,10 +14,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from extract.errors import UserError, run_cli
+from extract.errors import run_cli
 from extract.runner import resolve_device
 from head import features
-from head.training import INITS, Settings, train
+from head.training import INITS, Settings, check_save_dir, train
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -77,8 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         overwrite=args.overwrite, progress=not args.no_progress,
     )
     device = resolve_device(args.device)
-    if args.save.exists() and not args.save.is_dir():
-        raise UserError(f"{args.save}: exists and is not a folder")
+    check_save_dir(args.save, settings)
     data = features.load(args.features, flip=args.flip, device=device, report=note)
     state = train(data, args.save, settings, device, report=note)
     selection = state["selection"]

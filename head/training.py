@@ -276,16 +276,23 @@ def save(run: Run, data: FeatureSet, settings: Settings, save_dir: Path, has_val
     return state
 
 
+def check_save_dir(save_dir: Path, settings: Settings) -> None:
+    """A saved run is continued only with --resume and replaced only with --overwrite."""
+    last = save_dir / checkpoint.LAST
+    if save_dir.exists() and not save_dir.is_dir():
+        raise UserError(f"{save_dir}: exists and is not a folder")
+    if settings.resume and not last.is_file():
+        raise UserError(f"{last}: nothing to resume (run without --resume to start)")
+    if not settings.resume and last.exists() and not settings.overwrite:
+        raise UserError(f"{last}: a run is already saved here (use --resume to continue it, "
+                        f"or --overwrite to start again)")
+
+
 def train(data: FeatureSet, save_dir: Path, settings: Settings, device: torch.device,
           report=print) -> dict:
     """Train (or resume training) the head on `data`; returns the last checkpoint dict."""
+    check_save_dir(save_dir, settings)
     last = save_dir / checkpoint.LAST
-    if settings.resume:
-        if not last.is_file():
-            raise UserError(f"{last}: nothing to resume (run without --resume to start)")
-    elif last.exists() and not settings.overwrite:
-        raise UserError(f"{last}: a run is already saved here (use --resume to continue it, "
-                        f"or --overwrite to start again)")
     if settings.flip and data.train.features_flip is None:
         settings = dataclasses.replace(settings, flip=False)
     save_dir.mkdir(parents=True, exist_ok=True)
