@@ -7,6 +7,7 @@ traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 
@@ -17,10 +18,19 @@ class UserError(Exception):
     """A problem with the user's input that they can fix; its message is shown as is."""
 
 
+class WriteFailed(UserError):
+    """Writing an HDF5 file failed (disk full, quota). HDF5 cannot be shut down cleanly after
+    that, so the command reports it and leaves at once; rows flushed before are kept."""
+
+
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
     """Run a command's `main`, turning `UserError` into one line on stderr and exit status 2."""
     try:
         status = main(argv)
+    except WriteFailed as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(USAGE_EXIT)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(USAGE_EXIT)

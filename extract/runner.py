@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from extract import backbone, store
 from extract.dataset import Classes, Manifest, default_splits, read_classes, read_manifest
-from extract.errors import UserError
+from extract.errors import UserError, WriteFailed
 from extract.images import ImageFiles, collate
 from extract.preprocess import Preprocess, normalize
 
@@ -178,19 +178,34 @@ def extract_to(options: Options, out: Path, classes: Classes,
         if options.strict:
             check_readable(root, manifests, options, params)
         if options.resume and part.exists():
-            file = store.open_for_resume(part, attrs, manifests, options.flip)
+            file = store.open_for_resume(part, attrs, classes, manifests, options.flip)
         else:
             file = store.create(part, attrs, classes, manifests, options.flip)
         try:
             images, failed, seconds = extract_splits(file, model, root, manifests, options,
                                                      params, device, precision)
             store.mark_complete(file)
-        finally:
             file.close()
+        except OSError as error:
+            close_quietly(file)
+            raise WriteFailed(
+                f"{part}: writing failed ({error}); the rows written before are kept, "
+                f"free some space and rerun with --resume") from None
+        except BaseException:
+            close_quietly(file)
+            raise
         os.replace(part, out)
         return Summary(images, failed, seconds, out.stat().st_size)
     finally:
         lock.close()
+
+
+def close_quietly(file) -> None:
+    """Close after a failed write; what cannot be closed is left as is for --resume."""
+    try:
+        file.close()
+    except Exception:  # the original error is the one worth reporting
+        pass
 
 
 def extract_splits(file, model, root: Path, manifests: list[Manifest], options: Options,

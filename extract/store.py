@@ -15,16 +15,20 @@ the provenance (`PROVENANCE_KEYS` and the run settings) and ``complete``, true o
 split is fully written. While a run is in progress the file lives at ``<out>.part``; it is
 renamed to ``<out>`` when complete, so a file under the final name is always complete.
 
-Crash safety: datasets are chunked and grow batch by batch; each split's ``rows`` and
-``next_index`` attributes are updated after the batch's rows are written, then the file is
-flushed. After a SIGKILL the rows up to ``rows`` are intact and a resumed run starts from
-``next_index`` of the split's manifest.
+Crash safety: datasets are chunked and grow batch by batch; each split's ``rows``,
+``failed_count`` and ``next_index`` attributes are updated after the batch is written, then the
+file is flushed. After a SIGKILL the rows up to ``rows`` are intact; a resumed run copies them
+to a fresh file and continues from ``next_index`` of the split's manifest.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import resource
+import shutil
+import sys
 from pathlib import Path
 
 import h5py
@@ -51,6 +55,11 @@ class SplitArrays:
     features_flip: np.ndarray | None = None
 
 
+def printable(path: str) -> str:
+    """A path as valid UTF-8 text: bytes of a non-UTF-8 file name become \\xNN escapes."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def part_path(out: Path) -> Path:
     return out.with_name(out.name + ".part")
 
@@ -74,6 +83,7 @@ def create(
         group.attrs["manifest_sha256"] = manifest.sha256()
         group.attrs["manifest_size"] = len(manifest.paths)
         group.attrs["rows"] = 0
+        group.attrs["failed_count"] = 0
         group.attrs["next_index"] = 0
         names = ["features", "features_flip"] if flip else ["features"]
         for name in names:
@@ -89,36 +99,56 @@ def create(
     return file
 
 
-def open_for_resume(path: Path, attrs: dict, manifests: list[Manifest], flip: bool) -> h5py.File:
-    """Reopen an interrupted run after checking it was made the same way from the same images."""
-    file = open_file(path, "r+")
-    # The weights are identified by their digest; the same file under another path is fine.
-    for key in ("weights_sha256", "preprocess", "backbone", "node", "precision", "store_dtype"):
-        recorded = str(file.attrs.get(key))
-        if recorded != str(attrs[key]):
-            file.close()
-            raise UserError(
-                f"{path}: cannot resume, it was made with {key}={recorded[:80]!r}, "
-                f"this run uses {attrs[key]!r} (use --overwrite to start again)"
-            )
-    if bool(file.attrs["flip"]) != flip or json.loads(file.attrs["splits"]) != [
-        m.split for m in manifests
-    ]:
-        file.close()
-        raise UserError(f"{path}: cannot resume, it was made with other --splits or --flip")
-    for manifest in manifests:
-        group = file[manifest.split]
-        if group.attrs["manifest_sha256"] != manifest.sha256():
-            file.close()
-            raise UserError(
-                f"{path}: cannot resume, the {manifest.split} images differ from the interrupted "
-                f"run (use --overwrite to start again)"
-            )
-        rows = int(group.attrs["rows"])
-        for name in ("features", "features_flip", "labels", "paths"):
-            if name in group:
-                group[name].resize(rows, axis=0)
-    return file
+def open_for_resume(path: Path, attrs: dict, classes: Classes, manifests: list[Manifest],
+                    flip: bool) -> h5py.File:
+    """Continue an interrupted run after checking it was made the same way from the same images.
+
+    The committed rows are copied into a fresh file that replaces the old one: a run killed
+    mid-write (or stopped by a full disk) can leave HDF5's own bookkeeping stale, so the old
+    file stays readable up to its counters but is not safe to append to.
+    """
+    with open_file(path) as old:
+        # The weights are identified by their digest; the same file under another path is fine.
+        for key in ("weights_sha256", "preprocess", "backbone", "node", "precision",
+                    "store_dtype"):
+            recorded = str(old.attrs.get(key))
+            if recorded != str(attrs[key]):
+                raise UserError(
+                    f"{path}: cannot resume, it was made with {key}={recorded[:80]!r}, "
+                    f"this run uses {attrs[key]!r} (use --overwrite to start again)")
+        if bool(old.attrs["flip"]) != flip or splits(old) != [m.split for m in manifests]:
+            raise UserError(f"{path}: cannot resume, it was made with other --splits or --flip")
+        for manifest in manifests:
+            if old[manifest.split].attrs["manifest_sha256"] != manifest.sha256():
+                raise UserError(
+                    f"{path}: cannot resume, the {manifest.split} images differ from the "
+                    f"interrupted run (use --overwrite to start again)")
+        fresh = path.with_name(path.name + ".salvage")
+        try:
+            with create(fresh, attrs, classes, manifests, flip) as file:
+                for manifest in manifests:
+                    copy_split(old[manifest.split], file[manifest.split], index_offset=0)
+        except OSError as error:
+            fresh.unlink(missing_ok=True)
+            raise UserError(f"{path}: the interrupted run's file is damaged ({error}); "
+                            f"start again with --overwrite") from None
+    os.replace(fresh, path)
+    return h5py.File(path, "r+")
+
+
+def copy_split(source: h5py.Group, target: h5py.Group, index_offset: int,
+               block_rows: int = 8192) -> None:
+    """Append the committed rows and failures of `source` to `target`, then its progress."""
+    rows = int(source.attrs["rows"])
+    flip = "features_flip" in source
+    for start in range(0, rows, block_rows):
+        stop = min(start + block_rows, rows)
+        append(target, source["features"][start:stop],
+               source["features_flip"][start:stop] if flip else None,
+               source["labels"][start:stop].tolist(), list(source["paths"].asstr()[start:stop]),
+               [], int(target.attrs["next_index"]))
+    failed = [tuple(row) for row in source["failed"].asstr()[:int(source.attrs["failed_count"])]]
+    append(target, None, None, [], [], failed, index_offset + int(source.attrs["next_index"]))
 
 
 def append(
@@ -131,23 +161,75 @@ def append(
     next_index: int,
 ) -> None:
     """Write one batch's rows, then move the split's progress counters, then flush."""
+    if features is not None:  # a new chunk may be allocated whole, however few rows go in
+        chunk = group["features"].chunks[0] * FEATURE_DIM * features.itemsize
+        check_room(Path(group.file.filename),
+                   max(features.nbytes, chunk) * (2 if features_flip is not None else 1))
+    hooks = silence_handle_release_errors()
+    try:
+        write_rows(group, features, features_flip, labels, paths, failed, next_index)
+    except (OSError, RuntimeError) as error:  # h5py reports a failed write as either
+        raise OSError(str(error).split("(")[0].strip() or type(error).__name__) from error
+    sys.excepthook, sys.unraisablehook = hooks  # kept silenced after a failure only
+
+
+def silence_handle_release_errors() -> tuple:
+    """After a failed write HDF5 also fails to release each open handle, and h5py prints each
+    failure with a traceback (through both sys hooks) as the handles go, even before the
+    error reaches us; the one error raised says it all. Returns the hooks to restore."""
+    excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+
+    def is_release_error(error: BaseException | None) -> bool:
+        return isinstance(error, RuntimeError) and "decrement id ref count" in str(error)
+
+    def quiet_excepthook(kind, error, traceback) -> None:
+        if not is_release_error(error):
+            excepthook(kind, error, traceback)
+
+    def quiet_unraisablehook(unraisable) -> None:
+        if not is_release_error(unraisable.exc_value):
+            unraisablehook(unraisable)
+
+    sys.excepthook, sys.unraisablehook = quiet_excepthook, quiet_unraisablehook
+    return excepthook, unraisablehook
+
+
+def check_room(path: Path, needed: int) -> None:
+    """Refuse a write that would not fit, before HDF5 starts it.
+
+    HDF5 cannot recover from a write that fails half-way (its bookkeeping in the file goes
+    stale), so room on the disk and under the process's file-size limit is checked first;
+    the file then stays consistent and --resume continues it once there is space.
+    """
+    margin = needed * 2 + 2**20
+    free = shutil.disk_usage(path.parent).free
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    size = path.stat().st_size
+    if free < margin or (limit != resource.RLIM_INFINITY and size + margin > limit):
+        reason = "disk full" if free < margin else f"file size limit of {limit} bytes"
+        raise OSError(f"no room for the next {needed} bytes: {reason}")
+
+
+def write_rows(group, features, features_flip, labels, paths, failed, next_index) -> None:
     rows = int(group.attrs["rows"])
     count = len(paths)
     if count:
         named = {"features": features, "features_flip": features_flip,
-                 "labels": np.asarray(labels, np.int64), "paths": paths}
+                 "labels": np.asarray(labels, np.int64), "paths": [printable(p) for p in paths]}
         for name, values in named.items():
             if values is None:
                 continue
             dataset = group[name]
             dataset.resize(rows + count, axis=0)
             dataset[rows:rows + count] = values
+    failed_rows = int(group.attrs["failed_count"])
     if failed:
         dataset = group["failed"]
-        start = dataset.shape[0]
+        start = failed_rows
         dataset.resize(start + len(failed), axis=0)
-        dataset[start:] = np.asarray(failed, dtype=object)
+        dataset[start:] = np.asarray([(printable(p), r) for p, r in failed], dtype=object)
     group.attrs["rows"] = rows + count
+    group.attrs["failed_count"] = failed_rows + len(failed)
     group.attrs["next_index"] = next_index
     group.file.flush()
 
@@ -235,26 +317,12 @@ def merge(parts: list[Path], out_part: Path, classes: Classes, manifests: list[M
     try:
         attrs = {key: str(sources[0].attrs[key]) for key in (
             *PROVENANCE_KEYS, "precision", "store_dtype", "torch_version", "torchvision_version")}
-        flip = bool(sources[0].attrs["flip"])
-        file = create(out_part, attrs, classes, manifests, flip)
+        file = create(out_part, attrs, classes, manifests, bool(sources[0].attrs["flip"]))
         for manifest in manifests:
-            target = file[manifest.split]
-            next_index = 0
+            offset = 0
             for source in sources:
-                group = source[manifest.split]
-                rows = int(group.attrs["rows"])
-                next_index += int(group.attrs["manifest_size"])
-                failed = [tuple(row) for row in group["failed"].asstr()[()]]
-                for start in range(0, max(rows, 1), block_rows):
-                    stop = min(start + block_rows, rows)
-                    append(
-                        target, group["features"][start:stop],
-                        group["features_flip"][start:stop] if flip else None,
-                        group["labels"][start:stop].tolist(),
-                        list(group["paths"].asstr()[start:stop]),
-                        failed if stop == rows else [],
-                        next_index if stop == rows else int(target.attrs["next_index"]),
-                    )
+                copy_split(source[manifest.split], file[manifest.split], offset)
+                offset += int(source[manifest.split].attrs["manifest_size"])
         return file
     finally:
         for source in sources:

@@ -1,0 +1,202 @@
+"""Messy data, full disks, concurrent runs and hostile files: documented behaviour, no surprises."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import resource
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from conftest import extract_features, pattern_image
+from extract import store
+from extract.dataset import (
+    Classes,
+    Manifest,
+    read_classes,
+    read_manifest,
+    read_val_annotations,
+    read_words,
+)
+from extract.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = "train/n01443537/images"
+
+
+def extracted(root: Path, tmp_path: Path) -> tuple[list[str], dict[str, str]]:
+    out = extract_features(root, tmp_path / "f.h5", splits=["train"])
+    with store.open_complete(out) as file:
+        return store.read_split(file, "train").paths, dict(store.read_failed(file, "train"))
+
+
+def test_png_named_jpeg_is_read_by_content(tiny_imagenet, tmp_path):
+    pattern_image(0, 5).save(tiny_imagenet / TRAIN / "actually_png.JPEG", format="PNG")
+    paths, failed = extracted(tiny_imagenet, tmp_path)
+    assert f"{TRAIN}/actually_png.JPEG" in paths and not failed
+
+
+def test_decompression_bomb_is_skipped_and_listed(tiny_imagenet, tmp_path):
+    Image.new("1", (10_000, 10_000)).save(tiny_imagenet / TRAIN / "bomb.png")
+    paths, failed = extracted(tiny_imagenet, tmp_path)
+    assert "DecompressionBomb" in failed[f"{TRAIN}/bomb.png"]
+    assert f"{TRAIN}/bomb.png" not in paths
+
+
+def test_symlink_loop_is_skipped_and_listed(tiny_imagenet, tmp_path):
+    folder = tiny_imagenet / TRAIN
+    os.symlink(folder / "loop_b.JPEG", folder / "loop_a.JPEG")
+    os.symlink(folder / "loop_a.JPEG", folder / "loop_b.JPEG")
+    os.symlink(folder, folder / "self")  # a folder link: not followed, so no endless walk
+    paths, failed = extracted(tiny_imagenet, tmp_path)
+    assert set(failed) == {f"{TRAIN}/loop_a.JPEG", f"{TRAIN}/loop_b.JPEG"}
+    assert len(paths) == 12
+
+
+def test_non_utf8_and_very_long_names_are_extracted(tiny_imagenet, tmp_path):
+    folder = os.fsencode(tiny_imagenet / TRAIN)
+    pattern_image(0, 5).save(os.fsdecode(folder + b"/caf\xe9.JPEG"))
+    long_name = "x" * 250 + ".JPEG"
+    pattern_image(0, 6).save(tiny_imagenet / TRAIN / long_name)
+    paths, failed = extracted(tiny_imagenet, tmp_path)
+    assert not failed
+    assert f"{TRAIN}/caf\\xe9.JPEG" in paths and f"{TRAIN}/{long_name}" in paths
+
+
+@pytest.mark.parametrize("line", ["no tabs here", "\tn01443537\t0", "val_0_0.JPEG\t\t0"])
+def test_malformed_val_annotation_line_names_file_and_line(tiny_imagenet, line):
+    annotations = tiny_imagenet / "val" / "val_annotations.txt"
+    annotations.write_text(annotations.read_text() + line + "\n")
+    with pytest.raises(UserError, match=r"val_annotations.txt:7: expected"):
+        read_manifest(tiny_imagenet, "val", read_classes(tiny_imagenet))
+
+
+def test_malformed_words_line_and_duplicate_wnids(tiny_imagenet):
+    words = tiny_imagenet / "words.txt"
+    words.write_text(words.read_text() + "n01443537 goldfish without a tab\n")
+    with pytest.raises(UserError, match=r"words.txt:5: expected"):
+        read_classes(tiny_imagenet)
+    words.write_text("")
+    wnids = tiny_imagenet / "wnids.txt"
+    wnids.write_text(wnids.read_text() + "n01443537\n")
+    with pytest.raises(UserError, match="n01443537 is listed more than once"):
+        read_classes(tiny_imagenet)
+
+
+def test_second_run_on_the_same_output_is_refused(tiny_imagenet, tmp_path):
+    out = tmp_path / "f.h5"
+    with open(out.with_name("f.h5.lock"), "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(UserError, match="another extract run is writing"):
+            extract_features(tiny_imagenet, out)
+    assert not out.exists() and not store.part_path(out).exists()
+
+
+def limit_file_size():
+    """A disk that fills up: writes past 3.5 MB fail with EFBIG instead of killing us."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (3_500_000, 3_500_000))
+
+
+def test_full_disk_gives_clear_error_and_resume_completes(tiny_imagenet, tmp_path,
+                                                          weights_file):
+    out = tmp_path / "f.h5"
+    args = [sys.executable, "-m", "extract", "--data", str(tiny_imagenet), "--out", str(out),
+            "--weights", str(weights_file), "--workers", "0", "--batch-size", "2",
+            "--no-progress"]
+    full = subprocess.run(args, cwd=REPO, capture_output=True, text=True,
+                          preexec_fn=limit_file_size)
+    assert full.returncode == 2, full.stderr
+    assert "Traceback" not in full.stderr
+    assert full.stderr.startswith(f"error: {store.part_path(out)}: writing failed")
+    assert not out.exists(), "nothing may claim to be complete"
+    with h5py.File(store.part_path(out)) as part:
+        assert not part.attrs["complete"]
+        assert 0 < part["train"].attrs["rows"] < 12, "the rows written before the error stay"
+    resumed = subprocess.run([*args, "--resume"], cwd=REPO, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    reference = extract_features(tiny_imagenet, tmp_path / "reference.h5",
+                                 weights=str(weights_file), batch_size=2)
+    with h5py.File(out) as got, h5py.File(reference) as expected:
+        for split in ("train", "val"):
+            np.testing.assert_array_equal(got[split]["features"][()],
+                                          expected[split]["features"][()])
+
+
+class Payload:
+    """Unpickling this would create a file: proof that code ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_weights_file_with_pickled_code_is_refused_and_runs_nothing(tiny_imagenet, tmp_path):
+    marker = tmp_path / "code-ran"
+    weights = tmp_path / "evil.pth"
+    torch.save({"features.0.weight": Payload(marker)}, weights)
+    with pytest.raises(UserError, match="not a readable weights file"):
+        extract_features(tiny_imagenet, tmp_path / "f.h5", weights=str(weights))
+    assert not marker.exists()
+
+
+lines = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40)
+
+
+@given(st.lists(lines, max_size=8))
+def test_annotation_and_words_parsers_fail_only_with_user_errors(tmp_path_factory, rows):
+    path = tmp_path_factory.mktemp("parse") / "file.txt"
+    path.write_text("\n".join(rows), encoding="utf-8")
+    for parse in (read_val_annotations, read_words):
+        try:
+            parsed = parse(path)
+        except UserError as error:
+            assert str(path) in str(error)
+        else:
+            assert all(key and key == key.strip() for key in parsed)
+
+
+names = st.text(alphabet=st.characters(min_codepoint=48, max_codepoint=0x2FFF,
+                                       blacklist_categories=("Cs",)), min_size=1, max_size=12)
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.integers(0, 300), failed=st.integers(0, 3), name=names,
+       seed=st.integers(0, 2**31))
+def test_store_round_trips_what_was_appended(tmp_path_factory, rows, failed, name, seed):
+    rng = np.random.default_rng(seed)
+    features = rng.random((rows, 4096), dtype=np.float32).astype(np.float16)
+    labels = rng.integers(-1, 3, rows).tolist()
+    paths = [f"{name}/{i}.JPEG" for i in range(rows)]
+    bad = [(f"{name}/bad{i}.JPEG", f"reason {i}") for i in range(failed)]
+    manifest = Manifest("train", paths + [p for p, _ in bad], labels + [0] * failed)
+    attrs = dict.fromkeys((*store.PROVENANCE_KEYS, "precision", "torch_version",
+                           "torchvision_version"), "x")
+    path = tmp_path_factory.mktemp("store") / "f.h5"
+    with store.create(path, {**attrs, "store_dtype": "float16"}, Classes([name], [name]),
+                      [manifest], flip=False) as file:
+        for start in range(0, rows, 128):
+            stop = min(start + 128, rows)
+            store.append(file["train"], features[start:stop], None, labels[start:stop],
+                         paths[start:stop], [], stop)
+        store.append(file["train"], None, None, [], [], bad, len(manifest.paths))
+        store.mark_complete(file)
+    with store.open_complete(path) as file:
+        arrays = store.read_split(file, "train")
+        np.testing.assert_array_equal(arrays.features.reshape(rows, 4096), features)
+        assert arrays.labels.tolist() == labels and arrays.paths == paths
+        assert store.read_failed(file, "train") == bad
+        assert store.read_classes(file) == Classes([name], [name])
