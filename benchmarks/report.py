@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
+# Trial runs can write elsewhere: BENCHMARK_RESULTS=/tmp/trial.md python -m benchmarks.extract
+RESULTS = Path(os.environ.get("BENCHMARK_RESULTS", Path(__file__).with_name("RESULTS.md")))
 REPO = Path(__file__).resolve().parents[1]
 
 
