@@ -1,8 +1,12 @@
 """The frame loop: read, preprocess, classify, smooth, log, draw, write, show, react to keys.
 
-Per frame, the stages are timed separately (preprocess, network, drawing and output) so the
-summary shows where the time goes. `latency_ms` is from the moment the frame was read to the
-moment its probabilities were known: for a camera that includes the wait for the loop.
+Per frame, the stages are timed separately so the summary shows where the time goes: `wait` (for
+the next frame: the camera, or the read-ahead thread of a file), `preprocess` (BGR -> RGB, resize,
+crop; in the read-ahead thread for files and folders, so it overlaps the network), `network`,
+`log`, `overlay`, `video` and `display`; a stage that did not run is not shown. Headless without
+`--output` nothing is drawn. `latency_ms` is from the moment the frame was read to the moment
+its probabilities were known: for a camera that includes the wait for the loop, for a file the
+wait while the frame before it was classified.
 """
 
 from __future__ import annotations
@@ -14,15 +18,17 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 
 from live import overlay
 from live.model import Classifier, frame_pixels
 from live.output import FrameLog, VideoOutput
-from live.sources import Frame, Source
-from live.timing import RateMeter, percentiles
+from live.sources import Frame, Source, read_ahead
+from live.timing import RateMeter, StageTimes, percentiles
 from live.window import PAUSE, QUIT, SNAPSHOT, DisplayFailed, Window
 
 PAUSED_POLL_MS = 30
+STAGES = ("wait", "preprocess", "network", "log", "overlay", "video", "display")
 
 
 @dataclasses.dataclass
@@ -97,17 +103,31 @@ def run(classifier: Classifier, source: Source, settings: Settings) -> Summary:
     log = FrameLog(settings.log) if settings.log else None
     inference_rate = RateMeter()
     latencies: list[float] = []
-    stage_totals = {"preprocess": 0.0, "network": 0.0, "output": 0.0}
+    stages = StageTimes()
     average = None
     frames = 0
     interrupted = False
+
+    def prepare(frame: Frame) -> torch.Tensor:
+        with stages.timing("preprocess"):
+            return frame_pixels(frame.bgr, classifier.params)
+
+    # A recorded source is read and preprocessed one frame ahead, overlapping the network; a
+    # live one is not: its capture thread already reads ahead, and the freshest frame is wanted.
+    prepared = (((frame, None) for frame in source.frames()) if source.live
+                else read_ahead(source.frames(), prepare))
     started = time.perf_counter()
     try:
-        for frame in source.frames():
-            begin = time.perf_counter()
-            pixels = frame_pixels(frame.bgr, classifier.params)
-            preprocessed = time.perf_counter()
-            probs = classifier.probabilities(pixels)
+        while True:
+            with stages.timing("wait"):
+                item = next(prepared, None)
+            if item is None:
+                break
+            frame, pixels = item
+            if pixels is None:
+                pixels = prepare(frame)
+            with stages.timing("network"):
+                probs = classifier.probabilities(pixels)
             done = time.perf_counter()
             latency_ms = (done - frame.captured) * 1000.0
             latencies.append(latency_ms)
@@ -116,20 +136,24 @@ def run(classifier: Classifier, source: Source, settings: Settings) -> Summary:
             frames += 1
 
             if log:
-                log.write(log_record(frame, latency_ms, probs, average, classifier, k))
+                with stages.timing("log"):
+                    log.write(log_record(frame, latency_ms, probs, average, classifier, k))
             if video or window:
-                shown = top_indices(average, k)
-                annotated = overlay.annotate(
-                    frame.bgr,
-                    [(classifier.names[i], float(average[i])) for i in shown],
-                    overlay.status_line(source.rate.rate, inference_rate.rate, latency_ms),
-                    uncertain=float(average[shown[0]]) < settings.threshold,
-                )
+                with stages.timing("overlay"):
+                    shown = top_indices(average, k)
+                    annotated = overlay.annotate(
+                        frame.bgr,
+                        [(classifier.names[i], float(average[i])) for i in shown],
+                        overlay.status_line(source.rate.rate, inference_rate.rate, latency_ms),
+                        uncertain=float(average[shown[0]]) < settings.threshold,
+                    )
                 if video:
-                    video.write(annotated)
+                    with stages.timing("video"):
+                        video.write(annotated)
                 if window:
                     try:
-                        action = react(window, annotated, frame, settings.snapshot_dir)
+                        with stages.timing("display"):
+                            action = react(window, annotated, frame, settings.snapshot_dir)
                     except DisplayFailed as error:
                         print(f"display failed ({error}): continuing headless", file=sys.stderr)
                         window.close()
@@ -137,14 +161,12 @@ def run(classifier: Classifier, source: Source, settings: Settings) -> Summary:
                         action = None
                     if action == QUIT:
                         break
-            stage_totals["preprocess"] += preprocessed - begin
-            stage_totals["network"] += done - preprocessed
-            stage_totals["output"] += time.perf_counter() - done
             if settings.max_frames and frames >= settings.max_frames:
                 break
     except KeyboardInterrupt:
         interrupted = True
     finally:
+        prepared.close()  # stops the read-ahead thread before the source is released
         if video:
             video.close()
         if log:
@@ -156,7 +178,7 @@ def run(classifier: Classifier, source: Source, settings: Settings) -> Summary:
         dropped=source.dropped,
         seconds=time.perf_counter() - started,
         latencies_ms=latencies,
-        stage_ms={name: total * 1000.0 / max(frames, 1) for name, total in stage_totals.items()},
+        stage_ms=stages.per_frame_ms(frames, STAGES),
         interrupted=interrupted,
     )
 

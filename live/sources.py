@@ -7,7 +7,8 @@ Two kinds of source, because they are used differently:
   from a queue of stale ones), never the same frame twice, and every frame overwritten before it
   was classified is counted as dropped.
 * recorded (video file, image folder, glob, one image): every frame, in order, as fast as the
-  loop takes them, so that two runs over the same file log the same thing.
+  loop takes them, so that two runs over the same file log the same thing. `read_ahead` decodes
+  and preprocesses the next frame in a thread while the network works on this one.
 
 Images are decoded with PIL and `extract.preprocess.to_rgb`, like extraction decodes them, then
 turned into BGR so that every source hands the loop the same kind of frame.
@@ -19,11 +20,13 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import queue
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import cv2
 import numpy as np
@@ -37,6 +40,8 @@ from live.timing import RateMeter
 
 DEFAULT_FPS = 10.0  # frame rate for image folders, and for devices that do not report one
 STOP_TIMEOUT_S = 2.0
+
+Prepared = TypeVar("Prepared")
 
 cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)  # we say what failed, once
 
@@ -246,3 +251,47 @@ class LiveCapture(Source):
             return
         self._stop.set()
         self._thread.join(STOP_TIMEOUT_S)
+
+
+def read_ahead(frames: Iterator[Frame], prepare: Callable[[Frame], Prepared]
+               ) -> Iterator[tuple[Frame, Prepared]]:
+    """Frames with `prepare(frame)`, read and prepared one frame ahead in a thread, in order.
+
+    The thread starts on frame n + 1 when the caller takes frame n, never earlier: decoding and
+    preprocessing overlap the caller's work on frame n, and a frame waits for at most one pass
+    of the caller's loop, as a camera frame does. The thread alone runs `frames`; when the
+    caller stops (end, break, error or Ctrl-C) the thread is stopped and joined before this
+    returns, so the source can be released without racing a read.
+    """
+    requests: queue.SimpleQueue[bool] = queue.SimpleQueue()
+    ready: queue.SimpleQueue = queue.SimpleQueue()
+    ended = object()
+
+    def produce() -> None:
+        try:
+            while requests.get():
+                frame = next(frames, None)
+                if frame is None:
+                    break
+                ready.put((frame, prepare(frame)))
+        except BaseException as error:  # handed to the caller, raised there
+            ready.put(error)
+        finally:
+            ready.put(ended)
+            getattr(frames, "close", lambda: None)()
+
+    thread = threading.Thread(target=produce, name="live-read-ahead", daemon=True)
+    thread.start()
+    requests.put(True)
+    try:
+        while True:
+            item = ready.get()
+            if item is ended:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            requests.put(True)
+            yield item
+    finally:
+        requests.put(False)
+        thread.join(STOP_TIMEOUT_S)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -31,3 +34,27 @@ def percentiles(latencies_ms: list[float]) -> tuple[float, float]:
         return 0.0, 0.0
     p50, p95 = np.percentile(np.asarray(latencies_ms), [50, 95])
     return float(p50), float(p95)
+
+
+class StageTimes:
+    """Seconds spent in each named stage of the frame loop, timed from any thread."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def timing(self, stage: str) -> Iterator[None]:
+        begin = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - begin
+            with self._lock:
+                self.seconds[stage] = self.seconds.get(stage, 0.0) + elapsed
+
+    def per_frame_ms(self, frames: int, order: tuple[str, ...]) -> dict[str, float]:
+        """Mean milliseconds per frame of each stage that ran, in `order`."""
+        with self._lock:
+            return {stage: self.seconds[stage] * 1000.0 / max(frames, 1)
+                    for stage in order if stage in self.seconds}
