@@ -5,6 +5,7 @@ JPEG decoding and compression behave as on photos, not as on flat colour.
 
 Examples:
     python -m benchmarks.synthetic images --out /tmp/bench-data --images 2000 --classes 20
+    python -m benchmarks.synthetic images --out /tmp/tiny --images 100000 --val-images 10000
     python -m benchmarks.synthetic features --out /tmp/bench-features.h5 --rows 100000
 """
 
@@ -51,14 +52,29 @@ def write_class(args: tuple[Path, int, int]) -> None:
         synthetic_image(label, index).save(folder / f"{wnid(label)}_{index}.JPEG", quality=90)
 
 
-def write_images(root: Path, images: int, classes: int) -> Path:
-    """Write `images` training JPEG files over `classes` classes in Tiny ImageNet layout."""
+def write_val(root: Path, images: int, classes: int) -> None:
+    folder = root / "val" / "images"
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for index in range(images):
+        label = index % classes
+        name = f"val_{index}.JPEG"
+        synthetic_image(label, 10_000_000 + index).save(folder / name, quality=90)
+        lines.append(f"{name}\t{wnid(label)}\t0\t0\t{SIZE - 1}\t{SIZE - 1}\n")
+    (root / "val" / "val_annotations.txt").write_text("".join(lines))
+
+
+def write_images(root: Path, images: int, classes: int, val_images: int = 0) -> Path:
+    """Write `images` training JPEG files over `classes` classes in Tiny ImageNet layout, and
+    `val_images` validation files with their annotations."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "wnids.txt").write_text("".join(f"{wnid(c)}\n" for c in range(classes)))
     (root / "words.txt").write_text("".join(f"{wnid(c)}\tclass {c}\n" for c in range(classes)))
     per_class = [images // classes + (1 if c < images % classes else 0) for c in range(classes)]
     with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
         list(pool.map(write_class, [(root, c, n) for c, n in enumerate(per_class)]))
+    if val_images:
+        write_val(root, val_images, classes)
     return root
 
 
@@ -95,11 +111,12 @@ def main() -> None:
     parser.add_argument("kind", choices=("images", "features"))
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--val-images", type=int, default=0)
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--classes", type=int, default=200)
     args = parser.parse_args()
     if args.kind == "images":
-        write_images(args.out, args.images, args.classes)
+        write_images(args.out, args.images, args.classes, args.val_images)
     else:
         write_features(args.out, args.rows, args.classes)
 

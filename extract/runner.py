@@ -22,8 +22,8 @@ from tqdm import tqdm
 from extract import backbone, store
 from extract.dataset import Classes, Manifest, default_splits, read_classes, read_manifest
 from extract.errors import UserError, WriteFailed
-from extract.images import ImageFiles, collate
-from extract.preprocess import Preprocess, normalize
+from extract.images import Collate, ImageFiles
+from extract.preprocess import Preprocess, normalize, resize_crop
 
 PRECISIONS = ("auto", "fp32", "tf32", "bf16", "fp16")
 COMPUTE_DTYPES = {"fp32": torch.float32, "tf32": torch.float32,
@@ -89,11 +89,13 @@ def set_tf32(enabled: bool) -> None:
 
 
 def make_loader(root: Path, manifest: Manifest, start: int, options: Options,
-                params: Preprocess, pin: bool) -> DataLoader:
-    files = ImageFiles(root, manifest.paths, range(start, len(manifest.paths)), params)
+                params: Preprocess, device: torch.device) -> DataLoader:
+    """Workers decode (and on the CPU also resize); on CUDA the GPU resizes whole batches."""
+    files = ImageFiles(root, manifest.paths, range(start, len(manifest.paths)))
     return DataLoader(
         files, batch_size=options.batch_size, shuffle=False, num_workers=options.workers,
-        collate_fn=collate, pin_memory=pin, persistent_workers=False,
+        collate_fn=Collate(params, defer_resize=device.type == "cuda"),
+        pin_memory=device.type == "cuda", persistent_workers=False,
         prefetch_factor=4 if options.workers > 0 else None,
     )
 
@@ -105,8 +107,8 @@ def check_readable(root: Path, manifests: list[Manifest], options: Options,
     total = sum(len(m.paths) for m in manifests)
     with tqdm(total=total, unit="img", desc="checking", disable=not options.progress) as bar:
         for manifest in manifests:
-            for _, _, failed in make_loader(root, manifest, 0, options, params, pin=False):
-                failures.extend((manifest.paths[i], reason) for i, reason in failed)
+            for batch in make_loader(root, manifest, 0, options, params, torch.device("cpu")):
+                failures.extend((manifest.paths[i], reason) for i, reason in batch.failed)
                 bar.update(options.batch_size)
     if failures:
         path, reason = failures[0]
@@ -225,12 +227,15 @@ def extract_splits(file, model, root: Path, manifests: list[Manifest], options: 
             group = file[manifest.split]
             start = int(group.attrs["next_index"])
             bar.set_description(manifest.split)
-            loader = make_loader(root, manifest, start, options, params, device.type == "cuda")
-            for indices, batch, failed in loader:
+            for batch in make_loader(root, manifest, start, options, params, device):
+                indices, failed = batch.indices, batch.failed
                 features = flipped = None
-                if batch is not None:
+                if batch.pixels is not None:
                     with torch.inference_mode():
-                        images = normalize(batch.to(device, non_blocking=True), params, dtype)
+                        pixels = batch.pixels.to(device, non_blocking=True)
+                        if not batch.resized:
+                            pixels = resize_crop(pixels, params)
+                        images = normalize(pixels, params, dtype)
                         features = to_store(fc7(images), store_dtype)
                         if options.flip:
                             flipped = to_store(fc7(images.flip(3)), store_dtype)

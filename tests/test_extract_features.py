@@ -16,6 +16,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 from conftest import WNIDS, extract_features
 from extract import store
+from extract.preprocess import Preprocess
 
 
 def reference_fc7(weights_file: Path, image_files: list[Path]) -> np.ndarray:
@@ -166,3 +167,35 @@ def test_flip_stores_features_of_the_mirrored_image(tiny_imagenet, tmp_path, wei
     reference = reference_fc7(weights_file, files)
     assert max_relative_row_error(arrays.features_flip, reference) <= 1e-3
     assert max_relative_row_error(arrays.features, reference) > 1e-2
+
+
+def test_large_images_shrunk_match_torchvision_reference(tmp_path, weights_file):
+    """Shrinking (unlike Tiny ImageNet's enlarging) may differ by one level from PIL."""
+    root = tmp_path / "photos"
+    for label, name in enumerate(("cats", "dogs")):
+        (root / name).mkdir(parents=True)
+        for index in range(2):
+            from conftest import pattern_image
+            pattern_image(label, index, size=300).resize((400, 300)).save(
+                root / name / f"{index}.jpg", quality=95)
+    out = extract_features(root, tmp_path / "f.h5", weights=str(weights_file),
+                           store_dtype="float32")
+    with store.open_complete(out) as file:
+        arrays = store.read_split(file, "train")
+    reference = reference_fc7(weights_file, [root / p for p in arrays.paths])
+    assert max_relative_row_error(arrays.features, reference) <= 1e-3
+
+
+def test_batched_resize_on_the_device_equals_resizing_each_image():
+    from conftest import pattern_image
+    from extract.images import Collate
+    from extract.preprocess import decode, resize_crop
+
+    items = [(i, decode(pattern_image(i % 3, i)), "") for i in range(5)] + [(5, None, "bad")]
+    deferred = Collate(Preprocess(), defer_resize=True)(items)
+    eager = Collate(Preprocess(), defer_resize=False)(items)
+    assert not deferred.resized and deferred.pixels.shape == (5, 3, 64, 64)
+    assert eager.resized and eager.failed == deferred.failed == [(5, "bad")]
+    torch.testing.assert_close(resize_crop(deferred.pixels), eager.pixels, rtol=0, atol=0)
+    mixed = items[:2] + [(9, decode(pattern_image(0, 9, size=80)), "")]
+    assert Collate(Preprocess(), defer_resize=True)(mixed).resized
