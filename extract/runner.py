@@ -24,6 +24,7 @@ from extract.dataset import Classes, Manifest, default_splits, read_classes, rea
 from extract.errors import UserError, WriteFailed
 from extract.images import Collate, ImageFiles
 from extract.preprocess import Preprocess, normalize, resize_crop
+from extract.writer import BackgroundWriter, HostRows
 
 PRECISIONS = ("auto", "fp32", "tf32", "bf16", "fp16")
 COMPUTE_DTYPES = {"fp32": torch.float32, "tf32": torch.float32,
@@ -222,7 +223,7 @@ def extract_splits(file, model, root: Path, manifests: list[Manifest], options: 
     written = failed_count = 0
     started = time.perf_counter()
     with tqdm(total=remaining, unit="img", desc="extract", disable=not options.progress,
-              smoothing=0.1) as bar:
+              smoothing=0.1) as bar, BackgroundWriter() as writer:
         for manifest in manifests:
             group = file[manifest.split]
             start = int(group.attrs["next_index"])
@@ -236,11 +237,11 @@ def extract_splits(file, model, root: Path, manifests: list[Manifest], options: 
                         if not batch.resized:
                             pixels = resize_crop(pixels, params)
                         images = normalize(pixels, params, dtype)
-                        features = to_store(fc7(images), store_dtype)
+                        features = HostRows(fc7(images), store_dtype)
                         if options.flip:
-                            flipped = to_store(fc7(images.flip(3)), store_dtype)
+                            flipped = HostRows(fc7(images.flip(3)), store_dtype)
                 seen = indices + [i for i, _ in failed]
-                store.append(
+                writer.submit(
                     group, features, flipped,
                     labels=[manifest.labels[i] for i in indices],
                     paths=[manifest.paths[i] for i in indices],
@@ -251,8 +252,3 @@ def extract_splits(file, model, root: Path, manifests: list[Manifest], options: 
                 failed_count += len(failed)
                 bar.update(len(seen))
     return written, failed_count, time.perf_counter() - started
-
-
-def to_store(features: torch.Tensor, dtype: np.dtype) -> np.ndarray:
-    """Cast on the device (halves the copy for float16), then bring the rows to host memory."""
-    return features.to(torch.float16 if dtype == np.float16 else torch.float32).cpu().numpy()
