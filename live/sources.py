@@ -24,6 +24,7 @@ import queue
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -40,6 +41,11 @@ from live.timing import RateMeter
 
 DEFAULT_FPS = 10.0  # frame rate for image folders, and for devices that do not report one
 STOP_TIMEOUT_S = 2.0
+# Read-ahead pacing: start the next frame PACE_MARGIN times its last read-and-prepare time plus
+# PACE_SLACK_S before the fastest of the caller's last PACE_WINDOW passes would end.
+PACE_WINDOW = 10
+PACE_MARGIN = 1.5
+PACE_SLACK_S = 0.002
 
 Prepared = TypeVar("Prepared")
 
@@ -257,23 +263,34 @@ def read_ahead(frames: Iterator[Frame], prepare: Callable[[Frame], Prepared]
                ) -> Iterator[tuple[Frame, Prepared]]:
     """Frames with `prepare(frame)`, read and prepared one frame ahead in a thread, in order.
 
-    The thread starts on frame n + 1 when the caller takes frame n, never earlier: decoding and
-    preprocessing overlap the caller's work on frame n, and a frame waits for at most one pass
-    of the caller's loop, as a camera frame does. The thread alone runs `frames`; when the
-    caller stops (end, break, error or Ctrl-C) the thread is stopped and joined before this
-    returns, so the source can be released without racing a read.
+    While the caller works on frame n, the thread reads and prepares frame n + 1, starting as
+    late as still has it ready when the caller comes back (paced by the caller's fastest recent
+    pass): decoding and preprocessing overlap the caller's work, yet a frame is read just before
+    it is needed, so its latency is not stretched by waiting in line. The thread alone runs
+    `frames`; when the caller stops (end, break, error or Ctrl-C) the thread is stopped and
+    joined before this returns, so the source can be released without racing a read.
     """
-    requests: queue.SimpleQueue[bool] = queue.SimpleQueue()
+    requests: queue.SimpleQueue[float | None] = queue.SimpleQueue()  # when a frame was taken
     ready: queue.SimpleQueue = queue.SimpleQueue()
     ended = object()
 
     def produce() -> None:
+        passes: deque[float] = deque(maxlen=PACE_WINDOW)  # the caller's recent times per frame
+        taken = None
+        produce_s = 0.0
         try:
-            while requests.get():
+            while (request := requests.get()) is not None:
+                if taken is not None:
+                    passes.append(request - taken)
+                    time.sleep(max(0.0, request + min(passes) - PACE_MARGIN * produce_s
+                                   - PACE_SLACK_S - time.perf_counter()))
+                taken = request
+                begin = time.perf_counter()
                 frame = next(frames, None)
                 if frame is None:
                     break
                 ready.put((frame, prepare(frame)))
+                produce_s = time.perf_counter() - begin
         except BaseException as error:  # handed to the caller, raised there
             ready.put(error)
         finally:
@@ -282,7 +299,7 @@ def read_ahead(frames: Iterator[Frame], prepare: Callable[[Frame], Prepared]
 
     thread = threading.Thread(target=produce, name="live-read-ahead", daemon=True)
     thread.start()
-    requests.put(True)
+    requests.put(time.perf_counter())
     try:
         while True:
             item = ready.get()
@@ -290,8 +307,8 @@ def read_ahead(frames: Iterator[Frame], prepare: Callable[[Frame], Prepared]
                 return
             if isinstance(item, BaseException):
                 raise item
-            requests.put(True)
+            requests.put(time.perf_counter())
             yield item
     finally:
-        requests.put(False)
+        requests.put(None)
         thread.join(STOP_TIMEOUT_S)
