@@ -191,3 +191,35 @@ def test_cli_exit_status_and_help():
     help_text = subprocess.run([sys.executable, "-m", "extract", "--help"], cwd=REPO,
                                capture_output=True, text=True).stdout
     assert "Examples:" in help_text and "--resume" in help_text
+
+
+@pytest.mark.slow
+def test_repeated_sigkill_at_random_moments_then_resume_matches(tmp_path, weights_file):
+    """Kill at random moments (start-up, model loading, mid-batch, mid-flush), resume each time."""
+    import random
+
+    from conftest import write_tiny_imagenet
+    data = write_tiny_imagenet(tmp_path / "data", train_per_class=16, val_per_class=4)
+    common = ["--data", str(data), "--weights", str(weights_file), "--batch-size", "2",
+              "--workers", "0", "--no-progress", "--resume"]
+    out = tmp_path / "killed.h5"
+    moments = random.Random(7)
+    kills = 0
+    while kills < 5:
+        process = start_cli([*common, "--out", str(out)])
+        try:
+            process.wait(timeout=moments.uniform(1.0, 7.0))
+            break  # finished before the kill
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            kills += 1
+    final = start_cli([*common, "--out", str(out)])
+    _, stderr = final.communicate(timeout=300)
+    assert final.returncode == 0, stderr.decode()
+    reference = extract_features(data, tmp_path / "reference.h5", weights=str(weights_file),
+                                 batch_size=2)
+    with h5py.File(out) as got, h5py.File(reference) as expected:
+        for split in ("train", "val"):
+            for name in ("features", "labels", "paths", "failed"):
+                np.testing.assert_array_equal(got[split][name][()], expected[split][name][()])
