@@ -10,6 +10,7 @@ number, string, list or dict, so it loads with ``torch.load(..., weights_only=Tr
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 from pathlib import Path
 
@@ -51,6 +52,12 @@ def load(path: Path) -> dict:
         raise UserError(f"{path}: checkpoint not found")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "Unsupported global" not in str(error):
+            raise UserError(f"{path}: not a loadable checkpoint (damaged, or not a PyTorch "
+                            f"file)") from None
+        raise UserError(f"{path}: refused, it holds pickled Python objects, not only tensors "
+                        f"and plain data (loading them could run code)") from None
     except Exception as error:  # foreign pickles, damaged zips, other formats
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"{path}: not a loadable checkpoint ({first[:160]})") from None
