@@ -23,7 +23,7 @@ from extract.preprocess import Preprocess
 from head.checkpoint import KEYS, save_atomic
 from live import model, session
 from live.__main__ import main
-from live.sources import LiveCapture, open_source
+from live.sources import Frame, LiveCapture, open_source, read_ahead
 from live.window import PAUSE, QUIT, SNAPSHOT, DisplayFailed, display_missing
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,10 +87,10 @@ def read_video(path: Path) -> list[np.ndarray]:
     return frames
 
 
-def run_live(*args: str) -> subprocess.CompletedProcess:
-    """`python -m live` as a user runs it, from the repo root, on a machine with no display."""
+def run_live(*args: str, module: str = "live") -> subprocess.CompletedProcess:
+    """`python -m live` (or `module`) as a user runs it, from the repo root, with no display."""
     env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
-    return subprocess.run([sys.executable, "-m", "live", *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -219,6 +219,38 @@ def test_capture_is_released_when_the_loop_stops_early():
                 break
     assert camera.releases == 1
     assert not any(thread.name == "live-capture" for thread in threading.enumerate())
+
+
+def test_read_ahead_is_in_order_at_most_one_frame_ahead_and_passes_errors_on():
+    prepared = []
+
+    def prepare(frame):
+        if frame.index == 5:
+            raise ValueError("frame 5 is broken")
+        prepared.append(frame.index)
+        return frame.index * 10
+
+    frames = (Frame(i, np.zeros((2, 2, 3), np.uint8), time.perf_counter()) for i in range(8))
+    taken = []
+    with pytest.raises(ValueError, match="frame 5"):
+        for frame, result in read_ahead(frames, prepare):
+            assert result == frame.index * 10
+            taken.append(frame.index)
+            time.sleep(0.01)
+            assert len(prepared) <= len(taken) + 1  # never more than the next frame
+    assert taken == [0, 1, 2, 3, 4]
+    assert not any(thread.name == "live-read-ahead" for thread in threading.enumerate())
+
+
+def test_bf16_gives_probabilities_close_to_fp32(model_dir):
+    fp32 = model.from_checkpoint(model_dir)
+    bf16 = model.from_checkpoint(model_dir, precision="bf16")
+    assert next(bf16.network.parameters()).dtype == torch.bfloat16
+    for frame in video_frames(3):
+        pixels = model.frame_pixels(frame, fp32.params)
+        expected, actual = fp32.probabilities(pixels), bf16.probabilities(pixels)
+        assert actual.dtype == np.float32
+        np.testing.assert_allclose(actual, expected, atol=1e-2)
 
 
 def test_live_log_matches_the_extract_path_frame_by_frame(tmp_path, model_dir, weights_file):
