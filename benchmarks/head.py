@@ -1,0 +1,152 @@
+"""Head training speed and memory: ours (`python -m head.train`) against the plain loop, same file.
+
+The plain loop is what users write: the features read from the HDF5 file as one float32 tensor,
+per epoch a `randperm`, each batch indexed from the tensor, `nn.Linear`, `CrossEntropyLoss`,
+Adam at lr 1e-3, and a validation pass per epoch (ours measures val every epoch too). Each side
+runs in a fresh process, so its peak resident memory is its own. The memory target is
+1.3 x the bytes of the features trained on (as stored: float16) + 500 MB.
+
+Examples:
+    python -m benchmarks.head                                   # 100k rows, 50 epochs, batch 100
+    python -m benchmarks.head --rows 20000 --epochs 3           # a quick trial
+    python -m benchmarks.head --device cuda
+    python -m benchmarks.head --rows 20000 --epochs 3 --variants plain,ours,ours:stream
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from benchmarks import report, synthetic
+
+CLASSES = 200
+MB = 2**20
+VAL_ROWS = 10_000
+
+
+def plain(features_path: Path, epochs: int, batch_size: int, device: str) -> dict:
+    import h5py
+
+    with h5py.File(features_path, "r") as file:
+        train = torch.from_numpy(file["train/features"][()]).float().to(device)
+        train_labels = torch.from_numpy(file["train/labels"][()]).to(device)
+        val = torch.from_numpy(file["val/features"][()]).float().to(device)
+        val_labels = torch.from_numpy(file["val/labels"][()]).to(device)
+    torch.manual_seed(0)
+    model = nn.Linear(train.shape[1], CLASSES).to(device)
+    loss_function = nn.CrossEntropyLoss()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    started = time.perf_counter()
+    for _ in range(epochs):
+        order = torch.randperm(len(train), device=device)
+        for start in range(0, len(train), batch_size):
+            rows = order[start:start + batch_size]
+            loss = loss_function(model(train[rows]), train_labels[rows])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            correct = (model(val).argmax(1) == val_labels).sum().item()
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "val_top1": 100.0 * correct / len(val)}
+
+
+def ours(features_path: Path, epochs: int, batch_size: int, device: str, save: Path,
+         mode: str) -> dict:
+    from head import features
+    from head.training import Settings, train
+
+    started = time.perf_counter()
+    settings = Settings(epochs=epochs, batch_size=batch_size, progress=False, overwrite=True)
+    torch_device = torch.device(device)
+    if mode == "stream":
+        data = features.open_stream(features_path, device=torch_device,
+                                    max_memory=features.parse_size("1GB"),
+                                    report=lambda line: None)
+    else:
+        data = features.load(features_path, device=torch_device, report=lambda line: None)
+    loaded = time.perf_counter()
+    state = train(data, save, settings, torch_device, report=lambda line: None)
+    finished = time.perf_counter()
+    # Training as the plain loop counts it (no file reading), with our checkpoints and plots.
+    return {"seconds": finished - loaded, "total_seconds": finished - started,
+            "load_seconds": loaded - started, "val_top1": state["validation_accuracy"][-1]}
+
+
+def variant_main(args) -> None:
+    """One side of the comparison, in its own process; prints a JSON line."""
+    if args.variant == "plain":
+        result = plain(args.features, args.epochs, args.batch_size, args.device)
+    else:
+        mode = args.variant.split(":", 1)[1] if ":" in args.variant else "memory"
+        result = ours(args.features, args.epochs, args.batch_size, args.device, args.save, mode)
+    result.update(peak_rss_mb=report.peak_rss_mb(), peak_gpu_mb=report.peak_gpu_mb())
+    print(json.dumps(result))
+
+
+def features_bytes(path: Path) -> int:
+    """Bytes of the train and val features as stored (what training holds in memory)."""
+    import h5py
+
+    with h5py.File(path, "r") as file:
+        return sum(file[f"{split}/features"].size * file[f"{split}/features"].dtype.itemsize
+                   for split in ("train", "val"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=100_000, help="train rows")
+    parser.add_argument("--epochs", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--variants", default="plain,ours",
+                        help="plain, ours (in memory), ours:stream; comma-separated")
+    parser.add_argument("--features", type=Path,
+                        help="reuse (or create) the synthetic feature file here")
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    parser.add_argument("--save", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.variant:
+        variant_main(args)
+        return
+
+    scratch = Path(tempfile.mkdtemp(prefix="bench-head-"))
+    features_path = args.features or scratch / "features.h5"
+    if not features_path.is_file():
+        synthetic.write_features(features_path, args.rows, CLASSES, val_rows=VAL_ROWS)
+    size = features_bytes(features_path)
+    budget_mb = (1.3 * size + 500 * MB) / MB
+    common = ["--features", str(features_path), "--epochs", str(args.epochs),
+              "--batch-size", str(args.batch_size), "--device", args.device]
+    results = {variant: report.run_variant(
+        "benchmarks.head", [*common, "--variant", variant, "--save", str(scratch / variant)])
+        for variant in args.variants.split(",")}
+    baseline = results.get("plain")
+    rows = []
+    for variant, result in results.items():
+        per_epoch = result["seconds"] / args.epochs
+        ratio = result["seconds"] / baseline["seconds"] if baseline else float("nan")
+        rows.append([variant, per_epoch, result["seconds"],
+                     result.get("total_seconds", result["seconds"]), ratio,
+                     result["val_top1"], result["peak_rss_mb"],
+                     f"{result['peak_rss_mb'] / budget_mb:.2f}", result["peak_gpu_mb"]])
+    report.publish(
+        f"head: {args.rows} x 4096 float16 train rows (+{VAL_ROWS} val), {CLASSES} classes, "
+        f"{args.epochs} epochs, batch {args.batch_size}, {args.device}",
+        ["training", "s/epoch", "train s", "total s", "x plain", "val top-1 %", "peak RSS MB",
+         "RSS / budget", "peak GPU MB"], rows,
+        f"Features {size / MB:,.0f} MB as stored; RSS budget = 1.3 x that + 500 MB = "
+        f"{budget_mb:,.0f} MB. 'train s' counts the epochs (train and val pass); 'total s' "
+        f"adds reading the file, checkpoints and plots.")
+
+
+if __name__ == "__main__":
+    main()
