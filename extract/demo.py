@@ -13,6 +13,8 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import socket
 import sys
 from pathlib import Path
@@ -75,7 +77,8 @@ def pick_weights() -> str:
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(20)
     try:
-        backbone.load_alexnet("imagenet")
+        with contextlib.redirect_stderr(io.StringIO()):  # torch.hub's "Downloading: ..." line
+            backbone.load_alexnet("imagenet")
         return "imagenet"
     except UserError as error:
         print(f"demo: {error}; using --weights random", file=sys.stderr)
