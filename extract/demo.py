@@ -77,7 +77,8 @@ def pick_weights() -> str:
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(20)
     try:
-X
+        # torch.hub prints "Downloading: ..." on stdout, where only the answer may go.
+        with contextlib.redirect_stdout(io.StringIO()):
             backbone.load_alexnet("imagenet")
         return "imagenet"
     except UserError as error:
