@@ -1,15 +1,23 @@
-"""Cached features in memory: one tensor per split, loaded once, checked once.
+"""Cached features for training: in memory when they fit, streamed from the file when not.
 
-Features keep their stored dtype (float16 by default, half the memory of float32); the training
-loop casts each batch to float32 on the fly. Before anything is read, the memory the splits need
-is computed from the HDF5 shapes and compared with what the machine has, so a run that cannot fit
-stops with one line instead of being killed halfway.
+In memory, each split is one tensor, loaded once, checked once. Features keep their stored dtype
+(float16 by default, half the memory of float32); the training loop casts each batch to float32 on
+the fly. Before anything is read, the memory the splits need is computed from the HDF5 shapes and
+compared with what the machine has (and `--max-memory`).
+
+Streamed (`--stream`, or by itself when the features do not fit), a split stays on disk and is
+read in blocks of whole HDF5 chunks: an epoch visits the blocks in an order drawn from the
+training generator, a few blocks at a time (as many as the memory bound allows), and shuffles the
+rows within those blocks. Memory for features is then the block buffer, whatever the file's size.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import h5py
@@ -23,6 +31,9 @@ from extract.errors import UserError
 FINITE_CHECK_ROWS = 8192
 MIB = 2**20
 CPU = torch.device("cpu")
+BLOCK_CHUNKS = 8  # a streamed block: this many HDF5 chunks (8 x 128 rows, 8 MiB in float16)
+UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+         "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
 @dataclasses.dataclass
@@ -39,6 +50,38 @@ class SplitTensors:
 
 
 @dataclasses.dataclass
+class StreamedSplit:
+    """One split left in the file and read in blocks of whole chunks; labels are in memory."""
+
+    path: Path
+    name: str
+    labels: torch.Tensor  # (N,) int64: 8 bytes a row
+    block_rows: int  # a multiple of the file's chunk rows, so every read is whole chunks
+    buffer_blocks: int  # blocks held at once while training
+    flip: bool = False  # train on features_flip as well
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def blocks(self) -> int:
+        return math.ceil(len(self) / self.block_rows)
+
+    def block_range(self, block: int) -> tuple[int, int]:
+        start = block * self.block_rows
+        return start, min(start + self.block_rows, len(self))
+
+    def chunks(self, device: torch.device = CPU) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(features, labels) block by block in file order: for validation and statistics."""
+        with h5py.File(self.path, "r") as file:
+            dataset = file[self.name]["features"]
+            for block in range(self.blocks):
+                start, stop = self.block_range(block)
+                features = torch.from_numpy(dataset[start:stop]).to(device)
+                yield features, self.labels[start:stop].to(device)
+
+
+@dataclasses.dataclass
 class FeatureSet:
     """What training needs from a feature file: the splits, the classes and the provenance."""
 
@@ -46,8 +89,12 @@ class FeatureSet:
     wnids: list[str]
     names: list[str]
     provenance: dict[str, str]
-    train: SplitTensors
-    val: SplitTensors | None
+    train: SplitTensors | StreamedSplit
+    val: SplitTensors | StreamedSplit | None
+
+    @property
+    def streamed(self) -> bool:
+        return isinstance(self.train, StreamedSplit)
 
     @property
     def num_classes(self) -> int:
@@ -74,20 +121,23 @@ def available_memory() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def check_fits(needed: int, available: int, where: str, path: Path) -> None:
+def check_fits(needed: int, available: int, where: str, path: Path,
+               bound: str | None = None) -> None:
     if needed > available:
         raise UserError(
             f"{path}: the features need {needed / MIB:,.0f} MiB of {where} memory, only "
-            f"{available / MIB:,.0f} MiB is available (free memory, or use fewer images)"
+            f"{available / MIB:,.0f} MiB is {'allowed by ' + bound if bound else 'available'} "
+            f"(free memory, or use fewer images)"
         )
 
 
-def check_finite(path: Path, split: str, name: str, features: np.ndarray) -> None:
+def check_finite(path: Path, split: str, name: str, features: np.ndarray,
+                 offset: int = 0) -> None:
     """Refuse NaN or inf anywhere: one bad row silently turns every weight into NaN."""
     for start in range(0, len(features), FINITE_CHECK_ROWS):
         rows = np.isfinite(features[start:start + FINITE_CHECK_ROWS]).all(axis=1)
         if not rows.all():
-            bad = int(np.flatnonzero(~rows)[0]) + start
+            bad = int(np.flatnonzero(~rows)[0]) + start + offset
             raise UserError(f"{path}: {split}/{name} holds NaN or inf (first in row {bad}); "
                             f"extract the features again")
 
@@ -116,12 +166,59 @@ def read_tensors(file: h5py.File, path: Path, split: str, num_classes: int,
     )
 
 
-def load(path: Path, flip: bool = False, device: torch.device = CPU,
-         report=print) -> FeatureSet:
-    """Read the train split (and val when there is one) into memory after checking it fits.
+def parse_size(text: str) -> int:
+    """Bytes of a size such as ``2GB``, ``500MB``, ``1.5GiB`` or ``1000000``."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in UNITS:
+        raise ValueError(f"not a size: {text!r} (examples: 2GB, 500MB, 1.5GiB)")
+    return int(float(match.group(1)) * UNITS[match.group(2).lower()])
 
-    `flip` loads the flipped features of the train split when the file has them; `report`
-    receives the one-line memory estimate and any notes.
+
+def stream_buffer_blocks(file: h5py.File, flip: bool, has_val: bool, num_classes: int,
+                         max_memory: int) -> tuple[int, int, int]:
+    """(block rows, blocks held at once, bytes outside the buffer) for streaming in max_memory.
+
+    Outside the buffer: the labels, the layer with its gradient, Adam's two moments and the
+    exported copy, one validation block with its float32 copy, and room for batch temporaries.
+    """
+    dataset = file["train"]["features"]
+    block_rows = (dataset.chunks[0] if dataset.chunks else 128) * BLOCK_CHUNKS
+    block_bytes = block_rows * FEATURE_DIM * dataset.dtype.itemsize
+    labels = sum(file[split]["labels"].size * 8 for split in ("train", "val") if split in file)
+    fixed = (labels + 5 * num_classes * (FEATURE_DIM + 1) * 4
+             + (block_bytes + block_rows * FEATURE_DIM * 4 if has_val else 0) + 32 * MIB)
+    return block_rows, (max_memory - fixed) // (block_bytes * (2 if flip else 1)), fixed
+
+
+def stream_split(file: h5py.File, path: Path, split: str, num_classes: int, block_rows: int,
+                 buffer_blocks: int, flip: bool) -> StreamedSplit:
+    """The split as a StreamedSplit, after the checks `read_tensors` makes, block by block."""
+    group = file[split]
+    if group["features"].ndim != 2 or group["features"].shape[1] != FEATURE_DIM:
+        raise UserError(f"{path}: {split}/features has shape {group['features'].shape}, "
+                        f"expected (N, {FEATURE_DIM})")
+    labels = group["labels"][()]
+    if len(labels) == 0:
+        raise UserError(f"{path}: the {split} split holds no images")
+    for name in ["features", "features_flip"] if flip else ["features"]:
+        for start in range(0, len(labels), block_rows):
+            check_finite(path, split, name, group[name][start:start + block_rows], start)
+    outside = (labels < 0) | (labels >= num_classes)
+    if outside.any():
+        raise UserError(f"{path}: {split} has {int(outside.sum())} images without a label in "
+                        f"0..{num_classes - 1} (unlabelled images cannot be trained on)")
+    return StreamedSplit(path=path, name=split, labels=torch.from_numpy(labels.astype(np.int64)),
+                         block_rows=block_rows, buffer_blocks=buffer_blocks, flip=flip)
+
+
+def load(path: Path, flip: bool = False, device: torch.device = CPU, report=print,
+         stream: bool | None = None, max_memory: int | None = None) -> FeatureSet:
+    """The train split (and val when there is one), in memory or streamed from the file.
+
+    `stream`: True streams, False loads into memory, None (the default) loads when the features
+    fit in `max_memory` and the memory available, and streams otherwise. `flip` adds the flipped
+    features of the train split when the file has them; `report` receives the one-line memory
+    estimate and any notes.
     """
     with store.open_complete(path) as file:
         present = store.splits(file)
@@ -141,18 +238,47 @@ def load(path: Path, flip: bool = False, device: torch.device = CPU,
             f"{file[split]['features'].dtype}{' (+ flipped)' if split == 'train' and flip else ''}"
             for split in (["train", "val"] if has_val else ["train"])
         )
-        available = available_memory()
-        report(f"features: {shapes}: {needed / MIB:,.1f} MiB in memory "
-               f"({available / MIB:,.0f} MiB available)")
-        check_fits(needed, available, "host", path)
+        available, where = available_memory(), "host"
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
-            check_fits(needed, free, "GPU", path)
-        train = read_tensors(file, path, "train", len(classes.wnids), flip)
-        val = read_tensors(file, path, "val", len(classes.wnids), False) if has_val else None
+            if free < available:
+                available, where = free, "GPU"
+        limit = available if max_memory is None else min(max_memory, available)
+        num_classes = len(classes.wnids)
+        if stream is False or (stream is None and needed <= limit):
+            report(f"features: {shapes}: {needed / MIB:,.1f} MiB in memory "
+                   f"({available / MIB:,.0f} MiB available)")
+            check_fits(needed, limit if max_memory is not None else available, where, path,
+                       "--max-memory" if max_memory is not None and max_memory < available
+                       else None)
+            train = read_tensors(file, path, "train", num_classes, flip)
+            val = read_tensors(file, path, "val", num_classes, False) if has_val else None
+        else:
+            block_rows, buffer_blocks, fixed = stream_buffer_blocks(file, flip, has_val,
+                                                                    num_classes, limit)
+            minimum = fixed + block_rows * FEATURE_DIM * file["train"]["features"].dtype.itemsize
+            if buffer_blocks < 1:
+                report(f"features: {shapes}: {needed / MIB:,.1f} MiB in memory, "
+                       f"{minimum / MIB:,.1f} MiB streamed ({available / MIB:,.0f} MiB available)")
+                check_fits(min(needed, minimum), limit, where, path,
+                           "--max-memory" if max_memory is not None and max_memory < available
+                           else None)
+            buffer_blocks = min(buffer_blocks, math.ceil(len(file["train"]["labels"]) /
+                                                         block_rows))
+            why = ("--stream" if stream else f"more than the {limit / MIB:,.0f} MiB "
+                   f"{'allowed by --max-memory' if limit == max_memory else 'available'}")
+            buffer = buffer_blocks * block_rows * FEATURE_DIM * \
+                file["train"]["features"].dtype.itemsize * (2 if flip else 1)
+            report(f"features: {shapes}: {needed / MIB:,.1f} MiB, {why}; streaming from the "
+                   f"file through a {buffer / MIB:,.0f} MiB buffer ({buffer_blocks} blocks of "
+                   f"{block_rows} rows)")
+            train = stream_split(file, path, "train", num_classes, block_rows, buffer_blocks,
+                                 flip)
+            val = stream_split(file, path, "val", num_classes, block_rows, 1, False) \
+                if has_val else None
         provenance = store.provenance(file)
     for split in (train, val):
-        if split is not None and device.type != "cpu":
+        if isinstance(split, SplitTensors) and device.type != "cpu":
             split.features = split.features.to(device)
             split.labels = split.labels.to(device)
             if split.features_flip is not None:
@@ -161,19 +287,81 @@ def load(path: Path, flip: bool = False, device: torch.device = CPU,
                       provenance=provenance, train=train, val=val)
 
 
-def standardization(features: torch.Tensor, rows: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-dimension mean and std of `features`, accumulated in float64 chunk by chunk.
+def gather(views: list[torch.Tensor], use_flip: torch.Tensor | None,
+           take: torch.Tensor) -> torch.Tensor:
+    """Rows `take` of the plain view, or of the flipped one where `use_flip` says so."""
+    features = views[0][take]
+    if use_flip is not None:
+        features = torch.where(use_flip[take][:, None], views[1][take], features)
+    return features
+
+
+def stream_batches(split: StreamedSplit, batch_size: int, generator: torch.Generator,
+                   device: torch.device = CPU) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of shuffled (features, labels) batches from the file, in the stored dtype.
+
+    Draws from `generator`: the order of the blocks, then for each buffer fill a permutation of
+    its rows (and, with flip, which rows use the mirrored view). Blocks are read whole, in file
+    order within a fill; batches run on across fills, so every batch is full but the last.
+    """
+    names = ["features", "features_flip"] if split.flip else ["features"]
+    capacity = split.buffer_blocks * split.block_rows
+    carry: tuple[torch.Tensor, torch.Tensor] | None = None
+    with h5py.File(split.path, "r") as file:
+        group = file[split.name]
+        buffers = {name: np.empty((capacity, FEATURE_DIM), group[name].dtype) for name in names}
+        order = torch.randperm(split.blocks, generator=generator)
+        for first in range(0, split.blocks, split.buffer_blocks):
+            filled, rows = 0, []
+            for block in order[first:first + split.buffer_blocks].sort().values.tolist():
+                start, stop = split.block_range(block)
+                for name in names:
+                    group[name].read_direct(buffers[name], np.s_[start:stop],
+                                            np.s_[filled:filled + stop - start])
+                rows.append(torch.arange(start, stop))
+                filled += stop - start
+            labels = split.labels[torch.cat(rows)].to(device)
+            views = [torch.from_numpy(buffers[name][:filled]).to(device) for name in names]
+            permutation = torch.randperm(filled, generator=generator).to(device)
+            use_flip = (torch.rand(filled, generator=generator) < 0.5).to(device) \
+                if split.flip else None
+
+            position = 0
+            if carry is not None:
+                take = permutation[:batch_size - len(carry[1])]
+                carry = (torch.cat([carry[0], gather(views, use_flip, take)]),
+                         torch.cat([carry[1], labels[take]]))
+                position = len(take)
+                if len(carry[1]) == batch_size:
+                    yield carry
+                    carry = None
+            while carry is None and position + batch_size <= filled:
+                take = permutation[position:position + batch_size]
+                yield gather(views, use_flip, take), labels[take]
+                position += batch_size
+            if carry is None and position < filled:
+                take = permutation[position:]
+                carry = (gather(views, use_flip, take), labels[take])
+    if carry is not None:
+        yield carry
+
+
+def standardization(chunks: Iterable[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and std of the rows of `chunks`, accumulated in float64.
 
     Dimensions that never vary (fc7 units that are always 0 after the ReLU) get std 1, so
     standardising leaves them at 0 instead of dividing by zero.
     """
-    total = torch.zeros(features.shape[1], dtype=torch.float64, device=features.device)
-    squares = torch.zeros_like(total)
-    for start in range(0, len(features), rows):
-        chunk = features[start:start + rows].double()
+    total = squares = None
+    count = 0
+    for chunk in chunks:
+        chunk = chunk.double()
+        if total is None:
+            total = torch.zeros(chunk.shape[1], dtype=torch.float64, device=chunk.device)
+            squares = torch.zeros_like(total)
         total += chunk.sum(0)
         squares += (chunk * chunk).sum(0)
-    count = len(features)
+        count += len(chunk)
     mean = total / count
     std = (squares / count - mean * mean).clamp_min(0).sqrt()
     std = torch.where(std > 1e-6, std, torch.ones_like(std))

@@ -6,6 +6,7 @@ Examples:
     python -m head.train --features features.h5 --save model --resume --epochs 50
     python -m head.train --features features.h5 --save model --init fc8 --standardize
     python -m head.train --features features.h5 --save model --flip   # features from --flip
+    python -m head.train --features features.h5 --save model --stream --max-memory 2GB
 """
 
 from __future__ import annotations
@@ -57,6 +58,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--flip", action="store_true",
                         help="per image and epoch, use the plain or the flipped features at "
                         "random (needs features extracted with --flip)")
+    parser.add_argument("--stream", action="store_true",
+                        help="read the features from the file in shuffled blocks instead of "
+                        "loading them (chosen by itself when they do not fit)")
+    parser.add_argument("--max-memory", type=size, default=None, metavar="SIZE",
+                        help="memory the features may take, such as 2GB or 500MB; beyond it "
+                        "they are streamed (default: the memory available)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.lr <= 0 or args.weight_decay < 0:
@@ -66,6 +73,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite contradict each other; pick one")
     return args
+
+
+def size(text: str) -> int:
+    try:
+        return features.parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     device = resolve_device(args.device)
     check_save_dir(args.save, settings)
-    data = features.load(args.features, flip=args.flip, device=device, report=note)
+    data = features.load(args.features, flip=args.flip, device=device, report=note,
+                         stream=True if args.stream else None, max_memory=args.max_memory)
     state = train(data, args.save, settings, device, report=note)
     selection = state["selection"]
     print(f"best.pt: epoch {state['best_epoch']}, {selection} selection, "

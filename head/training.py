@@ -1,10 +1,11 @@
 """The training loop over cached features: shuffle, batch, step, measure, checkpoint.
 
 One epoch draws a permutation (and, with flipped features, a plain-or-flipped choice per image)
-from a `torch.Generator` seeded with `--seed`, indexes the in-memory feature tensor with it, casts
-each batch to float32 and takes an Adam step on the cross-entropy of the logits. The generator's
-state is saved in every checkpoint, so a resumed run draws exactly what an uninterrupted one
-would have.
+from a `torch.Generator` seeded with `--seed`, indexes the in-memory feature tensor with it (or,
+streamed, draws the block order and the order within each buffer fill: `features.stream_batches`),
+casts each batch to float32 and takes an Adam step on the cross-entropy of the logits. The
+generator's state is saved in every checkpoint, so a resumed run draws exactly what an
+uninterrupted one would have.
 
 Validation is measured on the exported layer (standardisation folded in, applied to the raw
 features), so `best_accuracy` is what `head.evaluate` recomputes from `best.pt`.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -24,7 +26,7 @@ from tqdm import tqdm
 
 from extract.errors import UserError
 from head import checkpoint, history
-from head.features import FeatureSet, SplitTensors, standardization
+from head.features import FeatureSet, SplitTensors, StreamedSplit, standardization, stream_batches
 from head.model import (
     fold_standardization,
     initial_head,
@@ -102,6 +104,25 @@ def scores(logits: torch.Tensor, labels: torch.Tensor) -> Scores:
     )
 
 
+def split_scores(layer: dict[str, torch.Tensor], split: SplitTensors | StreamedSplit,
+                 device: torch.device) -> Scores:
+    """`scores` of a raw-feature layer on a whole split; a streamed one is summed block by block."""
+    if isinstance(split, SplitTensors):
+        return scores(predict(layer, split.features), split.labels)
+    loss = torch.zeros((), dtype=torch.float64, device=device)
+    top1 = torch.zeros((), dtype=torch.int64, device=device)
+    top5 = torch.zeros((), dtype=torch.int64, device=device)
+    for features, labels in split.chunks(device):
+        logits = predict(layer, features)
+        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
+        loss += F.cross_entropy(logits, labels, reduction="sum").double()
+        top1 += hits[:, 0].sum()
+        top5 += hits.any(dim=1).sum()
+    count = len(split)
+    return Scores(loss=loss.item() / count, top1=100.0 * top1.item() / count,
+                  top5=100.0 * top5.item() / count)
+
+
 @torch.no_grad()
 def predict(layer: dict[str, torch.Tensor], features: torch.Tensor,
             batch_size: int = EVAL_BATCH) -> torch.Tensor:
@@ -120,47 +141,58 @@ def epoch_order(count: int, generator: torch.Generator,
     return order, flipped
 
 
-def train_epoch(run: Run, train: SplitTensors, settings: Settings, bar: tqdm) -> Scores:
+def memory_batches(train: SplitTensors, batch_size: int, generator: torch.Generator,
+                   flip: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of (features, labels) batches of the in-memory split, in the stored dtype."""
+    device = train.features.device
+    order, flipped = epoch_order(len(train), generator, flip and train.features_flip is not None)
+    order = order.to(device)
+    if flipped is not None:
+        flipped = flipped.to(device)
+    for start in range(0, len(train), batch_size):
+        rows = order[start:start + batch_size]
+        features = train.features[rows]  # gathered in the stored dtype, then cast: half the bytes
+        if flipped is not None:
+            use_flip = flipped[start:start + batch_size]
+            features = torch.where(use_flip[:, None], train.features_flip[rows], features)
+        yield features, train.labels[rows]
+
+
+def train_epoch(run: Run, train: SplitTensors | StreamedSplit, settings: Settings,
+                bar: tqdm) -> Scores:
     """One pass over the train split in the generator's order; returns running loss and top-1.
 
     Loss and hits add up in tensors on the device and are read once at the end of the epoch:
     a `.item()` per step would wait for the device after every step.
     """
     run.head.train()
-    device = train.features.device
-    order, flipped = epoch_order(len(train), run.generator,
-                                 settings.flip and train.features_flip is not None)
-    order = order.to(device)
-    if flipped is not None:
-        flipped = flipped.to(device)
+    device = run.head.weight.device
+    if isinstance(train, StreamedSplit):
+        batches = stream_batches(train, settings.batch_size, run.generator, device)
+    else:
+        batches = memory_batches(train, settings.batch_size, run.generator, settings.flip)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
-    for start in range(0, len(train), settings.batch_size):
-        rows = order[start:start + settings.batch_size]
-        features = train.features[rows]  # gathered in the stored dtype, then cast: half the bytes
-        if flipped is not None:
-            use_flip = flipped[start:start + settings.batch_size]
-            features = torch.where(use_flip[:, None], train.features_flip[rows], features)
+    for features, labels in batches:
         features = features.float()
         if run.mean is not None:
             features = (features - run.mean) / run.std
-        labels = train.labels[rows]
         logits = run.head(features)
         loss = F.cross_entropy(logits, labels)
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         run.optimizer.step()
-        loss_sum += loss.detach().double() * len(rows)
+        loss_sum += loss.detach().double() * len(labels)
         correct += (logits.detach().argmax(1) == labels).sum()
-        bar.update(len(rows))
+        bar.update(len(labels))
     return Scores(loss=loss_sum.item() / len(train), top1=100.0 * correct.item() / len(train),
                   top5=math.nan)
 
 
-def validate(run: Run, val: SplitTensors | None) -> Scores:
+def validate(run: Run, val: SplitTensors | StreamedSplit | None) -> Scores:
     if val is None:
         return Scores(math.nan, math.nan, math.nan)
-    return scores(predict(run.exported(), val.features), val.labels)
+    return split_scores(run.exported(), val, run.head.weight.device)
 
 
 def record(run: Run, epoch: int, train_scores: Scores, val_scores: Scores, seconds: float,
@@ -225,7 +257,9 @@ def adam(head: nn.Linear, settings: Settings) -> torch.optim.Adam:
 def new_run(data: FeatureSet, settings: Settings, device: torch.device) -> Run:
     mean = std = None
     if settings.standardize:
-        mean, std = standardization(data.train.features)
+        chunks = ((features.to(device) for features, _ in data.train.chunks())
+                  if data.streamed else data.train.features.split(8192))
+        mean, std = standardization(chunks)
     if settings.init == "fc8":
         head = pretrained_fc8_head(data.provenance, data.wnids, str(data.path))
         if mean is not None:
@@ -306,7 +340,8 @@ def train(data: FeatureSet, save_dir: Path, settings: Settings, device: torch.de
     """Train (or resume training) the head on `data`; returns the last checkpoint dict."""
     check_save_dir(save_dir, settings)
     last = save_dir / checkpoint.LAST
-    if settings.flip and data.train.features_flip is None:
+    if settings.flip and not (data.train.flip if data.streamed else
+                              data.train.features_flip is not None):
         settings = dataclasses.replace(settings, flip=False)
     save_dir.mkdir(parents=True, exist_ok=True)
     has_val = data.val is not None
@@ -320,7 +355,7 @@ def train(data: FeatureSet, save_dir: Path, settings: Settings, device: torch.de
     if run.epoch == 0 and settings.init == "fc8" and not run.history["history_epochs"]:
         # Before any step: how well ImageNet's own classifier rows already do, as epoch 0.
         started = time.perf_counter()
-        train_scores = scores(predict(run.exported(), data.train.features), data.train.labels)
+        train_scores = split_scores(run.exported(), data.train, device)
         val_scores = validate(run, data.val)
         seconds = time.perf_counter() - started
         is_best = record(run, 0, train_scores, val_scores, seconds, has_val)
