@@ -5,16 +5,21 @@ Everything is written into pytest's temporary folders; nothing outside the repo 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from torchvision.models import alexnet
 
-from extract import runner
+from extract import backbone, runner, store
 from extract.backbone import imagenet_cache_file
+from head.checkpoint import KEYS, save_atomic
 
 WNIDS = ("n01443537", "n01629819", "n01641577")
 NAMES = ("goldfish", "European fire salamander", "bullfrog")
@@ -98,3 +103,73 @@ def features_file(tiny_imagenet: Path, tmp_path: Path, weights_file: Path) -> Pa
     """fc7 features of `tiny_imagenet` (train, val, test) with random-init weights."""
     return extract_features(tiny_imagenet, tmp_path / "features.h5",
                             splits=["train", "val", "test"], weights=str(weights_file))
+
+
+# live: a model folder, generated videos and the command run headless
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_checkpoint(root: Path, weights_file: Path) -> Path:
+    """A head checkpoint as head.train writes it: seeded random head on real extracted features'
+    provenance; returns the model folder (holding best.pt)."""
+    data = write_tiny_imagenet(root / "data", train_per_class=1, val_per_class=0, test_images=0)
+    features = extract_features(data, root / "features.h5", splits=["train"],
+                                weights=str(weights_file))
+    with store.open_complete(features) as file:
+        classes = store.read_classes(file)
+        provenance = store.provenance(file)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(backbone.FEATURE_DIM, len(classes.wnids))
+    state = dict.fromkeys(KEYS, [])
+    state.update(
+        epoch=1, best_accuracy=0.0, state_dict=head.state_dict(), optimizer={},
+        numeric_class_names=classes.wnids, tiny_class=dict(zip(classes.wnids, classes.names)),
+        features=provenance,
+    )
+    folder = root / "model"
+    folder.mkdir()
+    save_atomic(state, folder / "best.pt")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, weights_file: Path) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("live-model"), weights_file)
+
+
+def video_frames(count: int, width: int = 160, height: int = 120) -> list[np.ndarray]:
+    """BGR frames with class-like colour patterns that differ from frame to frame."""
+    return [cv2.cvtColor(np.asarray(pattern_image(i % 3, i, size=width))[:height],
+                         cv2.COLOR_RGB2BGR) for i in range(count)]
+
+
+def write_lossless_video(path: Path, frames: list[np.ndarray], fps: float = 10.0) -> Path:
+    """FFV1 in AVI; checks that reading it back gives exactly the frames written."""
+    height, width = frames[0].shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"FFV1"), fps, (width, height))
+    assert writer.isOpened()
+    for frame in frames:
+        writer.write(frame)
+    writer.release()
+    assert all(np.array_equal(a, b) for a, b in zip(read_video(path), frames, strict=True))
+    return path
+
+
+def read_video(path: Path) -> list[np.ndarray]:
+    capture = cv2.VideoCapture(str(path))
+    frames = []
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            break
+        frames.append(frame)
+    capture.release()
+    return frames
+
+
+def run_live(*args: str, module: str = "live") -> subprocess.CompletedProcess:
+    """`python -m live` (or `module`) as a user runs it, from the repo root, with no display."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)

@@ -8,15 +8,15 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_live import model_dir, video_frames  # noqa: F401  (model_dir is a fixture)
 
+from conftest import video_frames
 from extract.errors import UserError
 from extract.preprocess import Preprocess, normalize
 from live import export, model
 
 
 def test_exported_model_gives_the_same_logits_and_carries_preprocessing_and_classes(
-        tmp_path, model_dir, capsys):  # noqa: F811
+        tmp_path, model_dir, capsys):
     assert export.main(["--model", str(model_dir), "--out", str(tmp_path / "live.pt")]) == 0
     assert "live.pt" in capsys.readouterr().out
     scripted, described = export.load(tmp_path / "live.pt")
@@ -39,6 +39,6 @@ def test_exported_model_gives_the_same_logits_and_carries_preprocessing_and_clas
         torch.softmax(scripted(images[:1]), dim=1)[0].detach().numpy(), atol=1e-6)
 
 
-def test_export_refuses_an_out_name_that_the_side_car_files_would_take(tmp_path, model_dir):  # noqa: F811
+def test_export_refuses_an_out_name_that_the_side_car_files_would_take(tmp_path, model_dir):
     with pytest.raises(UserError, match="TorchScript"):
         export.main(["--model", str(model_dir), "--out", str(tmp_path / "live.json")])

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_live import model_dir, run_live, video_frames, write_lossless_video  # noqa: F401
 
+from conftest import run_live, video_frames, write_lossless_video
 from extract.errors import UserError
 from live import export, model, session
 from live.__main__ import classify, parse_args
@@ -30,7 +30,7 @@ class Payload:
         return (Path.touch, (self.marker,))
 
 
-def altered_checkpoint(model_dir: Path, folder: Path, **changes) -> Path:  # noqa: F811
+def altered_checkpoint(model_dir: Path, folder: Path, **changes) -> Path:
     """A copy of the test checkpoint with some entries replaced (`features` merged)."""
     state = torch.load(model_dir / "best.pt", weights_only=True)
     features = changes.pop("features", {})
@@ -43,7 +43,7 @@ def altered_checkpoint(model_dir: Path, folder: Path, **changes) -> Path:  # noq
 
 
 def test_checkpoint_with_pickled_code_is_refused_by_live_and_export_and_runs_nothing(
-        tmp_path, model_dir):  # noqa: F811
+        tmp_path, model_dir):
     marker = tmp_path / "code-ran"
     pickle.loads(pickle.dumps(Payload(marker)))  # the payload is real: unpickling runs it
     assert marker.exists()
@@ -63,7 +63,7 @@ def test_checkpoint_with_pickled_code_is_refused_by_live_and_export_and_runs_not
 
 @pytest.mark.parametrize("backbone, node", [("resnet18", "classifier.5"),
                                             ("alexnet", "classifier.2")])
-def test_checkpoint_of_another_backbone_or_layer_is_refused(tmp_path, model_dir, backbone,  # noqa: F811
+def test_checkpoint_of_another_backbone_or_layer_is_refused(tmp_path, model_dir, backbone,
                                                             node):
     other = altered_checkpoint(model_dir, tmp_path / "other",
                                features={"backbone": backbone, "node": node})
@@ -84,7 +84,7 @@ def test_checkpoint_of_another_backbone_or_layer_is_refused(tmp_path, model_dir,
     ({"tiny_class": "{'n01443537': 'goldfish'}"}, "class names must be"),
     ({"numeric_class_names": "n01443537 n01629819 n01641577"}, "class names must be"),
 ])
-def test_metadata_is_parsed_as_data_and_anything_else_is_refused(tmp_path, model_dir,  # noqa: F811
+def test_metadata_is_parsed_as_data_and_anything_else_is_refused(tmp_path, model_dir,
                                                                  changes, message):
     marker = tmp_path / "code-ran"
     if "features" in changes and isinstance(changes["features"], dict):
@@ -138,7 +138,7 @@ def recorded(monkeypatch):
     return recorder
 
 
-def test_capture_is_released_when_the_model_cannot_be_loaded(tmp_path, model_dir, recorded):  # noqa: F811
+def test_capture_is_released_when_the_model_cannot_be_loaded(tmp_path, model_dir, recorded):
     video = write_lossless_video(tmp_path / "clip.avi", video_frames(3))
     other = altered_checkpoint(model_dir, tmp_path / "other", features={"node": "x"})
     with pytest.raises(UserError):
@@ -148,7 +148,7 @@ def test_capture_is_released_when_the_model_cannot_be_loaded(tmp_path, model_dir
 
 @pytest.mark.parametrize("failure", [KeyboardInterrupt, RuntimeError, None])
 def test_capture_is_released_when_the_loop_ends_fails_or_is_interrupted(
-        tmp_path, model_dir, recorded, monkeypatch, failure):  # noqa: F811
+        tmp_path, model_dir, recorded, monkeypatch, failure):
     video = write_lossless_video(tmp_path / "clip.avi", video_frames(6))
     probabilities = model.Classifier.probabilities
     calls = []
@@ -172,7 +172,7 @@ def test_capture_is_released_when_the_loop_ends_fails_or_is_interrupted(
     assert no_reader_thread_left()
 
 
-def test_read_ahead_stops_its_thread_before_the_source_is_released(tmp_path, model_dir):  # noqa: F811
+def test_read_ahead_stops_its_thread_before_the_source_is_released(tmp_path, model_dir):
     classifier = model.from_checkpoint(model_dir)
     video = write_lossless_video(tmp_path / "clip.avi", video_frames(8))
     with open_source(str(video), loop=True) as source:
