@@ -60,6 +60,12 @@ class Batch:
     resized: bool  # False: same-size originals, left to `resize_crop` on the device
     failed: list[tuple[int, str]]
 
+    def pin_memory(self) -> Batch:
+        """Called by the DataLoader's pinning thread, so host-to-GPU copies can overlap."""
+        if self.pixels is not None:
+            self.pixels = self.pixels.pin_memory()
+        return self
+
 
 class Collate:
     """Stack a batch in the worker; resize there unless the device is to do it in one go.
