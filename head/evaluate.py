@@ -32,6 +32,7 @@ from sklearn.metrics import (
 from extract import store
 from extract.errors import UserError, run_cli
 from head import checkpoint
+from head.features import check_backbone
 from head.model import head_from_state
 from head.training import predict
 
@@ -124,6 +125,7 @@ def evaluate(model: Path, features_path: Path, split: str, out: Path) -> dict:
     model_file = model / checkpoint.BEST if model.is_dir() else model
     head = head_from_state(state["state_dict"], str(model_file))
     with store.open_complete(features_path) as file:
+        check_backbone(file, features_path)
         classes = store.read_classes(file)
         provenance = store.provenance(file)
         arrays = store.read_split(file, split)

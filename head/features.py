@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from extract import store
-from extract.backbone import FEATURE_DIM
+from extract.backbone import BACKBONE, FC7_NODE, FEATURE_DIM
 from extract.errors import UserError
 
 FINITE_CHECK_ROWS = 8192
@@ -99,6 +99,14 @@ class FeatureSet:
     @property
     def num_classes(self) -> int:
         return len(self.wnids)
+
+
+def check_backbone(file: h5py.File, path: Path) -> None:
+    """The head is a layer on AlexNet's fc7: features of another network or layer are refused."""
+    made = {"backbone": str(file.attrs.get("backbone")), "node": str(file.attrs.get("node"))}
+    if made != {"backbone": BACKBONE, "node": FC7_NODE}:
+        raise UserError(f"{path}: features of {made['backbone']} {made['node']}, the head trains "
+                        f"on {BACKBONE} {FC7_NODE} (fc7); extract them again with extract")
 
 
 def split_bytes(file: h5py.File, split: str, flip: bool) -> int:
@@ -221,6 +229,7 @@ def load(path: Path, flip: bool = False, device: torch.device = CPU, report=prin
     estimate and any notes.
     """
     with store.open_complete(path) as file:
+        check_backbone(file, path)
         present = store.splits(file)
         if "train" not in present or "train" not in file:
             raise UserError(f"{path}: no 'train' split (has {', '.join(present) or 'none'}); "
