@@ -66,12 +66,9 @@ def ours(features_path: Path, epochs: int, batch_size: int, device: str, save: P
     started = time.perf_counter()
     settings = Settings(epochs=epochs, batch_size=batch_size, progress=False, overwrite=True)
     torch_device = torch.device(device)
-    if mode == "stream":
-        data = features.open_stream(features_path, device=torch_device,
-                                    max_memory=features.parse_size("1GB"),
-                                    report=lambda line: None)
-    else:
-        data = features.load(features_path, device=torch_device, report=lambda line: None)
+    data = features.load(features_path, device=torch_device, report=lambda line: None,
+                         stream=True if mode == "stream" else None,
+                         max_memory=features.parse_size("500MB") if mode == "stream" else None)
     loaded = time.perf_counter()
     state = train(data, save, settings, torch_device, report=lambda line: None)
     finished = time.perf_counter()
