@@ -37,7 +37,7 @@ OURS = {
     "fp32": [],
     "fp32 --output": ["--output", "{scratch}/out.mp4"],
     "bf16": ["--precision", "bf16"],
-    "fp32 --threads 2": ["--threads", "2"],
+    "fp32 --threads 1": ["--threads", "1"],
 }
 
 

@@ -52,8 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="compute precision: fp32 (default), or bf16, faster on CPUs with "
                         "bf16 units and on GPUs; probabilities differ slightly from fp32")
     parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for the network (default: all cores but one, left "
-                        "to reading and preprocessing frames)")
+                        help="CPU threads for the network (default: all cores; on a machine "
+                        "busy with other work, fewer can be faster)")
     parser.add_argument("--topk", type=int, default=5, help="labels shown and logged (5)")
     parser.add_argument("--smooth", type=float, default=0.0, metavar="ALPHA",
                         help="moving average of the shown probabilities, ALPHA = weight of the "

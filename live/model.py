@@ -95,11 +95,11 @@ def prepare(network: Stitched, device: torch.device,
 
 
 def default_threads() -> int:
-    """Intra-op threads for the network on the CPU: every core but one, which is left to the
-    thread that reads and preprocesses frames (two busy thread pools on the same cores make
-    each batch-1 pass wait on the slowest core)."""
+    """Intra-op threads for the network on the CPU: every core. On a quiet 2-core CPU two
+    threads gave 42 FPS against 33 with one (benchmarks/RESULTS.md); on a machine busy with
+    other work, fewer threads than cores avoids waiting on a descheduled one (`--threads`)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) - 1)
+    return max(1, cores or 1)
 
 
 def checked_metadata(state: dict, origin: str) -> tuple[dict[str, str], Preprocess, list[str],
