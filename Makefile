@@ -21,7 +21,7 @@ $(STAMP): setup.cfg pyproject.toml
 demo: $(STAMP)
 	W=$$($(PY) -m extract.demo --out $(DEMO)/data) && \
 	$(PY) -m extract --data $(DEMO)/data --out $(DEMO)/features.h5 --weights $$W --overwrite
-	$(PY) -m head.train --features $(DEMO)/features.h5 --save $(DEMO)/model --epochs 10 --overwrite
+	$(PY) -m head.train --features $(DEMO)/features.h5 --save $(DEMO)/model --epochs 10 --standardize --overwrite
 	$(PY) -m live --model $(DEMO)/model --source $(DEMO)/data/test/images --no-display \
 		--output $(DEMO)/live.mp4 --log $(DEMO)/live.jsonl
 
