@@ -200,3 +200,31 @@ def test_store_round_trips_what_was_appended(tmp_path_factory, rows, failed, nam
         assert arrays.labels.tolist() == labels and arrays.paths == paths
         assert store.read_failed(file, "train") == bad
         assert store.read_classes(file) == Classes([name], [name])
+
+
+def test_paths_read_from_a_feature_file_are_never_written_to(tiny_imagenet, tmp_path,
+                                                             weights_file):
+    """Train, evaluate and run live from a folder where every stored path would resolve:
+    nothing appears there and the dataset is untouched."""
+    from test_extract_features import tree_digest
+
+    out = extract_features(tiny_imagenet, tmp_path / "f.h5", weights=str(weights_file),
+                           splits=["train", "val", "test"])
+    before = tree_digest(tiny_imagenet)
+    listing = sorted(p.relative_to(tiny_imagenet) for p in tiny_imagenet.rglob("*"))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("DISPLAY", None)
+    model = tmp_path / "model"
+    for command in (
+        ["head.train", "--features", str(out), "--save", str(model), "--epochs", "1",
+         "--no-progress"],
+        ["head.evaluate", "--model", str(model), "--features", str(out), "--out",
+         str(tmp_path / "report")],
+        ["live", "--model", str(model), "--source", str(tiny_imagenet / "test" / "images"),
+         "--no-display", "--log", str(tmp_path / "live.jsonl")],
+    ):
+        done = subprocess.run([sys.executable, "-m", *command], cwd=tiny_imagenet, env=env,
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    assert tree_digest(tiny_imagenet) == before
+    assert sorted(p.relative_to(tiny_imagenet) for p in tiny_imagenet.rglob("*")) == listing
