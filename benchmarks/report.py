@@ -19,10 +19,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process plus that of its largest finished child (workers)."""
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return (own + children) / 1024
+    """Peak resident memory of this process (VmHWM).
+
+    Not `ru_maxrss`: Linux carries that over from the process that forked this one, so every
+    variant would read at least the benchmark driver's own size. Forked DataLoader workers
+    share most of their pages with this process and are not added.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def peak_gpu_mb() -> float:
