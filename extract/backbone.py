@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torchvision.models import AlexNet_Weights, alexnet
 
-from extract.errors import UserError
+from extract.errors import UserError, first_line
 
 BACKBONE = "alexnet"
 FC7_NODE = "classifier.5"
@@ -64,8 +64,8 @@ def read_state_dict(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for foreign or damaged files
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"{path}: not a readable weights file ({reason[:200]})") from None
+        raise UserError(
+            f"{path}: not a readable weights file ({first_line(error)[:200]})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -23,6 +23,13 @@ class WriteFailed(UserError):
     that, so the command reports it and leaves at once; rows flushed before are kept."""
 
 
+def first_line(error: BaseException) -> str:
+    """An exception's message cut to its first line (library errors can run to a page),
+    or its type's name when it has no message."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
     """Run a command's `main`, turning `UserError` into one line on stderr and exit status 2."""
     try:

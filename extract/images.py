@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from extract.errors import first_line
 from extract.preprocess import Preprocess, decode, resize_crop
 
 
@@ -28,8 +29,10 @@ def read_pixels(path: Path) -> torch.Tensor:
 
 
 def failure_reason(error: BaseException) -> str:
-    message = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return f"{type(error).__name__}: {message}"[:300] if message else type(error).__name__
+    """Why a file could not be read: the error's type and the first line of its message."""
+    message = first_line(error)
+    name = type(error).__name__
+    return name if message == name else f"{name}: {message}"[:300]
 
 
 class ImageFiles(Dataset):

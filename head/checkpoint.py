@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from extract.errors import UserError
+from extract.errors import UserError, first_line
 
 LAST = "last.pt"
 BEST = "best.pt"
@@ -59,8 +59,8 @@ def load(path: Path) -> dict:
         raise UserError(f"{path}: refused, it holds pickled Python objects, not only tensors "
                         f"and plain data (loading them could run code)") from None
     except Exception as error:  # foreign pickles, damaged zips, other formats
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"{path}: not a loadable checkpoint ({first[:160]})") from None
+        raise UserError(
+            f"{path}: not a loadable checkpoint ({first_line(error)[:160]})") from None
     missing = [key for key in KEYS if not isinstance(state, dict) or key not in state]
     if missing:
         raise UserError(f"{path}: not a head checkpoint (missing {', '.join(missing[:4])})")
