@@ -67,8 +67,20 @@ def part_path(out: Path) -> Path:
 def create(
     path: Path, attrs: dict, classes: Classes, manifests: list[Manifest], flip: bool
 ) -> h5py.File:
-    """Start a new, incomplete feature file with empty, growable datasets for each split."""
-    file = h5py.File(path, "w")
+    """Start a new, incomplete feature file with empty, growable datasets for each split.
+
+    The empty file is built under a temporary name and renamed into place once flushed, so
+    `path` never holds a half-made skeleton, whenever the process is killed.
+    """
+    skeleton = path.with_name(path.name + ".new")
+    with h5py.File(skeleton, "w") as file:
+        write_skeleton(file, attrs, classes, manifests, flip)
+    os.replace(skeleton, path)
+    return h5py.File(path, "r+")
+
+
+def write_skeleton(file: h5py.File, attrs: dict, classes: Classes, manifests: list[Manifest],
+                   flip: bool) -> None:
     file.attrs["format"] = FORMAT
     for key, value in attrs.items():
         file.attrs[key] = str(value)
@@ -95,8 +107,6 @@ def create(
         group.create_dataset("paths", shape=(0,), maxshape=(None,), chunks=(4096,), dtype=STRING)
         group.create_dataset("failed", shape=(0, 2), maxshape=(None, 2), chunks=(256, 2),
                              dtype=STRING)
-    file.flush()
-    return file
 
 
 def open_for_resume(path: Path, attrs: dict, classes: Classes, manifests: list[Manifest],

@@ -102,6 +102,26 @@ def test_second_run_on_the_same_output_is_refused(tiny_imagenet, tmp_path):
     assert not out.exists() and not store.part_path(out).exists()
 
 
+def test_a_run_killed_while_creating_its_file_leaves_nothing_half_made(tmp_path, monkeypatch):
+    """The empty file is built aside and renamed: a crash mid-way leaves no unreadable .part."""
+    part = tmp_path / "f.h5.part"
+    manifest = Manifest(split="train", paths=["a.JPEG"], labels=[0])
+    classes = Classes(wnids=["n0"], names=["zero"])
+    attrs = {"store_dtype": "float16"}
+
+    def crash(file, *args):
+        file.attrs["format"] = store.FORMAT
+        raise KeyboardInterrupt  # stands in for the kill, after part of the file is written
+
+    monkeypatch.setattr(store, "write_skeleton", crash)
+    with pytest.raises(KeyboardInterrupt):
+        store.create(part, attrs, classes, [manifest], flip=False)
+    assert not part.exists()
+    monkeypatch.undo()
+    with store.create(part, attrs, classes, [manifest], flip=False) as file:
+        assert file["train"].attrs["rows"] == 0 and file.mode == "r+"
+
+
 def limit_file_size():
     """A disk that fills up: writes past 3.5 MB fail with EFBIG instead of killing us."""
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
