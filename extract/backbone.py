@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision.models import AlexNet_Weights, alexnet
 
 from extract.errors import UserError, first_line
 
@@ -27,20 +26,32 @@ BACKBONE = "alexnet"
 FC7_NODE = "classifier.5"
 FEATURE_DIM = 4096
 RANDOM_SEED = 0
-IMAGENET_WEIGHTS = AlexNet_Weights.IMAGENET1K_V1
+
+
+def imagenet_weights():
+    """torchvision's ``AlexNet_Weights.IMAGENET1K_V1``: the file's address and the class names.
+
+    torchvision is imported here, not with this module: it adds some 170 MB to a process,
+    and `head` training, which reads this module's constants, never builds the network.
+    """
+    from torchvision.models import AlexNet_Weights
+
+    return AlexNet_Weights.IMAGENET1K_V1
 
 
 def imagenet_cache_file() -> Path:
     """Where torchvision looks for (and downloads) the pretrained weights."""
-    name = IMAGENET_WEIGHTS.url.rsplit("/", 1)[-1]
+    name = imagenet_weights().url.rsplit("/", 1)[-1]
     return Path(torch.hub.get_dir()) / "checkpoints" / name
 
 
 def load_alexnet(weights: str) -> nn.Module:
     """Build the full 1000-way AlexNet with the named weights, in eval mode, on the CPU."""
+    from torchvision.models import alexnet
+
     if weights == "imagenet":
         try:
-            model = alexnet(weights=IMAGENET_WEIGHTS, progress=False)
+            model = alexnet(weights=imagenet_weights(), progress=False)
         except (OSError, RuntimeError) as error:
             raise UserError(
                 f"pretrained AlexNet weights are not in {imagenet_cache_file()} and could not be "

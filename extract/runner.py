@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from extract import backbone, store
 from extract.dataset import Classes, Manifest, default_splits, read_classes, read_manifest
+from extract.device import resolve_device
 from extract.errors import UserError, WriteFailed
 from extract.images import Collate, ImageFiles
 from extract.preprocess import Preprocess, normalize, resize_crop
@@ -63,16 +64,6 @@ class Summary:
         rate = self.images / self.seconds if self.seconds > 0 else 0.0
         return (f"extracted {self.images} images, {self.failed} failed, {self.seconds:.1f} s, "
                 f"{rate:.0f} images/s, {out} {self.file_bytes / 1e6:.1f} MB")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available (use --device cpu)")
-    if name not in ("cpu", "cuda"):
-        raise UserError(f"--device {name}: choose auto, cpu or cuda")
-    return torch.device(name)
 
 
 def resolve_precision(name: str, device: torch.device) -> str:

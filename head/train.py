@@ -15,8 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from extract.device import resolve_device
 from extract.errors import run_cli
-from extract.runner import resolve_device
 from head import features
 from head.training import INITS, Settings, check_save_dir, train
 

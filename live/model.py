@@ -28,9 +28,9 @@ from torch import nn
 from torchvision.transforms import InterpolationMode
 
 from extract import backbone, store
+from extract.device import resolve_device
 from extract.errors import UserError
 from extract.preprocess import Preprocess, normalize, rgb_array_to_uint8
-from extract.runner import resolve_device
 from head import checkpoint
 from head.model import head_from_state
 
@@ -177,7 +177,7 @@ def imagenet(weights: str = "imagenet", device: str = "cpu", precision: str = "f
                         resolved, PRECISIONS[precision]),
         params=Preprocess(),
         wnids=imagenet_wnids(),
-        names=list(backbone.IMAGENET_WEIGHTS.meta["categories"]),
+        names=list(backbone.imagenet_weights().meta["categories"]),
         device=resolved,
         weights_sha256=backbone.state_dict_sha256(alexnet),
         dtype=PRECISIONS[precision],
@@ -189,5 +189,5 @@ def imagenet_wnids() -> list[str | None]:
     None for each class where that list is not installed (torchvision ships names only)."""
     listing = resources.files("head").joinpath("imagenet_wnids.txt")
     if not listing.is_file():
-        return [None] * len(backbone.IMAGENET_WEIGHTS.meta["categories"])
+        return [None] * len(backbone.imagenet_weights().meta["categories"])
     return listing.read_text().split()

@@ -267,7 +267,7 @@ def test_imagenet_mode_predicts_the_1000_imagenet_classes(tmp_path, torch_home, 
     status = main(["--imagenet", "--source", str(video), "--no-display",
                    "--log", str(tmp_path / "imagenet.jsonl")])
     assert status == 0
-    categories = backbone.IMAGENET_WEIGHTS.meta["categories"]
+    categories = backbone.imagenet_weights().meta["categories"]
     log = read_log(tmp_path / "imagenet.jsonl")
     assert len(log) == 2 and len(log[0]["topk"]) == 5
     for entry in log[0]["topk"]:
