@@ -26,14 +26,14 @@ PRESETS = {
     "cpu": {
         "images": 2000, "val_images": 400, "device": "cpu",
         "extract": ["--batch-size", "128", "--precisions", "auto,bf16"],
-        "head": ["--rows", "100000", "--epochs", "50"],
+        "head": ["--rows", "100000", "--epochs", "50", "--variants", "plain,ours,ours:bf16"],
         "pipeline": ["--epochs", "50", "--seed-epochs", "1"],
         "live": [],
     },
     "h100": {
         "images": 100_000, "val_images": 10_000, "device": "cuda",
         "extract": ["--batch-size", "512", "--workers", "16", "--precisions", "auto,bf16"],
-        "head": ["--rows", "100000", "--epochs", "50"],
+        "head": ["--rows", "100000", "--epochs", "50", "--variants", "plain,ours,ours:bf16"],
         "pipeline": ["--epochs", "50", "--seed-epochs", "1", "--batch-size", "100",
                      "--workers", "16"],
         "live": [],

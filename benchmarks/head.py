@@ -11,6 +11,7 @@ Examples:
     python -m benchmarks.head --rows 20000 --epochs 3           # a quick trial
     python -m benchmarks.head --device cuda
     python -m benchmarks.head --rows 20000 --epochs 3 --variants plain,ours,ours:stream
+    python -m benchmarks.head --variants plain,ours,ours:bf16     # bf16 matmuls
 """
 
 from __future__ import annotations
@@ -59,16 +60,19 @@ def plain(features_path: Path, epochs: int, batch_size: int, device: str) -> dic
 
 
 def ours(features_path: Path, epochs: int, batch_size: int, device: str, save: Path,
-         mode: str) -> dict:
+         options: list[str]) -> dict:
+    """`options`: "stream" (from the file, 500 MB of features in memory) and/or "bf16"."""
     from head import features
     from head.training import Settings, train
 
     started = time.perf_counter()
-    settings = Settings(epochs=epochs, batch_size=batch_size, progress=False, overwrite=True)
+    stream = "stream" in options
+    settings = Settings(epochs=epochs, batch_size=batch_size, progress=False, overwrite=True,
+                        precision="bf16" if "bf16" in options else "fp32")
     torch_device = torch.device(device)
     data = features.load(features_path, device=torch_device, report=lambda line: None,
-                         stream=True if mode == "stream" else None,
-                         max_memory=features.parse_size("500MB") if mode == "stream" else None)
+                         stream=True if stream else None,
+                         max_memory=features.parse_size("500MB") if stream else None)
     loaded = time.perf_counter()
     state = train(data, save, settings, torch_device, report=lambda line: None)
     finished = time.perf_counter()
@@ -82,8 +86,8 @@ def variant_main(args) -> None:
     if args.variant == "plain":
         result = plain(args.features, args.epochs, args.batch_size, args.device)
     else:
-        mode = args.variant.split(":", 1)[1] if ":" in args.variant else "memory"
-        result = ours(args.features, args.epochs, args.batch_size, args.device, args.save, mode)
+        result = ours(args.features, args.epochs, args.batch_size, args.device, args.save,
+                      args.variant.split(":")[1:])
     result.update(peak_rss_mb=report.peak_rss_mb(), peak_gpu_mb=report.peak_gpu_mb())
     print(json.dumps(result))
 
@@ -105,7 +109,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--variants", default="plain,ours",
-                        help="plain, ours (in memory), ours:stream; comma-separated")
+                        help="plain, ours (in memory), ours:stream, ours:bf16, "
+                        "ours:stream:bf16; comma-separated")
     parser.add_argument("--features", type=Path,
                         help="reuse (or create) the synthetic feature file here")
     parser.add_argument("--variant", help=argparse.SUPPRESS)

@@ -7,6 +7,7 @@ Examples:
     python -m head.train --features features.h5 --save model --init fc8 --standardize
     python -m head.train --features features.h5 --save model --flip   # features from --flip
     python -m head.train --features features.h5 --save model --stream --max-memory 2GB
+    python -m head.train --features features.h5 --save model --precision bf16   # faster on CPU
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 from extract.device import resolve_device
 from extract.errors import run_cli
 from head import features
-from head.training import INITS, Settings, check_save_dir, train
+from head.training import INITS, PRECISIONS, Settings, check_save_dir, train
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -58,6 +59,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--flip", action="store_true",
                         help="per image and epoch, use the plain or the flipped features at "
                         "random (needs features extracted with --flip)")
+    parser.add_argument("--precision", default=defaults.precision, choices=PRECISIONS,
+                        help="fp32, or bf16: the matmuls of training in bfloat16 (the weights, "
+                        "Adam and validation stay float32); about twice as fast on CPUs with "
+                        "AVX-512 bf16 and on GPUs (default: fp32, exact)")
     parser.add_argument("--stream", action="store_true",
                         help="read the features from the file in shuffled blocks instead of "
                         "loading them (chosen by itself when they do not fit)")
@@ -87,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, seed=args.seed, init=args.init,
-        standardize=args.standardize, flip=args.flip, resume=args.resume,
+        standardize=args.standardize, flip=args.flip, precision=args.precision,
+        resume=args.resume,
         overwrite=args.overwrite, progress=not args.no_progress,
     )
     device = resolve_device(args.device)

@@ -37,8 +37,10 @@ from head.model import (
 
 EVAL_BATCH = 1024  # rows per float32 copy while scoring: 16 MB, and as fast as larger
 INITS = ("random", "fc8")
+PRECISIONS = ("fp32", "bf16")
 # Settings a resumed run must share with the run it continues (--epochs may grow).
-SAME_ON_RESUME = ("batch_size", "lr", "weight_decay", "seed", "init", "standardize", "flip")
+SAME_ON_RESUME = ("batch_size", "lr", "weight_decay", "seed", "init", "standardize", "flip",
+                  "precision")
 
 
 @dataclasses.dataclass
@@ -53,6 +55,7 @@ class Settings:
     init: str = "random"
     standardize: bool = False
     flip: bool = False
+    precision: str = "fp32"  # of the training matmuls; the weights and Adam stay float32
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
@@ -174,12 +177,14 @@ def train_epoch(run: Run, train: SplitTensors | StreamedSplit, settings: Setting
         batches = memory_batches(train, settings.batch_size, run.generator, settings.flip)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
+    bf16 = settings.precision == "bf16"
     for features, labels in batches:
         features = features.float()
         if run.mean is not None:
             features = (features - run.mean) / run.std
-        logits = run.head(features)
-        loss = F.cross_entropy(logits, labels)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = run.head(features)
+        loss = F.cross_entropy(logits.float(), labels)
         run.optimizer.zero_grad()
         loss.backward()
         run.optimizer.step()
@@ -287,8 +292,9 @@ def resumed_run(path: Path, data: FeatureSet, settings: Settings, device: torch.
     if dict(state["features"]) != dict(data.provenance):
         raise UserError(f"{path}: trained on features from another backbone or preprocessing "
                         f"than {data.path}; cannot resume")
-    changed = [f"--{key.replace('_', '-')} {state['args'][key]} -> {getattr(settings, key)}"
-               for key in SAME_ON_RESUME if state["args"].get(key) != getattr(settings, key)]
+    saved = {**Settings().recorded(), **state["args"]}  # a setting added later: its default
+    changed = [f"--{key.replace('_', '-')} {saved[key]} -> {getattr(settings, key)}"
+               for key in SAME_ON_RESUME if saved[key] != getattr(settings, key)]
     if changed:
         raise UserError(f"{path}: cannot resume with other settings ({'; '.join(changed)})")
     head = initial_head(data.num_classes, settings.seed)

@@ -105,6 +105,26 @@ def test_resume_after_three_epochs_matches_six_straight(cached, tmp_path, capsys
     assert resumed["best_accuracy"] == straight["best_accuracy"]
 
 
+def test_bf16_training_follows_fp32_closely_and_resumes_exactly(cached, tmp_path, capsys):
+    """bf16 matmuls change the steps a little (so the weights differ) but not the result."""
+    for name, extra in (("fp32", ()), ("bf16", ("--precision", "bf16"))):
+        assert train_cli(cached, tmp_path / name, capsys, "--epochs", "6", *extra)[0] == 0
+    assert train_cli(cached, tmp_path / "split", capsys, "--epochs", "3", "--precision",
+                     "bf16")[0] == 0
+    assert train_cli(cached, tmp_path / "split", capsys, "--epochs", "6", "--precision", "bf16",
+                     "--resume")[0] == 0
+    fp32, bf16, split = (torch.load(tmp_path / name / "last.pt", weights_only=True)
+                         for name in ("fp32", "bf16", "split"))
+    weight, reference = bf16["state_dict"]["weight"], fp32["state_dict"]["weight"]
+    assert not torch.equal(weight, reference), "the bf16 path was not taken"
+    assert torch.nn.functional.cosine_similarity(weight.flatten(), reference.flatten(),
+                                                 dim=0) > 0.99
+    assert bf16["train_loss"] == pytest.approx(fp32["train_loss"], rel=0.05)
+    assert abs(bf16["validation_accuracy"][-1] - fp32["validation_accuracy"][-1]) <= 10
+    torch.testing.assert_close(split["state_dict"], bf16["state_dict"], rtol=0, atol=1e-6)
+    assert bf16["state_dict"]["weight"].dtype == torch.float32
+
+
 def test_best_accuracy_is_what_evaluate_recomputes_from_best_pt(cached, tmp_path, capsys):
     assert train_cli(cached, tmp_path / "model", capsys, "--epochs", "4", "--standardize")[0] == 0
     status, out, _ = cli(evaluate, ["--model", tmp_path / "model", "--features", cached],
@@ -269,6 +289,9 @@ def test_resume_with_other_settings_is_refused(cached, tmp_path, capsys):
     status, _, err = train_cli(cached, tmp_path / "model", capsys, "--epochs", "2", "--resume",
                                "--lr", "0.01")
     assert_one_line_error(status, err, "--lr 0.001 -> 0.01")
+    status, _, err = train_cli(cached, tmp_path / "model", capsys, "--epochs", "2", "--resume",
+                               "--precision", "bf16")
+    assert_one_line_error(status, err, "--precision fp32 -> bf16")
     status, _, err = train_cli(cached, tmp_path / "model", capsys, "--epochs", "2")
     assert_one_line_error(status, err, "--resume", "--overwrite")
 
