@@ -61,8 +61,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "random (needs features extracted with --flip)")
     parser.add_argument("--precision", default=defaults.precision, choices=PRECISIONS,
                         help="fp32, or bf16: the matmuls of training in bfloat16 (the weights, "
-                        "Adam and validation stay float32); about twice as fast on CPUs with "
-                        "AVX-512 bf16 and on GPUs (default: fp32, exact)")
+                        "Adam and validation stay float32); about twice as fast on a CPU with "
+                        "AVX-512 bf16 units (default: fp32, exact)")
     parser.add_argument("--stream", action="store_true",
                         help="read the features from the file in shuffled blocks instead of "
                         "loading them (chosen by itself when they do not fit)")
