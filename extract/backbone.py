@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from extract.errors import UserError, first_line
+
+if TYPE_CHECKING:
+    from torchvision.models import AlexNet_Weights
 
 BACKBONE = "alexnet"
 FC7_NODE = "classifier.5"
@@ -28,7 +32,7 @@ FEATURE_DIM = 4096
 RANDOM_SEED = 0
 
 
-def imagenet_weights():
+def imagenet_weights() -> AlexNet_Weights:
     """torchvision's ``AlexNet_Weights.IMAGENET1K_V1``: the file's address and the class names.
 
     torchvision is imported here, not with this module: it adds some 170 MB to a process,
