@@ -32,7 +32,8 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(PY) -m ruff check extract head live tests benchmarks
+	$(PY) -m ruff format --check .
+	$(PY) -m ruff check .
 
 clean:
 	rm -rf $(DEMO) build .pytest_cache

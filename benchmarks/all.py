@@ -24,26 +24,41 @@ from benchmarks import report, synthetic
 
 PRESETS = {
     "cpu": {
-        "images": 2000, "val_images": 400, "device": "cpu",
+        "images": 2000,
+        "val_images": 400,
+        "device": "cpu",
         "extract": ["--batch-size", "128", "--precisions", "auto,bf16"],
         "head": ["--rows", "100000", "--epochs", "50", "--variants", "plain,ours,ours:bf16"],
         "pipeline": ["--epochs", "50", "--seed-epochs", "1"],
         "live": [],
     },
     "h100": {
-        "images": 100_000, "val_images": 10_000, "device": "cuda",
+        "images": 100_000,
+        "val_images": 10_000,
+        "device": "cuda",
         "extract": ["--batch-size", "512", "--workers", "16", "--precisions", "auto,bf16"],
         "head": ["--rows", "100000", "--epochs", "50", "--variants", "plain,ours,ours:bf16"],
-        "pipeline": ["--epochs", "50", "--seed-epochs", "1", "--batch-size", "100",
-                     "--workers", "16"],
+        "pipeline": [
+            "--epochs",
+            "50",
+            "--seed-epochs",
+            "1",
+            "--batch-size",
+            "100",
+            "--workers",
+            "16",
+        ],
         "live": [],
     },
 }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--data", type=Path, help="where to write (or reuse) the images")
     parser.add_argument("--only", help="comma-separated subset of extract,head,pipeline,live")
@@ -53,13 +68,23 @@ def main() -> None:
     if not (data / "wnids.txt").is_file():
         started = time.perf_counter()
         synthetic.write_images(data, preset["images"], 200, preset["val_images"])
-        print(f"wrote {preset['images'] + preset['val_images']} images to {data} in "
-              f"{time.perf_counter() - started:.0f} s", flush=True)
+        print(
+            f"wrote {preset['images'] + preset['val_images']} images to {data} in "
+            f"{time.perf_counter() - started:.0f} s",
+            flush=True,
+        )
     chosen = args.only.split(",") if args.only else ["extract", "head", "pipeline", "live"]
     for name in chosen:
         extra = ["--data", str(data)] if name in ("extract", "pipeline") else []
-        command = [sys.executable, "-m", f"benchmarks.{name}", *extra, "--device",
-                   preset["device"], *preset[name]]
+        command = [
+            sys.executable,
+            "-m",
+            f"benchmarks.{name}",
+            *extra,
+            "--device",
+            preset["device"],
+            *preset[name],
+        ]
         print("$", " ".join(command[1:]), flush=True)
         subprocess.run(command, cwd=report.REPO, check=True)
 

@@ -28,13 +28,18 @@ def plain(data: Path, out: Path, batch_size: int, workers: int, device: str) -> 
     from torchvision.models import alexnet
 
     started = time.perf_counter()
-    transform = transforms.Compose([
-        transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
-        transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    ])
+    transform = transforms.Compose(
+        [
+            transforms.Resize(256),
+            transforms.CenterCrop(224),
+            transforms.ToTensor(),
+            transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        ]
+    )
     dataset = datasets.ImageFolder(data / "train", transform=transform)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                                         pin_memory=device == "cuda")
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, num_workers=workers, pin_memory=device == "cuda"
+    )
     model = alexnet(weights=None)
     model.classifier = model.classifier[:6]
     model = model.eval().to(device)
@@ -48,13 +53,21 @@ def plain(data: Path, out: Path, batch_size: int, workers: int, device: str) -> 
     return {"seconds": seconds, "images": len(dataset), "paths": paths}
 
 
-def ours(data: Path, out: Path, batch_size: int, workers: int, device: str,
-         precision: str) -> dict:
+def ours(data: Path, out: Path, batch_size: int, workers: int, device: str, precision: str) -> dict:
     from extract import runner
 
-    options = runner.Options(data=data, out=out, splits=["train"], weights="random",
-                             device=device, batch_size=batch_size, workers=workers,
-                             precision=precision, overwrite=True, progress=False)
+    options = runner.Options(
+        data=data,
+        out=out,
+        splits=["train"],
+        weights="random",
+        device=device,
+        batch_size=batch_size,
+        workers=workers,
+        precision=precision,
+        overwrite=True,
+        progress=False,
+    )
     started = time.perf_counter()
     summary = runner.run(options)
     return {"seconds": time.perf_counter() - started, "images": summary.images}
@@ -66,8 +79,14 @@ def variant_main(args) -> None:
     if args.variant == "plain":
         result = plain(args.data, args.out, args.batch_size, args.workers, args.device)
     else:
-        result = ours(args.data, args.out, args.batch_size, args.workers, args.device,
-                      args.variant.split(":", 1)[1])
+        result = ours(
+            args.data,
+            args.out,
+            args.batch_size,
+            args.workers,
+            args.device,
+            args.variant.split(":", 1)[1],
+        )
     result.update(peak_rss_mb=report.peak_rss_mb(), peak_gpu_mb=report.peak_gpu_mb())
     print(json.dumps(result))
 
@@ -86,21 +105,26 @@ def max_relative_difference(ours_file: Path, plain_file: Path, plain_paths: list
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--classes", type=int, default=200)
     parser.add_argument("--data", type=Path, help="reuse (or create) the synthetic data here")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--precisions", default="auto,bf16",
-                        help="our precisions to run (comma-separated)")
+    parser.add_argument(
+        "--precisions", default="auto,bf16", help="our precisions to run (comma-separated)"
+    )
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.workers is None:
         from extract.runner import Options
+
         args.workers = Options.workers
     if args.variant:
         variant_main(args)
@@ -110,28 +134,67 @@ def main() -> None:
     data = args.data or scratch / "data"
     if not (data / "wnids.txt").is_file():
         synthetic.write_images(data, args.images, args.classes)
-    common = ["--data", str(data), "--batch-size", str(args.batch_size),
-              "--workers", str(args.workers), "--device", args.device]
+    common = [
+        "--data",
+        str(data),
+        "--batch-size",
+        str(args.batch_size),
+        "--workers",
+        str(args.workers),
+        "--device",
+        args.device,
+    ]
     plain_result = report.run_variant(
-        "benchmarks.extract", [*common, "--variant", "plain", "--out", str(scratch / "p.npy")])
+        "benchmarks.extract", [*common, "--variant", "plain", "--out", str(scratch / "p.npy")]
+    )
     rate = plain_result["images"] / plain_result["seconds"]
-    rows = [["plain torchvision (fp32)", plain_result["images"], plain_result["seconds"], rate,
-             1.0, plain_result["peak_rss_mb"], plain_result["peak_gpu_mb"], "-"]]
+    rows = [
+        [
+            "plain torchvision (fp32)",
+            plain_result["images"],
+            plain_result["seconds"],
+            rate,
+            1.0,
+            plain_result["peak_rss_mb"],
+            plain_result["peak_gpu_mb"],
+            "-",
+        ]
+    ]
     for precision in args.precisions.split(","):
         out = scratch / f"ours-{precision}.h5"
         result = report.run_variant(
-            "benchmarks.extract", [*common, "--variant", f"ours:{precision}", "--out", str(out)])
+            "benchmarks.extract", [*common, "--variant", f"ours:{precision}", "--out", str(out)]
+        )
         difference = max_relative_difference(out, scratch / "p.npy", plain_result["paths"])
         ours_rate = result["images"] / result["seconds"]
-        rows.append([f"ours --precision {precision}", result["images"], result["seconds"],
-                     ours_rate, ours_rate / rate, result["peak_rss_mb"], result["peak_gpu_mb"],
-                     f"{difference:.1e}"])
+        rows.append(
+            [
+                f"ours --precision {precision}",
+                result["images"],
+                result["seconds"],
+                ours_rate,
+                ours_rate / rate,
+                result["peak_rss_mb"],
+                result["peak_gpu_mb"],
+                f"{difference:.1e}",
+            ]
+        )
     report.publish(
         f"extract: {plain_result['images']} JPEG files 64x64, batch {args.batch_size}, "
         f"{args.workers} workers, {args.device}",
-        ["pipeline", "images", "seconds", "images/s", "x plain", "peak RSS MB", "peak GPU MB",
-         "max rel. diff"], rows,
-        "End to end: JPEG files to features on disk (ours: complete HDF5 file, float16).")
+        [
+            "pipeline",
+            "images",
+            "seconds",
+            "images/s",
+            "x plain",
+            "peak RSS MB",
+            "peak GPU MB",
+            "max rel. diff",
+        ],
+        rows,
+        "End to end: JPEG files to features on disk (ours: complete HDF5 file, float16).",
+    )
 
 
 if __name__ == "__main__":

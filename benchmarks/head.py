@@ -48,7 +48,7 @@ def plain(features_path: Path, epochs: int, batch_size: int, device: str) -> dic
     for _ in range(epochs):
         order = torch.randperm(len(train), device=device)
         for start in range(0, len(train), batch_size):
-            rows = order[start:start + batch_size]
+            rows = order[start : start + batch_size]
             loss = loss_function(model(train[rows]), train_labels[rows])
             optimizer.zero_grad()
             loss.backward()
@@ -59,26 +59,40 @@ def plain(features_path: Path, epochs: int, batch_size: int, device: str) -> dic
     return {"seconds": seconds, "val_top1": 100.0 * correct / len(val)}
 
 
-def ours(features_path: Path, epochs: int, batch_size: int, device: str, save: Path,
-         options: list[str]) -> dict:
+def ours(
+    features_path: Path, epochs: int, batch_size: int, device: str, save: Path, options: list[str]
+) -> dict:
     """`options`: "stream" (from the file, 500 MB of features in memory) and/or "bf16"."""
     from head import features
     from head.training import Settings, train
 
     started = time.perf_counter()
     stream = "stream" in options
-    settings = Settings(epochs=epochs, batch_size=batch_size, progress=False, overwrite=True,
-                        precision="bf16" if "bf16" in options else "fp32")
+    settings = Settings(
+        epochs=epochs,
+        batch_size=batch_size,
+        progress=False,
+        overwrite=True,
+        precision="bf16" if "bf16" in options else "fp32",
+    )
     torch_device = torch.device(device)
-    data = features.load(features_path, device=torch_device, report=lambda line: None,
-                         stream=True if stream else None,
-                         max_memory=features.parse_size("500MB") if stream else None)
+    data = features.load(
+        features_path,
+        device=torch_device,
+        report=lambda line: None,
+        stream=True if stream else None,
+        max_memory=features.parse_size("500MB") if stream else None,
+    )
     loaded = time.perf_counter()
     state = train(data, save, settings, torch_device, report=lambda line: None)
     finished = time.perf_counter()
     # Training as the plain loop counts it (no file reading), with our checkpoints and plots.
-    return {"seconds": finished - loaded, "total_seconds": finished - started,
-            "load_seconds": loaded - started, "val_top1": state["validation_accuracy"][-1]}
+    return {
+        "seconds": finished - loaded,
+        "total_seconds": finished - started,
+        "load_seconds": loaded - started,
+        "val_top1": state["validation_accuracy"][-1],
+    }
 
 
 def variant_main(args) -> None:
@@ -86,8 +100,14 @@ def variant_main(args) -> None:
     if args.variant == "plain":
         result = plain(args.features, args.epochs, args.batch_size, args.device)
     else:
-        result = ours(args.features, args.epochs, args.batch_size, args.device, args.save,
-                      args.variant.split(":")[1:])
+        result = ours(
+            args.features,
+            args.epochs,
+            args.batch_size,
+            args.device,
+            args.save,
+            args.variant.split(":")[1:],
+        )
     result.update(peak_rss_mb=report.peak_rss_mb(), peak_gpu_mb=report.peak_gpu_mb())
     print(json.dumps(result))
 
@@ -97,22 +117,30 @@ def features_bytes(path: Path) -> int:
     import h5py
 
     with h5py.File(path, "r") as file:
-        return sum(file[f"{split}/features"].size * file[f"{split}/features"].dtype.itemsize
-                   for split in ("train", "val"))
+        return sum(
+            file[f"{split}/features"].size * file[f"{split}/features"].dtype.itemsize
+            for split in ("train", "val")
+        )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--rows", type=int, default=100_000, help="train rows")
     parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--variants", default="plain,ours",
-                        help="plain, ours (in memory), ours:stream, ours:bf16, "
-                        "ours:stream:bf16; comma-separated")
-    parser.add_argument("--features", type=Path,
-                        help="reuse (or create) the synthetic feature file here")
+    parser.add_argument(
+        "--variants",
+        default="plain,ours",
+        help="plain, ours (in memory), ours:stream, ours:bf16, ours:stream:bf16; comma-separated",
+    )
+    parser.add_argument(
+        "--features", type=Path, help="reuse (or create) the synthetic feature file here"
+    )
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--save", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -130,28 +158,59 @@ def main() -> None:
         synthetic.write_features(features_path, args.rows, CLASSES, val_rows=VAL_ROWS)
     size = features_bytes(features_path)
     budget_mb = (1.3 * size + 500 * MB) / MB
-    common = ["--features", str(features_path), "--epochs", str(args.epochs),
-              "--batch-size", str(args.batch_size), "--device", args.device]
-    results = {variant: report.run_variant(
-        "benchmarks.head", [*common, "--variant", variant, "--save", str(scratch / variant)])
-        for variant in args.variants.split(",")}
+    common = [
+        "--features",
+        str(features_path),
+        "--epochs",
+        str(args.epochs),
+        "--batch-size",
+        str(args.batch_size),
+        "--device",
+        args.device,
+    ]
+    results = {
+        variant: report.run_variant(
+            "benchmarks.head", [*common, "--variant", variant, "--save", str(scratch / variant)]
+        )
+        for variant in args.variants.split(",")
+    }
     baseline = results.get("plain")
     rows = []
     for variant, result in results.items():
         per_epoch = result["seconds"] / args.epochs
         ratio = result["seconds"] / baseline["seconds"] if baseline else float("nan")
-        rows.append([variant, per_epoch, result["seconds"],
-                     result.get("total_seconds", result["seconds"]), ratio,
-                     result["val_top1"], result["peak_rss_mb"],
-                     f"{result['peak_rss_mb'] / budget_mb:.2f}", result["peak_gpu_mb"]])
+        rows.append(
+            [
+                variant,
+                per_epoch,
+                result["seconds"],
+                result.get("total_seconds", result["seconds"]),
+                ratio,
+                result["val_top1"],
+                result["peak_rss_mb"],
+                f"{result['peak_rss_mb'] / budget_mb:.2f}",
+                result["peak_gpu_mb"],
+            ]
+        )
     report.publish(
         f"head: {args.rows} x 4096 float16 train rows (+{VAL_ROWS} val), {CLASSES} classes, "
         f"{args.epochs} epochs, batch {args.batch_size}, {args.device}",
-        ["training", "s/epoch", "train s", "total s", "x plain", "val top-1 %", "peak RSS MB",
-         "RSS / budget", "peak GPU MB"], rows,
+        [
+            "training",
+            "s/epoch",
+            "train s",
+            "total s",
+            "x plain",
+            "val top-1 %",
+            "peak RSS MB",
+            "RSS / budget",
+            "peak GPU MB",
+        ],
+        rows,
         f"Features {size / MB:,.0f} MB as stored; RSS budget = 1.3 x that + 500 MB = "
         f"{budget_mb:,.0f} MB. 'train s' counts the epochs (train and val pass); 'total s' "
-        f"adds reading the file, checkpoints and plots.")
+        f"adds reading the file, checkpoints and plots.",
+    )
 
 
 if __name__ == "__main__":

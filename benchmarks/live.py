@@ -51,8 +51,9 @@ def write_video(path: Path, frames: int) -> Path:
         stripes = 60 * np.sin((x * np.cos(phase) + y * np.sin(phase)) / 9.0 + index)
         cx, cy = WIDTH / 2 + 200 * np.cos(phase), HEIGHT / 2 + 150 * np.sin(1.3 * phase)
         disc = ((x - cx) ** 2 + (y - cy) ** 2 < 70**2) * 90.0
-        base = np.stack([x / WIDTH * 200, y / HEIGHT * 200, (index % 60) * 3.0
-                         + np.zeros_like(x)], axis=-1)
+        base = np.stack(
+            [x / WIDTH * 200, y / HEIGHT * 200, (index % 60) * 3.0 + np.zeros_like(x)], axis=-1
+        )
         pixels = base + stripes[..., None] + disc[..., None] + rng.normal(0, 8, base.shape)
         writer.write(np.clip(pixels, 0, 255).astype(np.uint8))
     writer.release()
@@ -69,11 +70,19 @@ def write_model(folder: Path) -> Path:
     head = torch.nn.Linear(backbone.FEATURE_DIM, CLASSES)
     state = dict.fromkeys(KEYS, [])
     state.update(
-        epoch=1, best_accuracy=0.0, state_dict=head.state_dict(), optimizer={},
-        numeric_class_names=wnids, tiny_class={w: f"class {i}" for i, w in enumerate(wnids)},
-        features={"backbone": backbone.BACKBONE, "node": backbone.FC7_NODE, "weights": "random",
-                  "weights_sha256": backbone.state_dict_sha256(backbone.load_alexnet("random")),
-                  "preprocess": Preprocess().to_json()},
+        epoch=1,
+        best_accuracy=0.0,
+        state_dict=head.state_dict(),
+        optimizer={},
+        numeric_class_names=wnids,
+        tiny_class={w: f"class {i}" for i, w in enumerate(wnids)},
+        features={
+            "backbone": backbone.BACKBONE,
+            "node": backbone.FC7_NODE,
+            "weights": "random",
+            "weights_sha256": backbone.state_dict_sha256(backbone.load_alexnet("random")),
+            "preprocess": Preprocess().to_json(),
+        },
     )
     folder.mkdir(parents=True, exist_ok=True)
     save_atomic(state, folder / BEST)
@@ -86,10 +95,14 @@ def plain(video: Path, model_dir: Path, device: str) -> dict:
 
     from extract import backbone
 
-    transform = transforms.Compose([
-        transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
-        transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    ])
+    transform = transforms.Compose(
+        [
+            transforms.Resize(256),
+            transforms.CenterCrop(224),
+            transforms.ToTensor(),
+            transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        ]
+    )
     network = backbone.load_alexnet("random")  # torchvision's alexnet(), seeded as ours
     head = torch.load(model_dir / "best.pt", weights_only=True)["state_dict"]
     network.classifier[6] = torch.nn.Linear(4096, CLASSES)
@@ -111,19 +124,43 @@ def plain(video: Path, model_dir: Path, device: str) -> dict:
             top1.append(int(probs.argmax()))
     seconds = time.perf_counter() - started
     capture.release()
-    return {"frames": len(top1), "seconds": seconds, "latencies_ms": latencies, "top1": top1,
-            "stage_ms": {}}
+    return {
+        "frames": len(top1),
+        "seconds": seconds,
+        "latencies_ms": latencies,
+        "top1": top1,
+        "stage_ms": {},
+    }
 
 
 def ours(video: Path, model_dir: Path, device: str, extra: list[str], log: Path) -> dict:
     from live.__main__ import classify, parse_args
 
-    args = parse_args(["--model", str(model_dir), "--source", str(video), "--no-display",
-                       "--device", device, "--topk", "1", "--log", str(log), *extra])
+    args = parse_args(
+        [
+            "--model",
+            str(model_dir),
+            "--source",
+            str(video),
+            "--no-display",
+            "--device",
+            device,
+            "--topk",
+            "1",
+            "--log",
+            str(log),
+            *extra,
+        ]
+    )
     summary = classify(args)
     top1 = [json.loads(line)["topk"][0]["index"] for line in log.read_text().splitlines()]
-    return {"frames": summary.frames, "seconds": summary.seconds,
-            "latencies_ms": summary.latencies_ms, "top1": top1, "stage_ms": summary.stage_ms}
+    return {
+        "frames": summary.frames,
+        "seconds": summary.seconds,
+        "latencies_ms": summary.latencies_ms,
+        "top1": top1,
+        "stage_ms": summary.stage_ms,
+    }
 
 
 def variant_main(args) -> None:
@@ -138,12 +175,18 @@ def variant_main(args) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--frames", type=int, default=300)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--variants", default=",".join(OURS),
-                        help=f"our variants to run, comma-separated, of: {', '.join(OURS)}")
+    parser.add_argument(
+        "--variants",
+        default=",".join(OURS),
+        help=f"our variants to run, comma-separated, of: {', '.join(OURS)}",
+    )
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--video", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
@@ -156,8 +199,16 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="bench-live-"))
     video = write_video(scratch / "clip.mp4", args.frames)
     model_dir = write_model(scratch / "model")
-    common = ["--video", str(video), "--model", str(model_dir), "--device", args.device,
-              "--scratch", str(scratch)]
+    common = [
+        "--video",
+        str(video),
+        "--model",
+        str(model_dir),
+        "--device",
+        args.device,
+        "--scratch",
+        str(scratch),
+    ]
     results = {"plain": report.run_variant("benchmarks.live", [*common, "--variant", "plain"])}
     for name in args.variants.split(","):
         results[name] = report.run_variant("benchmarks.live", [*common, "--variant", name])
@@ -171,19 +222,45 @@ def main() -> None:
         p50, p95 = np.percentile(result["latencies_ms"], [50, 95])
         same = np.mean(np.equal(result["top1"], reference["top1"])) * 100
         label = "plain torchvision (fp32)" if name == "plain" else f"ours {name}"
-        rows.append([label, result["frames"], fps, float(p50), float(p95), fps / plain_fps,
-                     result["peak_rss_mb"], f"{same:.0f}%"])
+        rows.append(
+            [
+                label,
+                result["frames"],
+                fps,
+                float(p50),
+                float(p95),
+                fps / plain_fps,
+                result["peak_rss_mb"],
+                f"{same:.0f}%",
+            ]
+        )
         if name != "plain":
             stage_rows.append([label] + [result["stage_ms"].get(s, 0.0) for s in stages])
     title = f"live: {args.frames} frames {WIDTH}x{HEIGHT} mp4v, headless, batch 1, {args.device}"
-    report.publish(title, ["pipeline", "frames", "FPS", "latency p50 ms", "latency p95 ms",
-                           "x plain", "peak RSS MB", "same top-1 as plain"], rows,
-                   "Video file to probabilities per frame, model loading excluded; ours also "
-                   "writes a JSONL log line per frame. Random backbone and head weights, so "
-                   "top-1 agreement is a strict test (near-flat probabilities).")
-    report.publish(f"live per-stage ms per frame ({args.device})", ["pipeline", *stages],
-                   stage_rows, "Preprocessing runs in the read-ahead thread, overlapping the "
-                   "network; wait is the loop waiting for the next prepared frame.")
+    report.publish(
+        title,
+        [
+            "pipeline",
+            "frames",
+            "FPS",
+            "latency p50 ms",
+            "latency p95 ms",
+            "x plain",
+            "peak RSS MB",
+            "same top-1 as plain",
+        ],
+        rows,
+        "Video file to probabilities per frame, model loading excluded; ours also "
+        "writes a JSONL log line per frame. Random backbone and head weights, so "
+        "top-1 agreement is a strict test (near-flat probabilities).",
+    )
+    report.publish(
+        f"live per-stage ms per frame ({args.device})",
+        ["pipeline", *stages],
+        stage_rows,
+        "Preprocessing runs in the read-ahead thread, overlapping the "
+        "network; wait is the loop waiting for the next prepared frame.",
+    )
 
 
 if __name__ == "__main__":

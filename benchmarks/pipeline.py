@@ -34,10 +34,14 @@ def seed_epochs(data: Path, epochs: int, batch_size: int, workers: int, device: 
 
     torch.manual_seed(0)
     setup_started = time.perf_counter()
-    transform = transforms.Compose([
-        transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
-        transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    ])
+    transform = transforms.Compose(
+        [
+            transforms.Resize(256),
+            transforms.CenterCrop(224),
+            transforms.ToTensor(),
+            transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        ]
+    )
     train = datasets.ImageFolder(data / "train", transform=transform)
     classes = read_classes(data)
     val_manifest = read_manifest(data, "val", classes)
@@ -50,10 +54,10 @@ def seed_epochs(data: Path, epochs: int, batch_size: int, workers: int, device: 
         parameter.requires_grad = name.startswith("classifier.6")
     model = model.eval().to(device)
     optimizer = torch.optim.Adam(model.classifier[6].parameters(), lr=1e-3)
-    loader = torch.utils.data.DataLoader(train, batch_size=batch_size, shuffle=True,
-                                         num_workers=workers)
-    val_loader = torch.utils.data.DataLoader(val_set, batch_size=batch_size,
-                                             num_workers=workers)
+    loader = torch.utils.data.DataLoader(
+        train, batch_size=batch_size, shuffle=True, num_workers=workers
+    )
+    val_loader = torch.utils.data.DataLoader(val_set, batch_size=batch_size, num_workers=workers)
     setup = time.perf_counter() - setup_started
     times = []
     for _ in range(epochs):
@@ -72,16 +76,20 @@ def seed_epochs(data: Path, epochs: int, batch_size: int, workers: int, device: 
 
 def timed(command: list[str]) -> float:
     started = time.perf_counter()
-    process = subprocess.run([sys.executable, "-m", *command], cwd=report.REPO,
-                             capture_output=True, text=True)
+    process = subprocess.run(
+        [sys.executable, "-m", *command], cwd=report.REPO, capture_output=True, text=True
+    )
     if process.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{process.stderr[-3000:]}")
     return time.perf_counter() - started
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--val-images", type=int, default=400)
     parser.add_argument("--classes", type=int, default=200)
@@ -95,10 +103,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.workers is None:
         from extract.runner import Options
+
         args.workers = Options.workers
     if args.variant == "seed":
-        result = seed_epochs(args.data, args.seed_epochs, args.batch_size, args.workers,
-                             args.device)
+        result = seed_epochs(
+            args.data, args.seed_epochs, args.batch_size, args.workers, args.device
+        )
         print(json.dumps({**result, "peak_rss_mb": report.peak_rss_mb()}))
         return
 
@@ -107,31 +117,80 @@ def main() -> None:
     if not (data / "wnids.txt").is_file():
         synthetic.write_images(data, args.images, args.classes, args.val_images)
     features = scratch / "features.h5"
-    extract_seconds = timed(["extract", "--data", str(data), "--out", str(features),
-                             "--weights", "random", "--device", args.device,
-                             "--workers", str(args.workers), "--no-progress"])
-    head_seconds = timed(["head.train", "--features", str(features), "--save",
-                          str(scratch / "model"), "--epochs", str(args.epochs),
-                          "--batch-size", str(args.batch_size), "--device", args.device,
-                          "--no-progress"])
-    seed = report.run_variant("benchmarks.pipeline", [
-        "--data", str(data), "--variant", "seed", "--seed-epochs", str(args.seed_epochs),
-        "--batch-size", str(args.batch_size), "--workers", str(args.workers),
-        "--device", args.device])
+    extract_seconds = timed(
+        [
+            "extract",
+            "--data",
+            str(data),
+            "--out",
+            str(features),
+            "--weights",
+            "random",
+            "--device",
+            args.device,
+            "--workers",
+            str(args.workers),
+            "--no-progress",
+        ]
+    )
+    head_seconds = timed(
+        [
+            "head.train",
+            "--features",
+            str(features),
+            "--save",
+            str(scratch / "model"),
+            "--epochs",
+            str(args.epochs),
+            "--batch-size",
+            str(args.batch_size),
+            "--device",
+            args.device,
+            "--no-progress",
+        ]
+    )
+    seed = report.run_variant(
+        "benchmarks.pipeline",
+        [
+            "--data",
+            str(data),
+            "--variant",
+            "seed",
+            "--seed-epochs",
+            str(args.seed_epochs),
+            "--batch-size",
+            str(args.batch_size),
+            "--workers",
+            str(args.workers),
+            "--device",
+            args.device,
+        ],
+    )
     epoch = min(seed["epoch_seconds"])
     seed_total = seed["setup"] + epoch * args.epochs
     ours_total = extract_seconds + head_seconds
-    scaled = "" if args.seed_epochs >= args.epochs else \
-        f" (measured over {args.seed_epochs} epoch(s), fastest epoch x {args.epochs})"
+    scaled = (
+        ""
+        if args.seed_epochs >= args.epochs
+        else f" (measured over {args.seed_epochs} epoch(s), fastest epoch x {args.epochs})"
+    )
     report.publish(
         f"pipeline: {seed['images']} images, {args.epochs} epochs, batch {args.batch_size}, "
         f"{args.device}",
         ["approach", "extract s", "per epoch s", "total s", "x faster"],
-        [["seed: every epoch through the frozen network", "-", epoch, seed_total, 1.0],
-         ["ours: extract once + head on cached features", extract_seconds,
-          head_seconds / args.epochs, ours_total, seed_total / ours_total]],
+        [
+            ["seed: every epoch through the frozen network", "-", epoch, seed_total, 1.0],
+            [
+                "ours: extract once + head on cached features",
+                extract_seconds,
+                head_seconds / args.epochs,
+                ours_total,
+                seed_total / ours_total,
+            ],
+        ],
         f"Ours is timed as two commands end to end (process start included); the seed's "
-        f"total{scaled}.")
+        f"total{scaled}.",
+    )
 
 
 if __name__ == "__main__":

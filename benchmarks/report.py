@@ -53,8 +53,9 @@ def machine() -> str:
 
 def run_variant(module: str, args: list[str]) -> dict:
     """Run one side of a comparison in a fresh process (clean memory peaks); return its JSON."""
-    process = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO,
-                             capture_output=True, text=True)
+    process = subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True
+    )
     if process.returncode != 0:
         raise SystemExit(f"{module} {' '.join(args)} failed:\n{process.stderr[-3000:]}")
     return json.loads(process.stdout.strip().splitlines()[-1])
@@ -63,17 +64,27 @@ def run_variant(module: str, args: list[str]) -> dict:
 def table(title: str, header: list[str], rows: list[list]) -> str:
     cells = [[str(c) for c in header]] + [[fmt(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    lines = [f"### {title}", "", "| " + " | ".join(c.ljust(w) for c, w in zip(cells[0], widths))
-             + " |", "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"
-              for row in cells[1:]]
+    lines = [
+        f"### {title}",
+        "",
+        "| " + " | ".join(c.ljust(w) for c, w in zip(cells[0], widths)) + " |",
+        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+    ]
+    lines += [
+        "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells[1:]
+    ]
     return "\n".join(lines)
 
 
 def fmt(value) -> str:
     if isinstance(value, float):
-        return f"{value:,.3g}" if abs(value) < 10 else f"{value:,.0f}" if abs(value) >= 1000 \
+        return (
+            f"{value:,.3g}"
+            if abs(value) < 10
+            else f"{value:,.0f}"
+            if abs(value) >= 1000
             else f"{value:.1f}"
+        )
     return str(value)
 
 

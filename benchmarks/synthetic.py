@@ -39,8 +39,12 @@ def synthetic_image(label: int, index: int) -> Image.Image:
     stripes = np.sin((x * np.cos(angle) + y * np.sin(angle)) * rng.uniform(6, 20))
     cx, cy, radius = rng.uniform(0.2, 0.8, 2).tolist() + [rng.uniform(0.1, 0.3)]
     disc = ((x - cx) ** 2 + (y - cy) ** 2 < radius**2).astype(np.float32)
-    pixels = (hue * (0.5 + 0.5 * y[..., None]) + 50 * stripes[..., None]
-              + 80 * disc[..., None] + rng.normal(0, 12, (SIZE, SIZE, 3)))
+    pixels = (
+        hue * (0.5 + 0.5 * y[..., None])
+        + 50 * stripes[..., None]
+        + 80 * disc[..., None]
+        + rng.normal(0, 12, (SIZE, SIZE, 3))
+    )
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
 
 
@@ -81,33 +85,51 @@ def write_images(root: Path, images: int, classes: int, val_images: int = 0) -> 
 def write_features(path: Path, rows: int, classes: int, val_rows: int = 10_000) -> Path:
     """A complete feature file of random non-negative, sparse fc7-like rows (float16)."""
     rng = np.random.default_rng(0)
-    class_list = Classes(wnids=[wnid(c) for c in range(classes)],
-                         names=[f"class {c}" for c in range(classes)])
+    class_list = Classes(
+        wnids=[wnid(c) for c in range(classes)], names=[f"class {c}" for c in range(classes)]
+    )
     manifests = []
     for split, count in (("train", rows), ("val", val_rows)):
         labels = rng.integers(0, classes, count).tolist()
         manifests.append(Manifest(split, [f"{split}/{i}.JPEG" for i in range(count)], labels))
-    attrs = {"backbone": "alexnet", "node": "classifier.5", "weights": "random",
-             "weights_sha256": "0" * 64, "preprocess": Preprocess().to_json(),
-             "precision": "fp32", "store_dtype": "float16", "torch_version": "",
-             "torchvision_version": ""}
+    attrs = {
+        "backbone": "alexnet",
+        "node": "classifier.5",
+        "weights": "random",
+        "weights_sha256": "0" * 64,
+        "preprocess": Preprocess().to_json(),
+        "precision": "fp32",
+        "store_dtype": "float16",
+        "torch_version": "",
+        "torchvision_version": "",
+    }
     centres = rng.gamma(1.0, 1.0, (classes, FEATURE_DIM)).astype(np.float32)
     with store.create(path, attrs, class_list, manifests, flip=False) as file:
         for manifest in manifests:
             labels = np.asarray(manifest.labels)
             for start in range(0, len(labels), 8192):
-                block = labels[start:start + 8192]
+                block = labels[start : start + 8192]
                 noise = rng.standard_normal((len(block), FEATURE_DIM), np.float32) * 1.5
                 features = np.maximum(centres[block] + noise, 0).astype(np.float16)
-                store.append(file[manifest.split], features, None, block.tolist(),
-                             manifest.paths[start:start + 8192], [], start + len(block))
+                store.append(
+                    file[manifest.split],
+                    features,
+                    None,
+                    block.tolist(),
+                    manifest.paths[start : start + 8192],
+                    [],
+                    start + len(block),
+                )
         store.mark_complete(file)
     return path
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("kind", choices=("images", "features"))
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--images", type=int, default=2000)

@@ -32,39 +32,75 @@ def parse_args(argv: list[str] | None) -> Options:
     )
     parser.add_argument("--data", type=Path, required=True, help="dataset folder (read only)")
     parser.add_argument("--out", type=Path, required=True, help="HDF5 file to write")
-    parser.add_argument("--splits", default=None,
-                        help="comma-separated splits (default: train,val where present; "
-                        "test also accepted)")
-    parser.add_argument("--weights", default="imagenet",
-                        help="imagenet (torchvision IMAGENET1K_V1), random (seeded) or a path to "
-                        "an AlexNet state_dict file (default: imagenet)")
+    parser.add_argument(
+        "--splits",
+        default=None,
+        help="comma-separated splits (default: train,val where present; test also accepted)",
+    )
+    parser.add_argument(
+        "--weights",
+        default="imagenet",
+        help="imagenet (torchvision IMAGENET1K_V1), random (seeded) or a path to "
+        "an AlexNet state_dict file (default: imagenet)",
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     parser.add_argument("--batch-size", type=int, default=128, help="images per batch (128)")
-    parser.add_argument("--workers", type=int, default=Options.workers,
-                        help=f"image decoding processes (default: {Options.workers})")
-    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
-                        help="compute precision; auto = fp32 on CPU, tf32 on CUDA")
-    parser.add_argument("--store-dtype", default="float16", choices=("float16", "float32"),
-                        help="dtype of the stored features (default: float16)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue an interrupted run, recomputing only what is missing")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing output (the old file stays until the new one "
-                        "is complete)")
-    parser.add_argument("--strict", action="store_true",
-                        help="stop with an error if any image is unreadable, before writing")
-    parser.add_argument("--flip", action="store_true",
-                        help="also store features of each horizontally flipped image")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=Options.workers,
+        help=f"image decoding processes (default: {Options.workers})",
+    )
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="compute precision; auto = fp32 on CPU, tf32 on CUDA",
+    )
+    parser.add_argument(
+        "--store-dtype",
+        default="float16",
+        choices=("float16", "float32"),
+        help="dtype of the stored features (default: float16)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run, recomputing only what is missing",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing output (the old file stays until the new one is complete)",
+    )
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop with an error if any image is unreadable, before writing",
+    )
+    parser.add_argument(
+        "--flip", action="store_true", help="also store features of each horizontally flipped image"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.workers < 0:
         parser.error("--batch-size must be >= 1 and --workers >= 0")
     splits = [s.strip() for s in args.splits.split(",") if s.strip()] if args.splits else None
     return Options(
-        data=args.data, out=args.out, splits=splits, weights=args.weights, device=args.device,
-        batch_size=args.batch_size, workers=args.workers, precision=args.precision,
-        store_dtype=args.store_dtype, resume=args.resume, overwrite=args.overwrite,
-        strict=args.strict, flip=args.flip, progress=not args.no_progress,
+        data=args.data,
+        out=args.out,
+        splits=splits,
+        weights=args.weights,
+        device=args.device,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        precision=args.precision,
+        store_dtype=args.store_dtype,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        strict=args.strict,
+        flip=args.flip,
+        progress=not args.no_progress,
     )
 
 

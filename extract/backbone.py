@@ -80,7 +80,8 @@ def read_state_dict(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, 
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for foreign or damaged files
         raise UserError(
-            f"{path}: not a readable weights file ({first_line(error)[:200]})") from None
+            f"{path}: not a readable weights file ({first_line(error)[:200]})"
+        ) from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -117,9 +118,7 @@ def fc7_extractor(model: nn.Module) -> nn.Sequential:
     The two dropout layers are kept and stay inactive in eval mode, so the layer indices (and
     thus the node name) are the same as in torchvision's model.
     """
-    return nn.Sequential(
-        model.features, model.avgpool, nn.Flatten(1), model.classifier[:6]
-    ).eval()
+    return nn.Sequential(model.features, model.avgpool, nn.Flatten(1), model.classifier[:6]).eval()
 
 
 def fc8_layer(model: nn.Module) -> nn.Linear:

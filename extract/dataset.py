@@ -127,8 +127,7 @@ def read_classes(root: Path) -> Classes:
     else:
         folder = train_folder(root)
         wnids = sorted(
-            entry.name for entry in folder.iterdir()
-            if entry.is_dir() and entry.name not in SPLITS
+            entry.name for entry in folder.iterdir() if entry.is_dir() and entry.name not in SPLITS
         )
     if not wnids:
         raise UserError(f"{root}: no classes found (no wnids.txt and no train/<class>/ folders)")
@@ -163,7 +162,8 @@ def read_manifest(root: Path, split: str, classes: Classes) -> Manifest:
                 raise UserError(f"{annotations_file}: no line for {image.relative_to(root)}")
             if wnid not in index:
                 raise UserError(
-                    f"{annotations_file}: {image.name} is labelled {wnid!r}, not a known wnid")
+                    f"{annotations_file}: {image.name} is labelled {wnid!r}, not a known wnid"
+                )
             labels.append(index[wnid])
     elif split == "test" and (folder / "images").is_dir():
         images = list_images(folder / "images")
@@ -177,7 +177,8 @@ def read_manifest(root: Path, split: str, classes: Classes) -> Manifest:
                 labels.append(index[wnid])
         if split != "train":
             unknown = sorted(
-                entry.name for entry in folder.iterdir()
+                entry.name
+                for entry in folder.iterdir()
                 if entry.is_dir() and entry.name not in index and entry.name != "images"
             )
             if unknown:

@@ -36,7 +36,8 @@ def digit_image(pixels: np.ndarray, rng: np.random.Generator) -> Image.Image:
     ink = rng.integers(0, 256, size=3)
     paper = 255 - ink // 2
     mask = Image.fromarray((pixels * 255 / 16).astype(np.uint8)).resize(
-        (IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC)
+        (IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC
+    )
     alpha = np.asarray(mask, dtype=np.float32)[..., None] / 255.0
     rgb = paper * (1 - alpha) + ink * alpha + rng.normal(0, 6, size=(IMAGE_SIZE, IMAGE_SIZE, 3))
     return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), mode="RGB")
@@ -53,7 +54,8 @@ def write_dataset(out: Path, seed: int = 0) -> int:
     (out / "test" / "images").mkdir(parents=True, exist_ok=True)
     (out / "wnids.txt").write_text("".join(f"{w}\n" for w in wnids))
     (out / "words.txt").write_text(
-        "".join(f"{w}\t{name}, {label}\n" for label, (w, name) in enumerate(zip(wnids, NAMES))))
+        "".join(f"{w}\t{name}, {label}\n" for label, (w, name) in enumerate(zip(wnids, NAMES)))
+    )
     annotations = []
     for label, wnid in enumerate(wnids):
         (out / "train" / wnid / "images").mkdir(parents=True, exist_ok=True)
@@ -90,8 +92,11 @@ def pick_weights() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m extract.demo", description=__doc__.split("\n\n")[1],
-        epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="python -m extract.demo",
+        description=__doc__.split("\n\n")[1],
+        epilog=__doc__.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--out", type=Path, required=True, help="folder to write the dataset to")
     args = parser.parse_args(argv)
     if (args.out / "wnids.txt").is_file():

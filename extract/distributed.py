@@ -48,8 +48,7 @@ def run(options: runner.Options) -> runner.Summary:
     use_cuda = options.device != "cpu" and torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if use_cuda else "gloo",
-                            timeout=datetime.timedelta(hours=12))
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(hours=12))
     try:
         started = time.perf_counter()
         out = options.out
@@ -79,7 +78,8 @@ def run(options: runner.Options) -> runner.Summary:
                 path.with_name(path.name + ".lock").unlink(missing_ok=True)
             print(f"merged {world} rank files into {out}", file=sys.stderr)
         dist.barrier()
-        return runner.Summary(int(counts[0]), int(counts[1]), time.perf_counter() - started,
-                              out.stat().st_size)
+        return runner.Summary(
+            int(counts[0]), int(counts[1]), time.perf_counter() - started, out.stat().st_size
+        )
     finally:
         dist.destroy_process_group()

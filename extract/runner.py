@@ -28,8 +28,12 @@ from extract.preprocess import Preprocess, normalize, resize_crop
 from extract.writer import BackgroundWriter, HostRows
 
 PRECISIONS = ("auto", "fp32", "tf32", "bf16", "fp16")
-COMPUTE_DTYPES = {"fp32": torch.float32, "tf32": torch.float32,
-                  "bf16": torch.bfloat16, "fp16": torch.float16}
+COMPUTE_DTYPES = {
+    "fp32": torch.float32,
+    "tf32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
 
 
 @dataclasses.dataclass
@@ -62,8 +66,10 @@ class Summary:
         if self.already_complete:
             return f"{out} is already complete; nothing to do"
         rate = self.images / self.seconds if self.seconds > 0 else 0.0
-        return (f"extracted {self.images} images, {self.failed} failed, {self.seconds:.1f} s, "
-                f"{rate:.0f} images/s, {out} {self.file_bytes / 1e6:.1f} MB")
+        return (
+            f"extracted {self.images} images, {self.failed} failed, {self.seconds:.1f} s, "
+            f"{rate:.0f} images/s, {out} {self.file_bytes / 1e6:.1f} MB"
+        )
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
@@ -80,20 +86,31 @@ def set_tf32(enabled: bool) -> None:
     torch.backends.cudnn.allow_tf32 = enabled
 
 
-def make_loader(root: Path, manifest: Manifest, start: int, options: Options,
-                params: Preprocess, device: torch.device) -> DataLoader:
+def make_loader(
+    root: Path,
+    manifest: Manifest,
+    start: int,
+    options: Options,
+    params: Preprocess,
+    device: torch.device,
+) -> DataLoader:
     """Workers decode (and on the CPU also resize); on CUDA the GPU resizes whole batches."""
     files = ImageFiles(root, manifest.paths, range(start, len(manifest.paths)))
     return DataLoader(
-        files, batch_size=options.batch_size, shuffle=False, num_workers=options.workers,
+        files,
+        batch_size=options.batch_size,
+        shuffle=False,
+        num_workers=options.workers,
         collate_fn=Collate(params, defer_resize=device.type == "cuda"),
-        pin_memory=device.type == "cuda", persistent_workers=False,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
         prefetch_factor=4 if options.workers > 0 else None,
     )
 
 
-def check_readable(root: Path, manifests: list[Manifest], options: Options,
-                   params: Preprocess) -> None:
+def check_readable(
+    root: Path, manifests: list[Manifest], options: Options, params: Preprocess
+) -> None:
     """--strict: decode every image before anything is written; fail on the first bad one."""
     failures = []
     total = sum(len(m.paths) for m in manifests)
@@ -137,8 +154,7 @@ def run(options: Options) -> Summary:
     return extract_to(options, options.out, classes, manifests)
 
 
-def extract_to(options: Options, out: Path, classes: Classes,
-               manifests: list[Manifest]) -> Summary:
+def extract_to(options: Options, out: Path, classes: Classes, manifests: list[Manifest]) -> Summary:
     """Write the features of `manifests` to `out` (through `out.part`), resuming if asked."""
     root = options.data
     device = resolve_device(options.device)
@@ -176,15 +192,17 @@ def extract_to(options: Options, out: Path, classes: Classes,
         else:
             file = store.create(part, attrs, classes, manifests, options.flip)
         try:
-            images, failed, seconds = extract_splits(file, model, root, manifests, options,
-                                                     params, device, precision)
+            images, failed, seconds = extract_splits(
+                file, model, root, manifests, options, params, device, precision
+            )
             store.mark_complete(file)
             file.close()
         except OSError as error:
             close_quietly(file)
             raise WriteFailed(
                 f"{part}: writing failed ({error}); the rows written before are kept, "
-                f"free some space and rerun with --resume") from None
+                f"free some space and rerun with --resume"
+            ) from None
         except BaseException:
             close_quietly(file)
             raise
@@ -202,19 +220,32 @@ def close_quietly(file) -> None:
         pass
 
 
-def extract_splits(file, model, root: Path, manifests: list[Manifest], options: Options,
-                   params: Preprocess, device: torch.device, precision: str):
+def extract_splits(
+    file,
+    model,
+    root: Path,
+    manifests: list[Manifest],
+    options: Options,
+    params: Preprocess,
+    device: torch.device,
+    precision: str,
+):
     """Fill every split from where it stopped; returns (images written, failed, seconds)."""
     set_tf32(precision == "tf32")
     dtype = COMPUTE_DTYPES[precision]
-    fc7 = backbone.fc7_extractor(model).to(device=device, dtype=dtype,
-                                           memory_format=torch.channels_last)
+    fc7 = backbone.fc7_extractor(model).to(
+        device=device, dtype=dtype, memory_format=torch.channels_last
+    )
     store_dtype = np.dtype(options.store_dtype)
     remaining = sum(len(m.paths) - int(file[m.split].attrs["next_index"]) for m in manifests)
     written = failed_count = 0
     started = time.perf_counter()
-    with tqdm(total=remaining, unit="img", desc="extract", disable=not options.progress,
-              smoothing=0.1) as bar, BackgroundWriter() as writer:
+    with (
+        tqdm(
+            total=remaining, unit="img", desc="extract", disable=not options.progress, smoothing=0.1
+        ) as bar,
+        BackgroundWriter() as writer,
+    ):
         for manifest in manifests:
             group = file[manifest.split]
             start = int(group.attrs["next_index"])
@@ -233,7 +264,9 @@ def extract_splits(file, model, root: Path, manifests: list[Manifest], options: 
                             flipped = HostRows(fc7(images.flip(3)), store_dtype)
                 seen = indices + [i for i, _ in failed]
                 writer.submit(
-                    group, features, flipped,
+                    group,
+                    features,
+                    flipped,
                     labels=[manifest.labels[i] for i in indices],
                     paths=[manifest.paths[i] for i in indices],
                     failed=[(manifest.paths[i], reason) for i, reason in failed],

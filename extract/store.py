@@ -79,8 +79,9 @@ def create(
     return h5py.File(path, "r+")
 
 
-def write_skeleton(file: h5py.File, attrs: dict, classes: Classes, manifests: list[Manifest],
-                   flip: bool) -> None:
+def write_skeleton(
+    file: h5py.File, attrs: dict, classes: Classes, manifests: list[Manifest], flip: bool
+) -> None:
     file.attrs["format"] = FORMAT
     for key, value in attrs.items():
         file.attrs[key] = str(value)
@@ -100,17 +101,22 @@ def write_skeleton(file: h5py.File, attrs: dict, classes: Classes, manifests: li
         names = ["features", "features_flip"] if flip else ["features"]
         for name in names:
             group.create_dataset(
-                name, shape=(0, FEATURE_DIM), maxshape=(None, FEATURE_DIM),
-                chunks=(CHUNK_ROWS, FEATURE_DIM), dtype=store_dtype,
+                name,
+                shape=(0, FEATURE_DIM),
+                maxshape=(None, FEATURE_DIM),
+                chunks=(CHUNK_ROWS, FEATURE_DIM),
+                dtype=store_dtype,
             )
         group.create_dataset("labels", shape=(0,), maxshape=(None,), chunks=(4096,), dtype=np.int64)
         group.create_dataset("paths", shape=(0,), maxshape=(None,), chunks=(4096,), dtype=STRING)
-        group.create_dataset("failed", shape=(0, 2), maxshape=(None, 2), chunks=(256, 2),
-                             dtype=STRING)
+        group.create_dataset(
+            "failed", shape=(0, 2), maxshape=(None, 2), chunks=(256, 2), dtype=STRING
+        )
 
 
-def open_for_resume(path: Path, attrs: dict, classes: Classes, manifests: list[Manifest],
-                    flip: bool) -> h5py.File:
+def open_for_resume(
+    path: Path, attrs: dict, classes: Classes, manifests: list[Manifest], flip: bool
+) -> h5py.File:
     """Continue an interrupted run after checking it was made the same way from the same images.
 
     The committed rows are copied into a fresh file that replaces the old one: a run killed
@@ -119,20 +125,21 @@ def open_for_resume(path: Path, attrs: dict, classes: Classes, manifests: list[M
     """
     with open_file(path) as old:
         # The weights are identified by their digest; the same file under another path is fine.
-        for key in ("weights_sha256", "preprocess", "backbone", "node", "precision",
-                    "store_dtype"):
+        for key in ("weights_sha256", "preprocess", "backbone", "node", "precision", "store_dtype"):
             recorded = str(old.attrs.get(key))
             if recorded != str(attrs[key]):
                 raise UserError(
                     f"{path}: cannot resume, it was made with {key}={recorded[:80]!r}, "
-                    f"this run uses {attrs[key]!r} (use --overwrite to start again)")
+                    f"this run uses {attrs[key]!r} (use --overwrite to start again)"
+                )
         if bool(old.attrs["flip"]) != flip or splits(old) != [m.split for m in manifests]:
             raise UserError(f"{path}: cannot resume, it was made with other --splits or --flip")
         for manifest in manifests:
             if old[manifest.split].attrs["manifest_sha256"] != manifest.sha256():
                 raise UserError(
                     f"{path}: cannot resume, the {manifest.split} images differ from the "
-                    f"interrupted run (use --overwrite to start again)")
+                    f"interrupted run (use --overwrite to start again)"
+                )
         fresh = path.with_name(path.name + ".salvage")
         try:
             with create(fresh, attrs, classes, manifests, flip) as file:
@@ -140,24 +147,32 @@ def open_for_resume(path: Path, attrs: dict, classes: Classes, manifests: list[M
                     copy_split(old[manifest.split], file[manifest.split], index_offset=0)
         except OSError as error:
             fresh.unlink(missing_ok=True)
-            raise UserError(f"{path}: the interrupted run's file is damaged ({error}); "
-                            f"start again with --overwrite") from None
+            raise UserError(
+                f"{path}: the interrupted run's file is damaged ({error}); "
+                f"start again with --overwrite"
+            ) from None
     os.replace(fresh, path)
     return h5py.File(path, "r+")
 
 
-def copy_split(source: h5py.Group, target: h5py.Group, index_offset: int,
-               block_rows: int = 8192) -> None:
+def copy_split(
+    source: h5py.Group, target: h5py.Group, index_offset: int, block_rows: int = 8192
+) -> None:
     """Append the committed rows and failures of `source` to `target`, then its progress."""
     rows = int(source.attrs["rows"])
     flip = "features_flip" in source
     for start in range(0, rows, block_rows):
         stop = min(start + block_rows, rows)
-        append(target, source["features"][start:stop],
-               source["features_flip"][start:stop] if flip else None,
-               source["labels"][start:stop].tolist(), list(source["paths"].asstr()[start:stop]),
-               [], int(target.attrs["next_index"]))
-    failed = [tuple(row) for row in source["failed"].asstr()[:int(source.attrs["failed_count"])]]
+        append(
+            target,
+            source["features"][start:stop],
+            source["features_flip"][start:stop] if flip else None,
+            source["labels"][start:stop].tolist(),
+            list(source["paths"].asstr()[start:stop]),
+            [],
+            int(target.attrs["next_index"]),
+        )
+    failed = [tuple(row) for row in source["failed"].asstr()[: int(source.attrs["failed_count"])]]
     append(target, None, None, [], [], failed, index_offset + int(source.attrs["next_index"]))
 
 
@@ -173,8 +188,10 @@ def append(
     """Write one batch's rows, then move the split's progress counters, then flush."""
     if features is not None:  # a new chunk may be allocated whole, however few rows go in
         chunk = group["features"].chunks[0] * FEATURE_DIM * features.itemsize
-        check_room(Path(group.file.filename),
-                   max(features.nbytes, chunk) * (2 if features_flip is not None else 1))
+        check_room(
+            Path(group.file.filename),
+            max(features.nbytes, chunk) * (2 if features_flip is not None else 1),
+        )
     hooks = silence_handle_release_errors()
     try:
         write_rows(group, features, features_flip, labels, paths, failed, next_index)
@@ -224,14 +241,18 @@ def write_rows(group, features, features_flip, labels, paths, failed, next_index
     rows = int(group.attrs["rows"])
     count = len(paths)
     if count:
-        named = {"features": features, "features_flip": features_flip,
-                 "labels": np.asarray(labels, np.int64), "paths": [printable(p) for p in paths]}
+        named = {
+            "features": features,
+            "features_flip": features_flip,
+            "labels": np.asarray(labels, np.int64),
+            "paths": [printable(p) for p in paths],
+        }
         for name, values in named.items():
             if values is None:
                 continue
             dataset = group[name]
             dataset.resize(rows + count, axis=0)
-            dataset[rows:rows + count] = values
+            dataset[rows : rows + count] = values
     failed_rows = int(group.attrs["failed_count"])
     if failed:
         dataset = group["failed"]
@@ -274,8 +295,10 @@ def open_complete(path: Path) -> h5py.File:
 
 def read_attrs(file: h5py.File) -> dict:
     """Root attributes as plain Python values."""
-    return {key: value.item() if isinstance(value, np.generic) else value
-            for key, value in file.attrs.items()}
+    return {
+        key: value.item() if isinstance(value, np.generic) else value
+        for key, value in file.attrs.items()
+    }
 
 
 def provenance(file: h5py.File) -> dict[str, str]:
@@ -316,8 +339,13 @@ def read_failed(file: h5py.File, split: str) -> list[tuple[str, str]]:
     return [tuple(row) for row in file[split]["failed"].asstr()[()]]
 
 
-def merge(parts: list[Path], out_part: Path, classes: Classes, manifests: list[Manifest],
-          block_rows: int = 8192) -> h5py.File:
+def merge(
+    parts: list[Path],
+    out_part: Path,
+    classes: Classes,
+    manifests: list[Manifest],
+    block_rows: int = 8192,
+) -> h5py.File:
     """Concatenate complete per-rank files, in rank order, into one file of the usual layout.
 
     Each part holds a contiguous slice of every split's manifest; a missing or incomplete part
@@ -325,8 +353,16 @@ def merge(parts: list[Path], out_part: Path, classes: Classes, manifests: list[M
     """
     sources = [open_complete(part) for part in parts]
     try:
-        attrs = {key: str(sources[0].attrs[key]) for key in (
-            *PROVENANCE_KEYS, "precision", "store_dtype", "torch_version", "torchvision_version")}
+        attrs = {
+            key: str(sources[0].attrs[key])
+            for key in (
+                *PROVENANCE_KEYS,
+                "precision",
+                "store_dtype",
+                "torch_version",
+                "torchvision_version",
+            )
+        }
         file = create(out_part, attrs, classes, manifests, bool(sources[0].attrs["flip"]))
         for manifest in manifests:
             offset = 0

@@ -56,13 +56,26 @@ class BackgroundWriter:
                 except BaseException as error:  # handed to the submitting thread
                     self.error = error
 
-    def submit(self, group, features: HostRows | None, flipped: HostRows | None,
-               labels: list[int], paths: list[str], failed: list[tuple[str, str]],
-               next_index: int) -> None:
+    def submit(
+        self,
+        group,
+        features: HostRows | None,
+        flipped: HostRows | None,
+        labels: list[int],
+        paths: list[str],
+        failed: list[tuple[str, str]],
+        next_index: int,
+    ) -> None:
         self.raise_error()
         job: Callable[[], None] = lambda: store.append(  # noqa: E731
-            group, None if features is None else features.numpy(),
-            None if flipped is None else flipped.numpy(), labels, paths, failed, next_index)
+            group,
+            None if features is None else features.numpy(),
+            None if flipped is None else flipped.numpy(),
+            labels,
+            paths,
+            failed,
+            next_index,
+        )
         self.jobs.put(job)
 
     def raise_error(self) -> None:

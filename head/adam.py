@@ -32,12 +32,15 @@ class Adam:
 
     def __post_init__(self) -> None:
         if not self.steps:
-            self.exp_avgs = [torch.zeros_like(p, memory_format=torch.preserve_format)
-                             for p in self.params]
-            self.exp_avg_sqs = [torch.zeros_like(p, memory_format=torch.preserve_format)
-                                for p in self.params]
-            self.steps = [torch.zeros((), dtype=torch.float32, device=p.device)
-                          for p in self.params]
+            self.exp_avgs = [
+                torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params
+            ]
+            self.exp_avg_sqs = [
+                torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params
+            ]
+            self.steps = [
+                torch.zeros((), dtype=torch.float32, device=p.device) for p in self.params
+            ]
 
     def zero_grad(self) -> None:
         for param in self.params:
@@ -47,22 +50,50 @@ class Adam:
     def step(self) -> None:
         torch._foreach_add_(self.steps, 1)
         torch._fused_adam_(
-            self.params, [p.grad for p in self.params], self.exp_avgs, self.exp_avg_sqs, [],
-            self.steps, amsgrad=False, lr=self.lr, beta1=BETAS[0], beta2=BETAS[1],
-            weight_decay=self.weight_decay, eps=EPS, maximize=False)
+            self.params,
+            [p.grad for p in self.params],
+            self.exp_avgs,
+            self.exp_avg_sqs,
+            [],
+            self.steps,
+            amsgrad=False,
+            lr=self.lr,
+            beta1=BETAS[0],
+            beta2=BETAS[1],
+            weight_decay=self.weight_decay,
+            eps=EPS,
+            maximize=False,
+        )
 
     def state_dict(self) -> dict:
         """The layout of `torch.optim.Adam(fused=True).state_dict()`, tensors copied."""
         return {
-            "state": {index: {"step": step.clone(), "exp_avg": exp_avg.clone(),
-                              "exp_avg_sq": exp_avg_sq.clone()}
-                      for index, (step, exp_avg, exp_avg_sq)
-                      in enumerate(zip(self.steps, self.exp_avgs, self.exp_avg_sqs))},
-            "param_groups": [{
-                "lr": self.lr, "betas": BETAS, "eps": EPS, "weight_decay": self.weight_decay,
-                "amsgrad": False, "maximize": False, "foreach": None, "capturable": False,
-                "differentiable": False, "fused": True, "decoupled_weight_decay": False,
-                "params": list(range(len(self.params)))}],
+            "state": {
+                index: {
+                    "step": step.clone(),
+                    "exp_avg": exp_avg.clone(),
+                    "exp_avg_sq": exp_avg_sq.clone(),
+                }
+                for index, (step, exp_avg, exp_avg_sq) in enumerate(
+                    zip(self.steps, self.exp_avgs, self.exp_avg_sqs)
+                )
+            },
+            "param_groups": [
+                {
+                    "lr": self.lr,
+                    "betas": BETAS,
+                    "eps": EPS,
+                    "weight_decay": self.weight_decay,
+                    "amsgrad": False,
+                    "maximize": False,
+                    "foreach": None,
+                    "capturable": False,
+                    "differentiable": False,
+                    "fused": True,
+                    "decoupled_weight_decay": False,
+                    "params": list(range(len(self.params))),
+                }
+            ],
         }
 
     def load_state_dict(self, saved: dict) -> None:

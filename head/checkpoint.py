@@ -21,9 +21,18 @@ from extract.errors import UserError, first_line
 LAST = "last.pt"
 BEST = "best.pt"
 KEYS = (
-    "epoch", "best_accuracy", "state_dict", "optimizer",
-    "train_loss", "validation_loss", "train_accuracy", "validation_accuracy", "time",
-    "numeric_class_names", "tiny_class", "features",
+    "epoch",
+    "best_accuracy",
+    "state_dict",
+    "optimizer",
+    "train_loss",
+    "validation_loss",
+    "train_accuracy",
+    "validation_accuracy",
+    "time",
+    "numeric_class_names",
+    "tiny_class",
+    "features",
 )
 
 
@@ -54,13 +63,15 @@ def load(path: Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         if "Unsupported global" not in str(error):
-            raise UserError(f"{path}: not a loadable checkpoint (damaged, or not a PyTorch "
-                            f"file)") from None
-        raise UserError(f"{path}: refused, it holds pickled Python objects, not only tensors "
-                        f"and plain data (loading them could run code)") from None
-    except Exception as error:  # foreign pickles, damaged zips, other formats
+            raise UserError(
+                f"{path}: not a loadable checkpoint (damaged, or not a PyTorch file)"
+            ) from None
         raise UserError(
-            f"{path}: not a loadable checkpoint ({first_line(error)[:160]})") from None
+            f"{path}: refused, it holds pickled Python objects, not only tensors "
+            f"and plain data (loading them could run code)"
+        ) from None
+    except Exception as error:  # foreign pickles, damaged zips, other formats
+        raise UserError(f"{path}: not a loadable checkpoint ({first_line(error)[:160]})") from None
     missing = [key for key in KEYS if not isinstance(state, dict) or key not in state]
     if missing:
         raise UserError(f"{path}: not a head checkpoint (missing {', '.join(missing[:4])})")

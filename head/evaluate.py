@@ -43,8 +43,9 @@ ECE_BINS = 15
 LABELLED_AXES_UP_TO = 30  # classes; beyond this the confusion matrix has no tick labels
 
 
-def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray,
-                               bins: int = ECE_BINS) -> float:
+def expected_calibration_error(
+    probabilities: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS
+) -> float:
     """Sum over confidence bins of |accuracy - confidence|, weighted by the bin's share."""
     confidence = probabilities.max(axis=1)
     correct = probabilities.argmax(axis=1) == labels
@@ -83,22 +84,38 @@ def metrics(probabilities: np.ndarray, predicted: np.ndarray, labels: np.ndarray
     }
 
 
-def write_per_class(path: Path, labels: np.ndarray, predicted: np.ndarray, wnids: list[str],
-                    names: list[str]) -> None:
+def write_per_class(
+    path: Path, labels: np.ndarray, predicted: np.ndarray, wnids: list[str], names: list[str]
+) -> None:
     classes = np.arange(len(wnids))
     precision, recall, _, support = precision_recall_fscore_support(
-        labels, predicted, labels=classes, zero_division=0)
+        labels, predicted, labels=classes, zero_division=0
+    )
     with open(path, "w", newline="") as stream:
         writer = csv.writer(stream)
         writer.writerow(["label", "wnid", "name", "images", "accuracy", "precision"])
         for label in classes:
             accuracy = f"{100 * recall[label]:.2f}" if support[label] else ""
-            writer.writerow([label, wnids[label], names[label], support[label], accuracy,
-                             f"{100 * precision[label]:.2f}"])
+            writer.writerow(
+                [
+                    label,
+                    wnids[label],
+                    names[label],
+                    support[label],
+                    accuracy,
+                    f"{100 * precision[label]:.2f}",
+                ]
+            )
 
 
-def plot_confusion(path: Path, labels: np.ndarray, predicted: np.ndarray,
-                   wnids: list[str], names: list[str], title: str) -> None:
+def plot_confusion(
+    path: Path,
+    labels: np.ndarray,
+    predicted: np.ndarray,
+    wnids: list[str],
+    names: list[str],
+    title: str,
+) -> None:
     """Row-normalised confusion matrix: row = true class, column = predicted class."""
     matrix = confusion_matrix(labels, predicted, labels=np.arange(len(wnids)))
     rows = matrix.sum(axis=1, keepdims=True)
@@ -131,12 +148,16 @@ def evaluate(model: Path, features_path: Path, split: str, out: Path) -> dict:
         arrays = store.read_split(file, split)
     wnids = list(state["numeric_class_names"])
     if wnids != classes.wnids:
-        raise UserError(f"{model_file}: trained on {len(wnids)} classes that differ from the "
-                        f"{len(classes.wnids)} of {features_path}")
+        raise UserError(
+            f"{model_file}: trained on {len(wnids)} classes that differ from the "
+            f"{len(classes.wnids)} of {features_path}"
+        )
     if dict(state["features"]) != provenance:
         differ = [key for key in provenance if state["features"].get(key) != provenance[key]]
-        raise UserError(f"{model_file}: trained on features made differently from "
-                        f"{features_path} ({', '.join(differ)} differ)")
+        raise UserError(
+            f"{model_file}: trained on features made differently from "
+            f"{features_path} ({', '.join(differ)} differ)"
+        )
     labelled = arrays.labels >= 0
     if not labelled.any():
         raise UserError(f"{features_path}: the {split} split has no labels to evaluate against")
@@ -148,8 +169,14 @@ def evaluate(model: Path, features_path: Path, split: str, out: Path) -> dict:
     result = metrics(probabilities, predicted, labels)
     out.mkdir(parents=True, exist_ok=True)
     write_per_class(out / "per_class.csv", labels, predicted, wnids, classes.names)
-    plot_confusion(out / "confusion.png", labels, predicted, wnids, classes.names,
-                   f"{split}: top-1 {result['top1']:.1f}%")
+    plot_confusion(
+        out / "confusion.png",
+        labels,
+        predicted,
+        wnids,
+        classes.names,
+        f"{split}: top-1 {result['top1']:.1f}%",
+    )
     report = {
         "model": str(model_file),
         "features": str(features_path),
@@ -171,19 +198,26 @@ def main(argv: list[str] | None = None) -> int:
         epilog=__doc__.split("Examples:\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", type=Path, required=True,
-                        help="folder from head.train (uses best.pt) or a checkpoint file")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        required=True,
+        help="folder from head.train (uses best.pt) or a checkpoint file",
+    )
     parser.add_argument("--features", type=Path, required=True, help="HDF5 file from extract")
     parser.add_argument("--split", default="val", help="split to evaluate (default: val)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="folder for the reports (default: the model folder)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="folder for the reports (default: the model folder)"
+    )
     args = parser.parse_args(argv)
     out = args.out or (args.model if args.model.is_dir() else args.model.parent)
     report = evaluate(args.model, args.features, args.split, out)
-    print(f"{report['split']}: {report['images']} images  top1 {report['top1']:.2f}%  "
-          f"top{report['k']} {report['top5']:.2f}%  "
-          f"mean per-class {report['mean_per_class_accuracy']:.2f}%  "
-          f"ECE {report['expected_calibration_error']:.4f}  -> {out}")
+    print(
+        f"{report['split']}: {report['images']} images  top1 {report['top1']:.2f}%  "
+        f"top{report['k']} {report['top5']:.2f}%  "
+        f"mean per-class {report['mean_per_class_accuracy']:.2f}%  "
+        f"ECE {report['expected_calibration_error']:.4f}  -> {out}"
+    )
     return 0
 
 

@@ -32,8 +32,18 @@ FINITE_CHECK_ROWS = 8192
 MIB = 2**20
 CPU = torch.device("cpu")
 BLOCK_CHUNKS = 8  # a streamed block: this many HDF5 chunks (8 x 128 rows, 8 MiB in float16)
-UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-         "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 @dataclasses.dataclass
@@ -105,8 +115,10 @@ def check_backbone(file: h5py.File, path: Path) -> None:
     """The head is a layer on AlexNet's fc7: features of another network or layer are refused."""
     made = {"backbone": str(file.attrs.get("backbone")), "node": str(file.attrs.get("node"))}
     if made != {"backbone": BACKBONE, "node": FC7_NODE}:
-        raise UserError(f"{path}: features of {made['backbone']} {made['node']}, the head trains "
-                        f"on {BACKBONE} {FC7_NODE} (fc7); extract them again with extract")
+        raise UserError(
+            f"{path}: features of {made['backbone']} {made['node']}, the head trains "
+            f"on {BACKBONE} {FC7_NODE} (fc7); extract them again with extract"
+        )
 
 
 def split_bytes(file: h5py.File, split: str, flip: bool) -> int:
@@ -129,8 +141,9 @@ def available_memory() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def check_fits(needed: int, available: int, where: str, path: Path,
-               bound: str | None = None) -> None:
+def check_fits(
+    needed: int, available: int, where: str, path: Path, bound: str | None = None
+) -> None:
     if needed > available:
         raise UserError(
             f"{path}: the features need {needed / MIB:,.0f} MiB of {where} memory, only "
@@ -139,23 +152,27 @@ def check_fits(needed: int, available: int, where: str, path: Path,
         )
 
 
-def check_finite(path: Path, split: str, name: str, features: np.ndarray,
-                 offset: int = 0) -> None:
+def check_finite(path: Path, split: str, name: str, features: np.ndarray, offset: int = 0) -> None:
     """Refuse NaN or inf anywhere: one bad row silently turns every weight into NaN."""
     for start in range(0, len(features), FINITE_CHECK_ROWS):
-        rows = np.isfinite(features[start:start + FINITE_CHECK_ROWS]).all(axis=1)
+        rows = np.isfinite(features[start : start + FINITE_CHECK_ROWS]).all(axis=1)
         if not rows.all():
             bad = int(np.flatnonzero(~rows)[0]) + start + offset
-            raise UserError(f"{path}: {split}/{name} holds NaN or inf (first in row {bad}); "
-                            f"extract the features again")
+            raise UserError(
+                f"{path}: {split}/{name} holds NaN or inf (first in row {bad}); "
+                f"extract the features again"
+            )
 
 
-def read_tensors(file: h5py.File, path: Path, split: str, num_classes: int,
-                 flip: bool) -> SplitTensors:
+def read_tensors(
+    file: h5py.File, path: Path, split: str, num_classes: int, flip: bool
+) -> SplitTensors:
     arrays = store.read_split(file, split, with_flip=flip)
     if arrays.features.ndim != 2 or arrays.features.shape[1] != FEATURE_DIM:
-        raise UserError(f"{path}: {split}/features has shape {arrays.features.shape}, "
-                        f"expected (N, {FEATURE_DIM})")
+        raise UserError(
+            f"{path}: {split}/features has shape {arrays.features.shape}, "
+            f"expected (N, {FEATURE_DIM})"
+        )
     if len(arrays.labels) == 0:
         raise UserError(f"{path}: the {split} split holds no images")
     check_finite(path, split, "features", arrays.features)
@@ -163,13 +180,16 @@ def read_tensors(file: h5py.File, path: Path, split: str, num_classes: int,
         check_finite(path, split, "features_flip", arrays.features_flip)
     outside = (arrays.labels < 0) | (arrays.labels >= num_classes)
     if outside.any():
-        raise UserError(f"{path}: {split} has {int(outside.sum())} images without a label in "
-                        f"0..{num_classes - 1} (unlabelled images cannot be trained on)")
+        raise UserError(
+            f"{path}: {split} has {int(outside.sum())} images without a label in "
+            f"0..{num_classes - 1} (unlabelled images cannot be trained on)"
+        )
     return SplitTensors(
         name=split,
         features=torch.from_numpy(arrays.features),
         labels=torch.from_numpy(arrays.labels.astype(np.int64)),
-        features_flip=None if arrays.features_flip is None
+        features_flip=None
+        if arrays.features_flip is None
         else torch.from_numpy(arrays.features_flip),
     )
 
@@ -182,8 +202,9 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * UNITS[match.group(2).lower()])
 
 
-def stream_buffer_blocks(file: h5py.File, flip: bool, has_val: bool, num_classes: int,
-                         max_memory: int) -> tuple[int, int, int]:
+def stream_buffer_blocks(
+    file: h5py.File, flip: bool, has_val: bool, num_classes: int, max_memory: int
+) -> tuple[int, int, int]:
     """(block rows, blocks held at once, bytes outside the buffer) for streaming in max_memory.
 
     Outside the buffer: the labels, the layer with its gradient, Adam's two moments and the
@@ -193,34 +214,61 @@ def stream_buffer_blocks(file: h5py.File, flip: bool, has_val: bool, num_classes
     block_rows = (dataset.chunks[0] if dataset.chunks else 128) * BLOCK_CHUNKS
     block_bytes = block_rows * FEATURE_DIM * dataset.dtype.itemsize
     labels = sum(file[split]["labels"].size * 8 for split in ("train", "val") if split in file)
-    fixed = (labels + 5 * num_classes * (FEATURE_DIM + 1) * 4
-             + (block_bytes + block_rows * FEATURE_DIM * 4 if has_val else 0) + 32 * MIB)
+    fixed = (
+        labels
+        + 5 * num_classes * (FEATURE_DIM + 1) * 4
+        + (block_bytes + block_rows * FEATURE_DIM * 4 if has_val else 0)
+        + 32 * MIB
+    )
     return block_rows, (max_memory - fixed) // (block_bytes * (2 if flip else 1)), fixed
 
 
-def stream_split(file: h5py.File, path: Path, split: str, num_classes: int, block_rows: int,
-                 buffer_blocks: int, flip: bool) -> StreamedSplit:
+def stream_split(
+    file: h5py.File,
+    path: Path,
+    split: str,
+    num_classes: int,
+    block_rows: int,
+    buffer_blocks: int,
+    flip: bool,
+) -> StreamedSplit:
     """The split as a StreamedSplit, after the checks `read_tensors` makes, block by block."""
     group = file[split]
     if group["features"].ndim != 2 or group["features"].shape[1] != FEATURE_DIM:
-        raise UserError(f"{path}: {split}/features has shape {group['features'].shape}, "
-                        f"expected (N, {FEATURE_DIM})")
+        raise UserError(
+            f"{path}: {split}/features has shape {group['features'].shape}, "
+            f"expected (N, {FEATURE_DIM})"
+        )
     labels = group["labels"][()]
     if len(labels) == 0:
         raise UserError(f"{path}: the {split} split holds no images")
     for name in ["features", "features_flip"] if flip else ["features"]:
         for start in range(0, len(labels), block_rows):
-            check_finite(path, split, name, group[name][start:start + block_rows], start)
+            check_finite(path, split, name, group[name][start : start + block_rows], start)
     outside = (labels < 0) | (labels >= num_classes)
     if outside.any():
-        raise UserError(f"{path}: {split} has {int(outside.sum())} images without a label in "
-                        f"0..{num_classes - 1} (unlabelled images cannot be trained on)")
-    return StreamedSplit(path=path, name=split, labels=torch.from_numpy(labels.astype(np.int64)),
-                         block_rows=block_rows, buffer_blocks=buffer_blocks, flip=flip)
+        raise UserError(
+            f"{path}: {split} has {int(outside.sum())} images without a label in "
+            f"0..{num_classes - 1} (unlabelled images cannot be trained on)"
+        )
+    return StreamedSplit(
+        path=path,
+        name=split,
+        labels=torch.from_numpy(labels.astype(np.int64)),
+        block_rows=block_rows,
+        buffer_blocks=buffer_blocks,
+        flip=flip,
+    )
 
 
-def load(path: Path, flip: bool = False, device: torch.device = CPU, report=print,
-         stream: bool | None = None, max_memory: int | None = None) -> FeatureSet:
+def load(
+    path: Path,
+    flip: bool = False,
+    device: torch.device = CPU,
+    report=print,
+    stream: bool | None = None,
+    max_memory: int | None = None,
+) -> FeatureSet:
     """The train split (and val when there is one), in memory or streamed from the file.
 
     `stream`: True streams, False loads into memory, None (the default) loads when the features
@@ -232,16 +280,21 @@ def load(path: Path, flip: bool = False, device: torch.device = CPU, report=prin
         check_backbone(file, path)
         present = store.splits(file)
         if "train" not in present or "train" not in file:
-            raise UserError(f"{path}: no 'train' split (has {', '.join(present) or 'none'}); "
-                            f"extract with --splits train,val")
+            raise UserError(
+                f"{path}: no 'train' split (has {', '.join(present) or 'none'}); "
+                f"extract with --splits train,val"
+            )
         classes = store.read_classes(file)
         if flip and "features_flip" not in file["train"]:
-            report(f"note: {path} has no flipped features (extract with --flip); "
-                   f"training on the plain view only")
+            report(
+                f"note: {path} has no flipped features (extract with --flip); "
+                f"training on the plain view only"
+            )
             flip = False
         has_val = "val" in present and "val" in file
-        needed = split_bytes(file, "train", flip) + (split_bytes(file, "val", False)
-                                                     if has_val else 0)
+        needed = split_bytes(file, "train", flip) + (
+            split_bytes(file, "val", False) if has_val else 0
+        )
         shapes = ", ".join(
             f"{split} {file[split]['features'].shape[0]} x {FEATURE_DIM} "
             f"{file[split]['features'].dtype}{' (+ flipped)' if split == 'train' and flip else ''}"
@@ -255,36 +308,61 @@ def load(path: Path, flip: bool = False, device: torch.device = CPU, report=prin
         limit = available if max_memory is None else min(max_memory, available)
         num_classes = len(classes.wnids)
         if stream is False or (stream is None and needed <= limit):
-            report(f"features: {shapes}: {needed / MIB:,.1f} MiB in memory "
-                   f"({available / MIB:,.0f} MiB available)")
-            check_fits(needed, limit if max_memory is not None else available, where, path,
-                       "--max-memory" if max_memory is not None and max_memory < available
-                       else None)
+            report(
+                f"features: {shapes}: {needed / MIB:,.1f} MiB in memory "
+                f"({available / MIB:,.0f} MiB available)"
+            )
+            check_fits(
+                needed,
+                limit if max_memory is not None else available,
+                where,
+                path,
+                "--max-memory" if max_memory is not None and max_memory < available else None,
+            )
             train = read_tensors(file, path, "train", num_classes, flip)
             val = read_tensors(file, path, "val", num_classes, False) if has_val else None
         else:
-            block_rows, buffer_blocks, fixed = stream_buffer_blocks(file, flip, has_val,
-                                                                    num_classes, limit)
+            block_rows, buffer_blocks, fixed = stream_buffer_blocks(
+                file, flip, has_val, num_classes, limit
+            )
             minimum = fixed + block_rows * FEATURE_DIM * file["train"]["features"].dtype.itemsize
             if buffer_blocks < 1:
-                report(f"features: {shapes}: {needed / MIB:,.1f} MiB in memory, "
-                       f"{minimum / MIB:,.1f} MiB streamed ({available / MIB:,.0f} MiB available)")
-                check_fits(min(needed, minimum), limit, where, path,
-                           "--max-memory" if max_memory is not None and max_memory < available
-                           else None)
-            buffer_blocks = min(buffer_blocks, math.ceil(len(file["train"]["labels"]) /
-                                                         block_rows))
-            why = ("--stream" if stream else f"more than the {limit / MIB:,.0f} MiB "
-                   f"{'allowed by --max-memory' if limit == max_memory else 'available'}")
-            buffer = buffer_blocks * block_rows * FEATURE_DIM * \
-                file["train"]["features"].dtype.itemsize * (2 if flip else 1)
-            report(f"features: {shapes}: {needed / MIB:,.1f} MiB, {why}; streaming from the "
-                   f"file through a {buffer / MIB:,.0f} MiB buffer ({buffer_blocks} blocks of "
-                   f"{block_rows} rows)")
-            train = stream_split(file, path, "train", num_classes, block_rows, buffer_blocks,
-                                 flip)
-            val = stream_split(file, path, "val", num_classes, block_rows, 1, False) \
-                if has_val else None
+                report(
+                    f"features: {shapes}: {needed / MIB:,.1f} MiB in memory, "
+                    f"{minimum / MIB:,.1f} MiB streamed ({available / MIB:,.0f} MiB available)"
+                )
+                check_fits(
+                    min(needed, minimum),
+                    limit,
+                    where,
+                    path,
+                    "--max-memory" if max_memory is not None and max_memory < available else None,
+                )
+            buffer_blocks = min(buffer_blocks, math.ceil(len(file["train"]["labels"]) / block_rows))
+            why = (
+                "--stream"
+                if stream
+                else f"more than the {limit / MIB:,.0f} MiB "
+                f"{'allowed by --max-memory' if limit == max_memory else 'available'}"
+            )
+            buffer = (
+                buffer_blocks
+                * block_rows
+                * FEATURE_DIM
+                * file["train"]["features"].dtype.itemsize
+                * (2 if flip else 1)
+            )
+            report(
+                f"features: {shapes}: {needed / MIB:,.1f} MiB, {why}; streaming from the "
+                f"file through a {buffer / MIB:,.0f} MiB buffer ({buffer_blocks} blocks of "
+                f"{block_rows} rows)"
+            )
+            train = stream_split(file, path, "train", num_classes, block_rows, buffer_blocks, flip)
+            val = (
+                stream_split(file, path, "val", num_classes, block_rows, 1, False)
+                if has_val
+                else None
+            )
         provenance = store.provenance(file)
     for split in (train, val):
         if isinstance(split, SplitTensors) and device.type != "cpu":
@@ -292,12 +370,19 @@ def load(path: Path, flip: bool = False, device: torch.device = CPU, report=prin
             split.labels = split.labels.to(device)
             if split.features_flip is not None:
                 split.features_flip = split.features_flip.to(device)
-    return FeatureSet(path=path, wnids=classes.wnids, names=classes.names,
-                      provenance=provenance, train=train, val=val)
+    return FeatureSet(
+        path=path,
+        wnids=classes.wnids,
+        names=classes.names,
+        provenance=provenance,
+        train=train,
+        val=val,
+    )
 
 
-def gather(views: list[torch.Tensor], use_flip: torch.Tensor | None,
-           take: torch.Tensor) -> torch.Tensor:
+def gather(
+    views: list[torch.Tensor], use_flip: torch.Tensor | None, take: torch.Tensor
+) -> torch.Tensor:
     """Rows `take` of the plain view, or of the flipped one where `use_flip` says so."""
     features = views[0][take]
     if use_flip is not None:
@@ -305,8 +390,9 @@ def gather(views: list[torch.Tensor], use_flip: torch.Tensor | None,
     return features
 
 
-def stream_batches(split: StreamedSplit, batch_size: int, generator: torch.Generator,
-                   device: torch.device = CPU) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def stream_batches(
+    split: StreamedSplit, batch_size: int, generator: torch.Generator, device: torch.device = CPU
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One epoch of shuffled (features, labels) batches from the file, in the stored dtype.
 
     Draws from `generator`: the order of the blocks, then for each buffer fill a permutation of
@@ -322,30 +408,34 @@ def stream_batches(split: StreamedSplit, batch_size: int, generator: torch.Gener
         order = torch.randperm(split.blocks, generator=generator)
         for first in range(0, split.blocks, split.buffer_blocks):
             filled, rows = 0, []
-            for block in order[first:first + split.buffer_blocks].sort().values.tolist():
+            for block in order[first : first + split.buffer_blocks].sort().values.tolist():
                 start, stop = split.block_range(block)
                 for name in names:
-                    group[name].read_direct(buffers[name], np.s_[start:stop],
-                                            np.s_[filled:filled + stop - start])
+                    group[name].read_direct(
+                        buffers[name], np.s_[start:stop], np.s_[filled : filled + stop - start]
+                    )
                 rows.append(torch.arange(start, stop))
                 filled += stop - start
             labels = split.labels[torch.cat(rows)].to(device)
             views = [torch.from_numpy(buffers[name][:filled]).to(device) for name in names]
             permutation = torch.randperm(filled, generator=generator).to(device)
-            use_flip = (torch.rand(filled, generator=generator) < 0.5).to(device) \
-                if split.flip else None
+            use_flip = (
+                (torch.rand(filled, generator=generator) < 0.5).to(device) if split.flip else None
+            )
 
             position = 0
             if carry is not None:
-                take = permutation[:batch_size - len(carry[1])]
-                carry = (torch.cat([carry[0], gather(views, use_flip, take)]),
-                         torch.cat([carry[1], labels[take]]))
+                take = permutation[: batch_size - len(carry[1])]
+                carry = (
+                    torch.cat([carry[0], gather(views, use_flip, take)]),
+                    torch.cat([carry[1], labels[take]]),
+                )
                 position = len(take)
                 if len(carry[1]) == batch_size:
                     yield carry
                     carry = None
             while carry is None and position + batch_size <= filled:
-                take = permutation[position:position + batch_size]
+                take = permutation[position : position + batch_size]
                 yield gather(views, use_flip, take), labels[take]
                 position += batch_size
             if carry is None and position < filled:

@@ -48,8 +48,9 @@ def write_csv(state: dict, path: Path) -> None:
     os.replace(temporary, path)
 
 
-def plot(path: Path, epochs: list[int], series: dict[str, list[float]], ylabel: str,
-         bars: bool = False) -> None:
+def plot(
+    path: Path, epochs: list[int], series: dict[str, list[float]], ylabel: str, bars: bool = False
+) -> None:
     figure, axes = plt.subplots(figsize=(6, 4), dpi=100)
     for label, values in series.items():
         if all(math.isnan(value) for value in values):
@@ -70,9 +71,20 @@ def plot(path: Path, epochs: list[int], series: dict[str, list[float]], ylabel: 
 
 def write_plots(state: dict, folder: Path) -> None:
     epochs = state["history_epochs"]
-    plot(folder / "loss.png", epochs,
-         {"train": state["train_loss"], "val": state["validation_loss"]}, "cross-entropy")
-    plot(folder / "accuracy.png", epochs,
-         {"train top-1": state["train_accuracy"], "val top-1": state["validation_accuracy"],
-          "val top-5": state["validation_top5"]}, "accuracy (%)")
+    plot(
+        folder / "loss.png",
+        epochs,
+        {"train": state["train_loss"], "val": state["validation_loss"]},
+        "cross-entropy",
+    )
+    plot(
+        folder / "accuracy.png",
+        epochs,
+        {
+            "train top-1": state["train_accuracy"],
+            "val top-1": state["validation_accuracy"],
+            "val top-5": state["validation_top5"],
+        },
+        "accuracy (%)",
+    )
     plot(folder / "time.png", epochs, {"epoch": state["time"]}, "seconds", bars=True)

@@ -23,8 +23,10 @@ def head_from_state(state_dict: dict[str, torch.Tensor], origin: str = "checkpoi
         raise UserError(f"{origin}: state_dict must hold exactly 'weight' and 'bias'")
     weight, bias = state_dict["weight"], state_dict["bias"]
     if weight.ndim != 2 or weight.shape[1] != FEATURE_DIM or bias.shape != weight.shape[:1]:
-        raise UserError(f"{origin}: head weight {tuple(weight.shape)} / bias "
-                        f"{tuple(bias.shape)} do not fit a 4096 -> C linear layer")
+        raise UserError(
+            f"{origin}: head weight {tuple(weight.shape)} / bias "
+            f"{tuple(bias.shape)} do not fit a 4096 -> C linear layer"
+        )
     head = new_head(weight.shape[0])
     head.load_state_dict({"weight": weight.float(), "bias": bias.float()})
     return head.eval()
@@ -47,8 +49,10 @@ def fc8_head(fc8: nn.Linear, wnids: list[str]) -> nn.Linear:
     index = {wnid: position for position, wnid in enumerate(imagenet_wnids())}
     unknown = [wnid for wnid in wnids if wnid not in index]
     if unknown:
-        raise UserError(f"--init fc8: {len(unknown)} of the dataset's classes are not "
-                        f"ImageNet-1k classes (first: {unknown[0]!r}); use --init random")
+        raise UserError(
+            f"--init fc8: {len(unknown)} of the dataset's classes are not "
+            f"ImageNet-1k classes (first: {unknown[0]!r}); use --init random"
+        )
     rows = torch.tensor([index[wnid] for wnid in wnids])
     head = new_head(len(wnids))
     with torch.no_grad():
@@ -60,23 +64,29 @@ def fc8_head(fc8: nn.Linear, wnids: list[str]) -> nn.Linear:
 def pretrained_fc8_head(provenance: dict[str, str], wnids: list[str], origin: str) -> nn.Linear:
     """fc8 rows of the very backbone the features came from; refused for other weights."""
     if provenance.get("weights") != "imagenet":
-        raise UserError(f"{origin}: --init fc8 needs features from pretrained ImageNet weights, "
-                        f"these were extracted with --weights {provenance.get('weights')}")
+        raise UserError(
+            f"{origin}: --init fc8 needs features from pretrained ImageNet weights, "
+            f"these were extracted with --weights {provenance.get('weights')}"
+        )
     model = load_alexnet("imagenet")
     if state_dict_sha256(model) != provenance.get("weights_sha256"):
-        raise UserError(f"{origin}: the ImageNet weights found here are not the ones the features "
-                        f"were extracted with (weights_sha256 differs)")
+        raise UserError(
+            f"{origin}: the ImageNet weights found here are not the ones the features "
+            f"were extracted with (weights_sha256 differs)"
+        )
     return fc8_head(fc8_layer(model), wnids)
 
 
-def fold_standardization(weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor,
-                         std: torch.Tensor) -> dict[str, torch.Tensor]:
+def fold_standardization(
+    weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """The layer on raw features equal to (`weight`, `bias`) applied to (x - mean) / std."""
     folded = weight / std
     return {"weight": folded, "bias": bias - folded @ mean}
 
 
-def unfold_standardization(weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor,
-                           std: torch.Tensor) -> dict[str, torch.Tensor]:
+def unfold_standardization(
+    weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """The inverse of `fold_standardization`: a raw-feature layer as a standardised one."""
     return {"weight": weight * std, "bias": bias + weight @ mean}

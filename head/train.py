@@ -34,41 +34,85 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--features", type=Path, required=True, help="HDF5 file from extract")
     parser.add_argument("--save", type=Path, required=True, help="folder for checkpoints/plots")
-    parser.add_argument("--epochs", type=int, default=defaults.epochs,
-                        help=f"total epochs, counting resumed ones (default: {defaults.epochs})")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size,
-                        help=f"images per step (default: {defaults.batch_size})")
-    parser.add_argument("--lr", type=float, default=defaults.lr,
-                        help=f"Adam learning rate (default: {defaults.lr})")
-    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay,
-                        help=f"Adam weight decay (default: {defaults.weight_decay:g})")
-    parser.add_argument("--seed", type=int, default=defaults.seed,
-                        help="seed of the initial weights, the shuffling and the flips "
-                        f"(default: {defaults.seed})")
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=defaults.epochs,
+        help=f"total epochs, counting resumed ones (default: {defaults.epochs})",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=defaults.batch_size,
+        help=f"images per step (default: {defaults.batch_size})",
+    )
+    parser.add_argument(
+        "--lr", type=float, default=defaults.lr, help=f"Adam learning rate (default: {defaults.lr})"
+    )
+    parser.add_argument(
+        "--weight-decay",
+        type=float,
+        default=defaults.weight_decay,
+        help=f"Adam weight decay (default: {defaults.weight_decay:g})",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=defaults.seed,
+        help=f"seed of the initial weights, the shuffling and the flips (default: {defaults.seed})",
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run saved in --save (last.pt) up to --epochs")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="start again even though --save already holds a run")
-    parser.add_argument("--init", default="random", choices=INITS,
-                        help="random, or fc8: the rows of pretrained AlexNet's ImageNet fc8 for "
-                        "the dataset's wnids, measured as epoch 0 (default: random)")
-    parser.add_argument("--standardize", action="store_true",
-                        help="train on features standardised with train statistics; the saved "
-                        "layer has them folded in and takes raw features")
-    parser.add_argument("--flip", action="store_true",
-                        help="per image and epoch, use the plain or the flipped features at "
-                        "random (needs features extracted with --flip)")
-    parser.add_argument("--precision", default=defaults.precision, choices=PRECISIONS,
-                        help="fp32, or bf16: the matmuls of training in bfloat16 (the weights, "
-                        "Adam and validation stay float32); about twice as fast on a CPU with "
-                        "AVX-512 bf16 units (default: fp32, exact)")
-    parser.add_argument("--stream", action="store_true",
-                        help="read the features from the file in shuffled blocks instead of "
-                        "loading them (chosen by itself when they do not fit)")
-    parser.add_argument("--max-memory", type=size, default=None, metavar="SIZE",
-                        help="memory the features may take, such as 2GB or 500MB; beyond it "
-                        "they are streamed (default: the memory available)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run saved in --save (last.pt) up to --epochs",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start again even though --save already holds a run",
+    )
+    parser.add_argument(
+        "--init",
+        default="random",
+        choices=INITS,
+        help="random, or fc8: the rows of pretrained AlexNet's ImageNet fc8 for "
+        "the dataset's wnids, measured as epoch 0 (default: random)",
+    )
+    parser.add_argument(
+        "--standardize",
+        action="store_true",
+        help="train on features standardised with train statistics; the saved "
+        "layer has them folded in and takes raw features",
+    )
+    parser.add_argument(
+        "--flip",
+        action="store_true",
+        help="per image and epoch, use the plain or the flipped features at "
+        "random (needs features extracted with --flip)",
+    )
+    parser.add_argument(
+        "--precision",
+        default=defaults.precision,
+        choices=PRECISIONS,
+        help="fp32, or bf16: the matmuls of training in bfloat16 (the weights, "
+        "Adam and validation stay float32); about twice as fast on a CPU with "
+        "AVX-512 bf16 units (default: fp32, exact)",
+    )
+    parser.add_argument(
+        "--stream",
+        action="store_true",
+        help="read the features from the file in shuffled blocks instead of "
+        "loading them (chosen by itself when they do not fit)",
+    )
+    parser.add_argument(
+        "--max-memory",
+        type=size,
+        default=None,
+        metavar="SIZE",
+        help="memory the features may take, such as 2GB or 500MB; beyond it "
+        "they are streamed (default: the memory available)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.lr <= 0 or args.weight_decay < 0:
@@ -90,20 +134,35 @@ def size(text: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = Settings(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        weight_decay=args.weight_decay, seed=args.seed, init=args.init,
-        standardize=args.standardize, flip=args.flip, precision=args.precision,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+        init=args.init,
+        standardize=args.standardize,
+        flip=args.flip,
+        precision=args.precision,
         resume=args.resume,
-        overwrite=args.overwrite, progress=not args.no_progress,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
     )
     device = resolve_device(args.device)
     check_save_dir(args.save, settings)
-    data = features.load(args.features, flip=args.flip, device=device, report=note,
-                         stream=True if args.stream else None, max_memory=args.max_memory)
+    data = features.load(
+        args.features,
+        flip=args.flip,
+        device=device,
+        report=note,
+        stream=True if args.stream else None,
+        max_memory=args.max_memory,
+    )
     state = train(data, args.save, settings, device, report=note)
     selection = state["selection"]
-    print(f"best.pt: epoch {state['best_epoch']}, {selection} selection, "
-          f"top-1 {state['best_accuracy']:.2f}%; saved in {args.save}")
+    print(
+        f"best.pt: epoch {state['best_epoch']}, {selection} selection, "
+        f"top-1 {state['best_accuracy']:.2f}%; saved in {args.save}"
+    )
     return 0
 
 

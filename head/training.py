@@ -39,8 +39,16 @@ EVAL_BATCH = 1024  # rows cast to float32 at a time while scoring: 16 MB, as fas
 INITS = ("random", "fc8")
 PRECISIONS = ("fp32", "bf16")
 # Settings a resumed run must share with the run it continues (--epochs may grow).
-SAME_ON_RESUME = ("batch_size", "lr", "weight_decay", "seed", "init", "standardize", "flip",
-                  "precision")
+SAME_ON_RESUME = (
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "seed",
+    "init",
+    "standardize",
+    "flip",
+    "precision",
+)
 
 
 @dataclasses.dataclass
@@ -80,8 +88,9 @@ class Run:
     generator: torch.Generator
     mean: torch.Tensor | None
     std: torch.Tensor | None
-    history: dict[str, list] = dataclasses.field(default_factory=lambda: {
-        key: [] for key in history.LISTS})
+    history: dict[str, list] = dataclasses.field(
+        default_factory=lambda: {key: [] for key in history.LISTS}
+    )
     epoch: int = 0
     best_epoch: int = -1
     best_accuracy: float = 0.0
@@ -108,8 +117,9 @@ def scores(logits: torch.Tensor, labels: torch.Tensor) -> Scores:
     )
 
 
-def split_scores(layer: dict[str, torch.Tensor], split: SplitTensors | StreamedSplit,
-                 device: torch.device) -> Scores:
+def split_scores(
+    layer: dict[str, torch.Tensor], split: SplitTensors | StreamedSplit, device: torch.device
+) -> Scores:
     """`scores` of a raw-feature layer on a whole split; a streamed one is summed block by block."""
     if isinstance(split, SplitTensors):
         return scores(predict(layer, split.features), split.labels)
@@ -123,13 +133,15 @@ def split_scores(layer: dict[str, torch.Tensor], split: SplitTensors | StreamedS
         top1 += hits[:, 0].sum()
         top5 += hits.any(dim=1).sum()
     count = len(split)
-    return Scores(loss=loss.item() / count, top1=100.0 * top1.item() / count,
-                  top5=100.0 * top5.item() / count)
+    return Scores(
+        loss=loss.item() / count, top1=100.0 * top1.item() / count, top5=100.0 * top5.item() / count
+    )
 
 
 @torch.no_grad()
-def predict(layer: dict[str, torch.Tensor], features: torch.Tensor,
-            batch_size: int = EVAL_BATCH) -> torch.Tensor:
+def predict(
+    layer: dict[str, torch.Tensor], features: torch.Tensor, batch_size: int = EVAL_BATCH
+) -> torch.Tensor:
     """Logits (float32, on the features' device) of a raw-feature layer over all rows.
 
     Each slice is cast into one reused float32 buffer and its logits written in place. With a
@@ -139,25 +151,26 @@ def predict(layer: dict[str, torch.Tensor], features: torch.Tensor,
     weight = layer["weight"].to(features.device, torch.float32)
     bias = layer["bias"].to(features.device, torch.float32)
     logits = torch.empty(len(features), len(bias), device=features.device)
-    buffer = torch.empty(min(batch_size, len(features)), features.shape[1],
-                         device=features.device)
+    buffer = torch.empty(min(batch_size, len(features)), features.shape[1], device=features.device)
     for start in range(0, len(features), batch_size):
-        chunk = features[start:start + batch_size]
-        rows = buffer[:len(chunk)].copy_(chunk)
-        torch.addmm(bias, rows, weight.t(), out=logits[start:start + len(chunk)])
+        chunk = features[start : start + batch_size]
+        rows = buffer[: len(chunk)].copy_(chunk)
+        torch.addmm(bias, rows, weight.t(), out=logits[start : start + len(chunk)])
     return logits
 
 
-def epoch_order(count: int, generator: torch.Generator,
-                flip: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def epoch_order(
+    count: int, generator: torch.Generator, flip: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """This epoch's sample order and, with flipped features, which images use the flipped view."""
     order = torch.randperm(count, generator=generator)
     flipped = torch.rand(count, generator=generator) < 0.5 if flip else None
     return order, flipped
 
 
-def memory_batches(train: SplitTensors, batch_size: int, generator: torch.Generator,
-                   flip: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def memory_batches(
+    train: SplitTensors, batch_size: int, generator: torch.Generator, flip: bool
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One epoch of (features, labels) batches of the in-memory split, in the stored dtype."""
     device = train.features.device
     order, flipped = epoch_order(len(train), generator, flip and train.features_flip is not None)
@@ -165,19 +178,21 @@ def memory_batches(train: SplitTensors, batch_size: int, generator: torch.Genera
     if flipped is not None:
         flipped = flipped.to(device)
     for start in range(0, len(train), batch_size):
-        rows = order[start:start + batch_size]
+        rows = order[start : start + batch_size]
         # Gathered in the stored dtype, then cast: half the bytes. index_select is the
         # fastest row gather on CPUs, 3x advanced indexing.
         features = train.features.index_select(0, rows)
         if flipped is not None:
-            use_flip = flipped[start:start + batch_size]
-            features = torch.where(use_flip[:, None], train.features_flip.index_select(0, rows),
-                                   features)
+            use_flip = flipped[start : start + batch_size]
+            features = torch.where(
+                use_flip[:, None], train.features_flip.index_select(0, rows), features
+            )
         yield features, train.labels.index_select(0, rows)
 
 
-def train_epoch(run: Run, train: SplitTensors | StreamedSplit, settings: Settings,
-                bar: tqdm) -> Scores:
+def train_epoch(
+    run: Run, train: SplitTensors | StreamedSplit, settings: Settings, bar: tqdm
+) -> Scores:
     """One pass over the train split in the generator's order; returns running loss and top-1.
 
     Loss and hits add up in tensors on the device and are read once at the end of the epoch:
@@ -205,8 +220,9 @@ def train_epoch(run: Run, train: SplitTensors | StreamedSplit, settings: Setting
         loss_sum += loss.detach().double() * len(labels)
         correct += (logits.detach().argmax(1) == labels).sum()
         bar.update(len(labels))
-    return Scores(loss=loss_sum.item() / len(train), top1=100.0 * correct.item() / len(train),
-                  top5=math.nan)
+    return Scores(
+        loss=loss_sum.item() / len(train), top1=100.0 * correct.item() / len(train), top5=math.nan
+    )
 
 
 def validate(run: Run, val: SplitTensors | StreamedSplit | None) -> Scores:
@@ -215,14 +231,19 @@ def validate(run: Run, val: SplitTensors | StreamedSplit | None) -> Scores:
     return split_scores(run.exported(), val, run.head.weight.device)
 
 
-def record(run: Run, epoch: int, train_scores: Scores, val_scores: Scores, seconds: float,
-           has_val: bool) -> bool:
+def record(
+    run: Run, epoch: int, train_scores: Scores, val_scores: Scores, seconds: float, has_val: bool
+) -> bool:
     """Append one epoch to the history; returns whether it is the best so far."""
-    for key, value in (("history_epochs", epoch), ("train_loss", train_scores.loss),
-                       ("train_accuracy", train_scores.top1),
-                       ("validation_loss", val_scores.loss),
-                       ("validation_accuracy", val_scores.top1),
-                       ("validation_top5", val_scores.top5), ("time", seconds)):
+    for key, value in (
+        ("history_epochs", epoch),
+        ("train_loss", train_scores.loss),
+        ("train_accuracy", train_scores.top1),
+        ("validation_loss", val_scores.loss),
+        ("validation_accuracy", val_scores.top1),
+        ("validation_top5", val_scores.top5),
+        ("time", seconds),
+    ):
         run.history[key].append(value)
     run.epoch = epoch
     # Higher val top-1 is better; without val, lower train loss (negated to compare alike).
@@ -235,13 +256,19 @@ def record(run: Run, epoch: int, train_scores: Scores, val_scores: Scores, secon
     return False
 
 
-def epoch_line(epoch: int, epochs: int, train_scores: Scores, val_scores: Scores,
-               seconds: float) -> str:
-    val = ("val -" if math.isnan(val_scores.loss) else
-           f"val loss {val_scores.loss:.3f} top1 {val_scores.top1:.1f}% "
-           f"top5 {val_scores.top5:.1f}%")
-    return (f"epoch {epoch}/{epochs}  train loss {train_scores.loss:.3f} "
-            f"top1 {train_scores.top1:.1f}%  {val}  {seconds:.1f} s")
+def epoch_line(
+    epoch: int, epochs: int, train_scores: Scores, val_scores: Scores, seconds: float
+) -> str:
+    val = (
+        "val -"
+        if math.isnan(val_scores.loss)
+        else f"val loss {val_scores.loss:.3f} top1 {val_scores.top1:.1f}% "
+        f"top5 {val_scores.top5:.1f}%"
+    )
+    return (
+        f"epoch {epoch}/{epochs}  train loss {train_scores.loss:.3f} "
+        f"top1 {train_scores.top1:.1f}%  {val}  {seconds:.1f} s"
+    )
 
 
 def to_checkpoint(run: Run, data: FeatureSet, settings: Settings, has_val: bool) -> dict:
@@ -250,8 +277,10 @@ def to_checkpoint(run: Run, data: FeatureSet, settings: Settings, has_val: bool)
     return {
         "epoch": run.epoch,
         "best_accuracy": run.best_accuracy,
-        "state_dict": {"weight": exported["weight"].cpu().float(),
-                       "bias": exported["bias"].cpu().float()},
+        "state_dict": {
+            "weight": exported["weight"].cpu().float(),
+            "bias": exported["bias"].cpu().float(),
+        },
         "optimizer": run.optimizer.state_dict(),
         **{key: list(values) for key, values in run.history.items()},
         "numeric_class_names": list(data.wnids),
@@ -261,9 +290,11 @@ def to_checkpoint(run: Run, data: FeatureSet, settings: Settings, has_val: bool)
         "selection": "validation top-1" if has_val else "train loss",
         "args": settings.recorded(),
         "generator": run.generator.get_state(),
-        "trainable": {name: value.detach().cpu().clone()
-                      for name, value in run.head.state_dict().items()},
-        "standardization": None if run.mean is None
+        "trainable": {
+            name: value.detach().cpu().clone() for name, value in run.head.state_dict().items()
+        },
+        "standardization": None
+        if run.mean is None
         else {"mean": run.mean.cpu(), "std": run.std.cpu()},
     }
 
@@ -275,15 +306,19 @@ def adam(head: nn.Linear, settings: Settings) -> Adam:
 def new_run(data: FeatureSet, settings: Settings, device: torch.device) -> Run:
     mean = std = None
     if settings.standardize:
-        chunks = ((features.to(device) for features, _ in data.train.chunks())
-                  if data.streamed else data.train.features.split(8192))
+        chunks = (
+            (features.to(device) for features, _ in data.train.chunks())
+            if data.streamed
+            else data.train.features.split(8192)
+        )
         mean, std = standardization(chunks)
     if settings.init == "fc8":
         head = pretrained_fc8_head(data.provenance, data.wnids, str(data.path))
         if mean is not None:
             with torch.no_grad():
-                head.load_state_dict(unfold_standardization(
-                    head.weight, head.bias, mean.cpu(), std.cpu()))
+                head.load_state_dict(
+                    unfold_standardization(head.weight, head.bias, mean.cpu(), std.cpu())
+                )
     else:
         head = initial_head(data.num_classes, settings.seed)
     head = head.to(device)
@@ -299,16 +334,23 @@ def resumed_run(path: Path, data: FeatureSet, settings: Settings, device: torch.
         raise UserError(f"{path}: not written by head.train (no training state); cannot resume")
     saved_classes = list(state["numeric_class_names"])
     if len(saved_classes) != data.num_classes:
-        raise UserError(f"{path}: checkpoint has {len(saved_classes)} classes, {data.path} has "
-                        f"{data.num_classes}; cannot resume (use another --save folder)")
+        raise UserError(
+            f"{path}: checkpoint has {len(saved_classes)} classes, {data.path} has "
+            f"{data.num_classes}; cannot resume (use another --save folder)"
+        )
     if saved_classes != list(data.wnids):
         raise UserError(f"{path}: checkpoint classes differ from those of {data.path}")
     if dict(state["features"]) != dict(data.provenance):
-        raise UserError(f"{path}: trained on features from another backbone or preprocessing "
-                        f"than {data.path}; cannot resume")
+        raise UserError(
+            f"{path}: trained on features from another backbone or preprocessing "
+            f"than {data.path}; cannot resume"
+        )
     saved = {**Settings().recorded(), **state["args"]}  # a setting added later: its default
-    changed = [f"--{key.replace('_', '-')} {saved[key]} -> {getattr(settings, key)}"
-               for key in SAME_ON_RESUME if saved[key] != getattr(settings, key)]
+    changed = [
+        f"--{key.replace('_', '-')} {saved[key]} -> {getattr(settings, key)}"
+        for key in SAME_ON_RESUME
+        if saved[key] != getattr(settings, key)
+    ]
     if changed:
         raise UserError(f"{path}: cannot resume with other settings ({'; '.join(changed)})")
     head = initial_head(data.num_classes, settings.seed)
@@ -319,21 +361,29 @@ def resumed_run(path: Path, data: FeatureSet, settings: Settings, device: torch.
     generator = torch.Generator()
     generator.set_state(state["generator"])
     standard = state["standardization"]
-    run = Run(head=head, optimizer=optimizer, generator=generator,
-              mean=None if standard is None else standard["mean"].to(device),
-              std=None if standard is None else standard["std"].to(device))
+    run = Run(
+        head=head,
+        optimizer=optimizer,
+        generator=generator,
+        mean=None if standard is None else standard["mean"].to(device),
+        std=None if standard is None else standard["std"].to(device),
+    )
     run.history = {key: list(state[key]) for key in history.LISTS}
     run.epoch = int(state["epoch"])
     run.best_epoch = int(state["best_epoch"])
     run.best_accuracy = float(state["best_accuracy"])
     best = run.history["history_epochs"].index(run.best_epoch)
-    run.best_score = (run.history["validation_accuracy"][best] if state["selection"] ==
-                      "validation top-1" else -run.history["train_loss"][best])
+    run.best_score = (
+        run.history["validation_accuracy"][best]
+        if state["selection"] == "validation top-1"
+        else -run.history["train_loss"][best]
+    )
     return run
 
 
-def save(run: Run, data: FeatureSet, settings: Settings, save_dir: Path, has_val: bool,
-         is_best: bool) -> dict:
+def save(
+    run: Run, data: FeatureSet, settings: Settings, save_dir: Path, has_val: bool, is_best: bool
+) -> dict:
     state = to_checkpoint(run, data, settings, has_val)
     checkpoint.save_atomic(state, save_dir / checkpoint.LAST)
     if is_best:
@@ -350,26 +400,35 @@ def check_save_dir(save_dir: Path, settings: Settings) -> None:
     if settings.resume and not last.is_file():
         raise UserError(f"{last}: nothing to resume (run without --resume to start)")
     if not settings.resume and last.exists() and not settings.overwrite:
-        raise UserError(f"{last}: a run is already saved here (use --resume to continue it, "
-                        f"or --overwrite to start again)")
+        raise UserError(
+            f"{last}: a run is already saved here (use --resume to continue it, "
+            f"or --overwrite to start again)"
+        )
 
 
-def train(data: FeatureSet, save_dir: Path, settings: Settings, device: torch.device,
-          report=print) -> dict:
+def train(
+    data: FeatureSet, save_dir: Path, settings: Settings, device: torch.device, report=print
+) -> dict:
     """Train (or resume training) the head on `data`; returns the last checkpoint dict."""
     check_save_dir(save_dir, settings)
     last = save_dir / checkpoint.LAST
-    if settings.flip and not (data.train.flip if data.streamed else
-                              data.train.features_flip is not None):
+    if settings.flip and not (
+        data.train.flip if data.streamed else data.train.features_flip is not None
+    ):
         settings = dataclasses.replace(settings, flip=False)
     save_dir.mkdir(parents=True, exist_ok=True)
     has_val = data.val is not None
     if not has_val:
-        report(f"note: {data.path} has no val split; training anyway and keeping as best.pt "
-               f"the epoch with the lowest train loss")
+        report(
+            f"note: {data.path} has no val split; training anyway and keeping as best.pt "
+            f"the epoch with the lowest train loss"
+        )
 
-    run = resumed_run(last, data, settings, device) if settings.resume else \
-        new_run(data, settings, device)
+    run = (
+        resumed_run(last, data, settings, device)
+        if settings.resume
+        else new_run(data, settings, device)
+    )
     state = None
     if run.epoch == 0 and settings.init == "fc8" and not run.history["history_epochs"]:
         # Before any step: how well ImageNet's own classifier rows already do, as epoch 0.
@@ -381,20 +440,29 @@ def train(data: FeatureSet, save_dir: Path, settings: Settings, device: torch.de
         report(epoch_line(0, settings.epochs, train_scores, val_scores, seconds))
         state = save(run, data, settings, save_dir, has_val, is_best)
     if run.epoch >= settings.epochs and state is None:
-        report(f"{last}: already trained for {run.epoch} epochs (--epochs {settings.epochs}); "
-               f"nothing to do")
+        report(
+            f"{last}: already trained for {run.epoch} epochs (--epochs {settings.epochs}); "
+            f"nothing to do"
+        )
     for epoch in range(run.epoch + 1, settings.epochs + 1):
         started = time.perf_counter()
-        with tqdm(total=len(data.train), unit="img", desc=f"epoch {epoch}", leave=False,
-                  disable=not settings.progress) as bar:
+        with tqdm(
+            total=len(data.train),
+            unit="img",
+            desc=f"epoch {epoch}",
+            leave=False,
+            disable=not settings.progress,
+        ) as bar:
             train_scores = train_epoch(run, data.train, settings, bar)
         val_scores = validate(run, data.val)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - started
         if not math.isfinite(train_scores.loss):
-            raise UserError(f"epoch {epoch}: the train loss is {train_scores.loss}; lower --lr "
-                            f"(the last good epoch is in {last})")
+            raise UserError(
+                f"epoch {epoch}: the train loss is {train_scores.loss}; lower --lr "
+                f"(the last good epoch is in {last})"
+            )
         is_best = record(run, epoch, train_scores, val_scores, seconds, has_val)
         report(epoch_line(epoch, settings.epochs, train_scores, val_scores, seconds))
         state = save(run, data, settings, save_dir, has_val, is_best)

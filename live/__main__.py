@@ -36,38 +36,71 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument("--model", type=Path,
-                      help="checkpoint file, or the folder head.train saved (its best.pt)")
-    what.add_argument("--imagenet", action="store_true",
-                      help="no head: the pretrained network's own 1000 ImageNet classes")
-    parser.add_argument("--source", default="0",
-                        help="camera index, video file, stream URL, image folder or glob "
-                        "(default: 0, the first camera)")
-    parser.add_argument("--weights", default=None,
-                        help="backbone weights: imagenet, random or a state_dict file (default: "
-                        "those recorded in the checkpoint; others are refused unless their "
-                        "sha256 matches; imagenet with --imagenet)")
+    what.add_argument(
+        "--model", type=Path, help="checkpoint file, or the folder head.train saved (its best.pt)"
+    )
+    what.add_argument(
+        "--imagenet",
+        action="store_true",
+        help="no head: the pretrained network's own 1000 ImageNet classes",
+    )
+    parser.add_argument(
+        "--source",
+        default="0",
+        help="camera index, video file, stream URL, image folder or glob "
+        "(default: 0, the first camera)",
+    )
+    parser.add_argument(
+        "--weights",
+        default=None,
+        help="backbone weights: imagenet, random or a state_dict file (default: "
+        "those recorded in the checkpoint; others are refused unless their "
+        "sha256 matches; imagenet with --imagenet)",
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
-    parser.add_argument("--precision", choices=tuple(model.PRECISIONS), default="fp32",
-                        help="compute precision: fp32 (default), or bf16, faster on CPUs with "
-                        "bf16 units and on GPUs; probabilities differ slightly from fp32")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for the network (default: all cores; on a machine "
-                        "busy with other work, fewer can be faster)")
+    parser.add_argument(
+        "--precision",
+        choices=tuple(model.PRECISIONS),
+        default="fp32",
+        help="compute precision: fp32 (default), or bf16, faster on CPUs with "
+        "bf16 units and on GPUs; probabilities differ slightly from fp32",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for the network (default: all cores; on a machine "
+        "busy with other work, fewer can be faster)",
+    )
     parser.add_argument("--topk", type=int, default=5, help="labels shown and logged (5)")
-    parser.add_argument("--smooth", type=float, default=0.0, metavar="ALPHA",
-                        help="moving average of the shown probabilities, ALPHA = weight of the "
-                        "past in [0, 1); 0 = off (default)")
-    parser.add_argument("--threshold", type=float, default=0.0, metavar="P",
-                        help="show 'uncertain' when the top probability is below P (default 0)")
-    parser.add_argument("--no-display", action="store_true",
-                        help="no window (automatic when no display is available)")
+    parser.add_argument(
+        "--smooth",
+        type=float,
+        default=0.0,
+        metavar="ALPHA",
+        help="moving average of the shown probabilities, ALPHA = weight of the "
+        "past in [0, 1); 0 = off (default)",
+    )
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="show 'uncertain' when the top probability is below P (default 0)",
+    )
+    parser.add_argument(
+        "--no-display",
+        action="store_true",
+        help="no window (automatic when no display is available)",
+    )
     parser.add_argument("--output", type=Path, help="annotated video to write (.mp4)")
     parser.add_argument("--log", type=Path, help="JSONL file, one line per classified frame")
     parser.add_argument("--max-frames", type=int, help="stop after this many frames")
-    parser.add_argument("--loop", action="store_true",
-                        help="restart video files and folders at the end (with --max-frames "
-                        "or q to stop)")
+    parser.add_argument(
+        "--loop",
+        action="store_true",
+        help="restart video files and folders at the end (with --max-frames or q to stop)",
+    )
     args = parser.parse_args(argv)
     if args.topk < 1:
         parser.error("--topk must be >= 1")
@@ -90,11 +123,11 @@ def classify(args: argparse.Namespace) -> session.Summary:
         # The source first: a camera that is not there should not cost the model's loading time.
         with open_source(args.source, loop=args.loop) as source:
             if args.imagenet:
-                classifier = model.imagenet(args.weights or "imagenet", args.device,
-                                            args.precision)
+                classifier = model.imagenet(args.weights or "imagenet", args.device, args.precision)
             else:
-                classifier = model.from_checkpoint(args.model, args.weights, args.device,
-                                                   args.precision)
+                classifier = model.from_checkpoint(
+                    args.model, args.weights, args.device, args.precision
+                )
             classifier.warm_up()
             window = None
             if not args.no_display:
@@ -104,8 +137,13 @@ def classify(args: argparse.Namespace) -> session.Summary:
                 else:
                     window = Window(f"live: {source.description}")
             settings = session.Settings(
-                topk=args.topk, smooth=args.smooth, threshold=args.threshold, window=window,
-                output=args.output, log=args.log, max_frames=args.max_frames,
+                topk=args.topk,
+                smooth=args.smooth,
+                threshold=args.threshold,
+                window=window,
+                output=args.output,
+                log=args.log,
+                max_frames=args.max_frames,
             )
             summary = session.run(classifier, source, settings)
     finally:

@@ -57,9 +57,14 @@ def export(classifier: Classifier, out: Path) -> list[Path]:
     written = [out, sidecar]
     if importlib.util.find_spec("onnx") is not None:
         onnx_path = out.with_suffix(".onnx")
-        torch.onnx.export(network, (example,), str(onnx_path), input_names=["images"],
-                          output_names=["logits"],
-                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+        torch.onnx.export(
+            network,
+            (example,),
+            str(onnx_path),
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+        )
         written.append(onnx_path)
     return written
 
@@ -85,12 +90,17 @@ def main(argv: list[str] | None = None) -> int:
     what.add_argument("--model", type=Path, help="checkpoint file or head.train's folder")
     what.add_argument("--imagenet", action="store_true", help="the 1000-way ImageNet network")
     parser.add_argument("--out", type=Path, required=True, help="TorchScript file to write (.pt)")
-    parser.add_argument("--weights", default=None,
-                        help="backbone weights (default: those recorded in the checkpoint)")
+    parser.add_argument(
+        "--weights",
+        default=None,
+        help="backbone weights (default: those recorded in the checkpoint)",
+    )
     args = parser.parse_args(argv)
     if args.out.suffix in (".json", ".onnx"):
-        raise UserError(f"--out {args.out}: name the TorchScript file (.pt); .json and .onnx "
-                        f"are written next to it")
+        raise UserError(
+            f"--out {args.out}: name the TorchScript file (.pt); .json and .onnx "
+            f"are written next to it"
+        )
     if args.imagenet:
         classifier = model.imagenet(args.weights or "imagenet")
     else:

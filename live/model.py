@@ -86,12 +86,16 @@ def frame_pixels(bgr: np.ndarray, params: Preprocess) -> torch.Tensor:
     return rgb_array_to_uint8(rgb, params)
 
 
-def prepare(network: Stitched, device: torch.device,
-            dtype: torch.dtype = torch.float32) -> Stitched:
+def prepare(
+    network: Stitched, device: torch.device, dtype: torch.dtype = torch.float32
+) -> Stitched:
     """Eval mode, no gradients, on the device, in the channels_last layout `normalize` produces,
     in the compute dtype (bf16 roughly halves a CPU's time per frame where it has bf16 units)."""
-    return network.eval().requires_grad_(False).to(device, dtype=dtype,
-                                                   memory_format=torch.channels_last)
+    return (
+        network.eval()
+        .requires_grad_(False)
+        .to(device, dtype=dtype, memory_format=torch.channels_last)
+    )
 
 
 def default_threads() -> int:
@@ -102,8 +106,9 @@ def default_threads() -> int:
     return max(1, cores or 1)
 
 
-def checked_metadata(state: dict, origin: str) -> tuple[dict[str, str], Preprocess, list[str],
-                                                        list[str]]:
+def checked_metadata(
+    state: dict, origin: str
+) -> tuple[dict[str, str], Preprocess, list[str], list[str]]:
     """The provenance, preprocessing, wnids and names a checkpoint carries, checked for type.
 
     The preprocessing is JSON text, parsed with `json.loads`; nothing is evaluated. A model
@@ -112,51 +117,70 @@ def checked_metadata(state: dict, origin: str) -> tuple[dict[str, str], Preproce
     """
     features = state["features"]
     if not isinstance(features, dict) or not all(
-            isinstance(features.get(key), str) for key in store.PROVENANCE_KEYS):
-        raise UserError(f"{origin}: 'features' must record {', '.join(store.PROVENANCE_KEYS)} "
-                        f"as strings")
+        isinstance(features.get(key), str) for key in store.PROVENANCE_KEYS
+    ):
+        raise UserError(
+            f"{origin}: 'features' must record {', '.join(store.PROVENANCE_KEYS)} as strings"
+        )
     if features["backbone"] != backbone.BACKBONE or features["node"] != backbone.FC7_NODE:
-        raise UserError(f"{origin}: trained on features of {features['backbone']} "
-                        f"{features['node']}, live runs {backbone.BACKBONE} {backbone.FC7_NODE}")
+        raise UserError(
+            f"{origin}: trained on features of {features['backbone']} "
+            f"{features['node']}, live runs {backbone.BACKBONE} {backbone.FC7_NODE}"
+        )
     try:
         params = Preprocess.from_json(features["preprocess"])
         numbers = (*params.mean, *params.std)
-        if not (isinstance(params.resize_size, int) and isinstance(params.crop_size, int)
-                and 0 < params.crop_size <= params.resize_size and len(numbers) == 6
-                and all(isinstance(x, (int, float)) for x in numbers) and min(params.std) > 0):
+        if not (
+            isinstance(params.resize_size, int)
+            and isinstance(params.crop_size, int)
+            and 0 < params.crop_size <= params.resize_size
+            and len(numbers) == 6
+            and all(isinstance(x, (int, float)) for x in numbers)
+            and min(params.std) > 0
+        ):
             raise ValueError("not the parameters")
         InterpolationMode(params.interpolation)
     except (ValueError, TypeError, KeyError, AttributeError) as error:
         reason = "not JSON" if isinstance(error, json.JSONDecodeError) else "not the parameters"
-        raise UserError(f"{origin}: the recorded preprocessing is {reason} of "
-                        f"extract.preprocess.Preprocess") from None
+        raise UserError(
+            f"{origin}: the recorded preprocessing is {reason} of extract.preprocess.Preprocess"
+        ) from None
     wnids, names = state["numeric_class_names"], state["tiny_class"]
-    if not (isinstance(wnids, list) and all(isinstance(wnid, str) for wnid in wnids)
-            and isinstance(names, dict) and all(isinstance(name, str) for name in names.values())):
+    if not (
+        isinstance(wnids, list)
+        and all(isinstance(wnid, str) for wnid in wnids)
+        and isinstance(names, dict)
+        and all(isinstance(name, str) for name in names.values())
+    ):
         raise UserError(f"{origin}: class names must be a list of wnids and a dict of names")
     return features, params, wnids, [names.get(wnid, wnid) for wnid in wnids]
 
 
-def from_checkpoint(model: Path, weights: str | None = None, device: str = "cpu",
-                    precision: str = "fp32") -> Classifier:
+def from_checkpoint(
+    model: Path, weights: str | None = None, device: str = "cpu", precision: str = "fp32"
+) -> Classifier:
     """Rebuild backbone and head from a checkpoint (a file, or a folder holding best.pt)."""
     state = checkpoint.load(model)
     features, params, wnids, names = checked_metadata(state, str(model))
     head = head_from_state(state["state_dict"], origin=str(model))
     if head.out_features != len(wnids):
-        raise UserError(f"{model}: the head has {head.out_features} outputs but the checkpoint "
-                        f"names {len(wnids)} classes")
+        raise UserError(
+            f"{model}: the head has {head.out_features} outputs but the checkpoint "
+            f"names {len(wnids)} classes"
+        )
     alexnet = backbone.load_alexnet(weights or features["weights"])
     digest = backbone.state_dict_sha256(alexnet)
     if digest != features["weights_sha256"]:
         raise UserError(
             f"--weights {weights or features['weights']}: sha256 {digest[:12]}... differs from "
             f"{features['weights_sha256'][:12]}... of the weights the head was trained on "
-            f"(extracted with --weights {features['weights']})")
+            f"(extracted with --weights {features['weights']})"
+        )
     resolved = resolve_device(device)
     return Classifier(
-        network=prepare(Stitched(backbone.fc7_extractor(alexnet), head), resolved,
-                        PRECISIONS[precision]),
+        network=prepare(
+            Stitched(backbone.fc7_extractor(alexnet), head), resolved, PRECISIONS[precision]
+        ),
         params=params,
         wnids=wnids,
         names=names,
@@ -166,15 +190,17 @@ def from_checkpoint(model: Path, weights: str | None = None, device: str = "cpu"
     )
 
 
-def imagenet(weights: str = "imagenet", device: str = "cpu", precision: str = "fp32"
-             ) -> Classifier:
+def imagenet(weights: str = "imagenet", device: str = "cpu", precision: str = "fp32") -> Classifier:
     """The pretrained network's own 1000-way ImageNet classifier (fc8), to check the camera and
     the preprocessing before any training."""
     alexnet = backbone.load_alexnet(weights)
     resolved = resolve_device(device)
     return Classifier(
-        network=prepare(Stitched(backbone.fc7_extractor(alexnet), backbone.fc8_layer(alexnet)),
-                        resolved, PRECISIONS[precision]),
+        network=prepare(
+            Stitched(backbone.fc7_extractor(alexnet), backbone.fc8_layer(alexnet)),
+            resolved,
+            PRECISIONS[precision],
+        ),
         params=Preprocess(),
         wnids=imagenet_wnids(),
         names=list(backbone.imagenet_weights().meta["categories"]),

@@ -26,11 +26,13 @@ class VideoOutput:
         if self.writer is None:
             self.size = (bgr.shape[1], bgr.shape[0])
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*"mp4v"),
-                                          self.fps, self.size)
+            self.writer = cv2.VideoWriter(
+                str(self.path), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, self.size
+            )
             if not self.writer.isOpened():
-                raise UserError(f"{self.path}: cannot write a video here (use a .mp4 name in a "
-                                f"writable folder)")
+                raise UserError(
+                    f"{self.path}: cannot write a video here (use a .mp4 name in a writable folder)"
+                )
         if (bgr.shape[1], bgr.shape[0]) != self.size:
             bgr = cv2.resize(bgr, self.size, interpolation=cv2.INTER_AREA)
         self.writer.write(bgr)

@@ -16,16 +16,18 @@ ORANGE = (0, 165, 255)  # BGR
 BLACK = (0, 0, 0)
 
 
-def annotate(bgr: np.ndarray, labels: list[tuple[str, float]], status: str,
-             uncertain: bool = False) -> np.ndarray:
+def annotate(
+    bgr: np.ndarray, labels: list[tuple[str, float]], status: str, uncertain: bool = False
+) -> np.ndarray:
     """A copy of the frame with `labels` (name, probability), best first, and a status line.
 
     With `uncertain` the best label is not trusted: the list is headed by "uncertain".
     """
     if bgr.shape[1] < MIN_WIDTH:
         scale = MIN_WIDTH / bgr.shape[1]
-        canvas = cv2.resize(bgr, (MIN_WIDTH, round(bgr.shape[0] * scale)),
-                            interpolation=cv2.INTER_NEAREST)
+        canvas = cv2.resize(
+            bgr, (MIN_WIDTH, round(bgr.shape[0] * scale)), interpolation=cv2.INTER_NEAREST
+        )
     else:
         canvas = bgr.copy()
     height, width = canvas.shape[:2]
@@ -41,8 +43,14 @@ def annotate(bgr: np.ndarray, labels: list[tuple[str, float]], status: str,
     return canvas
 
 
-def put_text(canvas: np.ndarray, text: str, origin: tuple[int, int], scale: float,
-             colour: tuple[int, int, int], thickness: int) -> None:
+def put_text(
+    canvas: np.ndarray,
+    text: str,
+    origin: tuple[int, int],
+    scale: float,
+    colour: tuple[int, int, int],
+    thickness: int,
+) -> None:
     """Text over a dark box, readable on any background."""
     (width, height), baseline = cv2.getTextSize(text, FONT, scale, thickness)
     x, y = origin

@@ -59,8 +59,10 @@ class Summary:
     def line(self) -> str:
         p50, p95 = percentiles(self.latencies_ms)
         stages = ", ".join(f"{name} {ms:.1f}" for name, ms in self.stage_ms.items())
-        return (f"{self.frames} frames, {self.dropped} dropped, {self.fps:.1f} fps, "
-                f"latency p50 {p50:.1f} ms, p95 {p95:.1f} ms (per frame ms: {stages})")
+        return (
+            f"{self.frames} frames, {self.dropped} dropped, {self.fps:.1f} fps, "
+            f"latency p50 {p50:.1f} ms, p95 {p95:.1f} ms (per frame ms: {stages})"
+        )
 
 
 def smoothed(previous: np.ndarray | None, probs: np.ndarray, alpha: float) -> np.ndarray:
@@ -75,12 +77,22 @@ def top_indices(probs: np.ndarray, k: int) -> np.ndarray:
 
 
 def class_entry(classifier: Classifier, index: int, prob: float) -> dict:
-    return {"index": int(index), "wnid": classifier.wnids[index],
-            "name": classifier.names[index], "prob": round(float(prob), 7)}
+    return {
+        "index": int(index),
+        "wnid": classifier.wnids[index],
+        "name": classifier.names[index],
+        "prob": round(float(prob), 7),
+    }
 
 
-def log_record(frame: Frame, latency_ms: float, probs: np.ndarray, average: np.ndarray,
-               classifier: Classifier, k: int) -> dict:
+def log_record(
+    frame: Frame,
+    latency_ms: float,
+    probs: np.ndarray,
+    average: np.ndarray,
+    classifier: Classifier,
+    k: int,
+) -> dict:
     """The JSONL line: top-k of the raw probabilities, and the top-1 of the smoothed ones."""
     best = int(np.argmax(average))
     record = {
@@ -114,8 +126,11 @@ def run(classifier: Classifier, source: Source, settings: Settings) -> Summary:
 
     # A recorded source is read and preprocessed one frame ahead, overlapping the network; a
     # live one is not: its capture thread already reads ahead, and the freshest frame is wanted.
-    prepared = (((frame, None) for frame in source.frames()) if source.live
-                else read_ahead(source.frames(), prepare))
+    prepared = (
+        ((frame, None) for frame in source.frames())
+        if source.live
+        else read_ahead(source.frames(), prepare)
+    )
     started = time.perf_counter()
     try:
         while True:

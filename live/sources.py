@@ -104,8 +104,11 @@ def open_source(spec: str, loop: bool = False) -> Source:
             return ImageFiles([path], str(path), loop)
         return VideoFile(path, loop)
     if any(char in spec for char in "*?["):
-        images = [Path(name) for name in sorted(glob.glob(spec, recursive=True))
-                  if is_image(Path(name)) and Path(name).is_file()]
+        images = [
+            Path(name)
+            for name in sorted(glob.glob(spec, recursive=True))
+            if is_image(Path(name)) and Path(name).is_file()
+        ]
         if not images:
             raise UserError(f"{spec}: no image files match")
         return ImageFiles(images, spec, loop)
@@ -120,8 +123,10 @@ def open_capture(target: int | str, description: str) -> cv2.VideoCapture:
             raise UserError(f"{description} cannot be opened (no such camera, or it is in use)")
         if "://" in str(target):
             raise UserError(f"{description}: stream cannot be opened")
-        raise UserError(f"{description}: cannot be read as a video (not a video file, or a "
-                        f"codec this OpenCV lacks)")
+        raise UserError(
+            f"{description}: cannot be read as a video (not a video file, or a "
+            f"codec this OpenCV lacks)"
+        )
     return capture
 
 
@@ -205,8 +210,12 @@ class LiveCapture(Source):
 
     live = True
 
-    def __init__(self, target: int | str, description: str,
-                 open_capture: Callable[[int | str, str], cv2.VideoCapture] = open_capture):
+    def __init__(
+        self,
+        target: int | str,
+        description: str,
+        open_capture: Callable[[int | str, str], cv2.VideoCapture] = open_capture,
+    ):
         self.capture = open_capture(target, description)
         super().__init__(description, reported_fps(self.capture))
         self.captured = 0
@@ -239,8 +248,9 @@ class LiveCapture(Source):
     def frames(self) -> Iterator[Frame]:
         """The newest frame each time; starts capturing on first use, ends with the stream."""
         if self._thread is None:
-            self._thread = threading.Thread(target=self._read_until_stopped,
-                                            name="live-capture", daemon=True)
+            self._thread = threading.Thread(
+                target=self._read_until_stopped, name="live-capture", daemon=True
+            )
             self._thread.start()
         while True:
             with self._changed:
@@ -259,8 +269,9 @@ class LiveCapture(Source):
         self._thread.join(STOP_TIMEOUT_S)
 
 
-def read_ahead(frames: Iterator[Frame], prepare: Callable[[Frame], Prepared]
-               ) -> Iterator[tuple[Frame, Prepared]]:
+def read_ahead(
+    frames: Iterator[Frame], prepare: Callable[[Frame], Prepared]
+) -> Iterator[tuple[Frame, Prepared]]:
     """Frames with `prepare(frame)`, read and prepared one frame ahead in a thread, in order.
 
     While the caller works on frame n, the thread reads and prepares frame n + 1, starting as
@@ -282,8 +293,16 @@ def read_ahead(frames: Iterator[Frame], prepare: Callable[[Frame], Prepared]
             while (request := requests.get()) is not None:
                 if taken is not None:
                     passes.append(request - taken)
-                    time.sleep(max(0.0, request + min(passes) - PACE_MARGIN * produce_s
-                                   - PACE_SLACK_S - time.perf_counter()))
+                    time.sleep(
+                        max(
+                            0.0,
+                            request
+                            + min(passes)
+                            - PACE_MARGIN * produce_s
+                            - PACE_SLACK_S
+                            - time.perf_counter(),
+                        )
+                    )
                 taken = request
                 begin = time.perf_counter()
                 frame = next(frames, None)

@@ -56,5 +56,8 @@ class StageTimes:
     def per_frame_ms(self, frames: int, order: tuple[str, ...]) -> dict[str, float]:
         """Mean milliseconds per frame of each stage that ran, in `order`."""
         with self._lock:
-            return {stage: self.seconds[stage] * 1000.0 / max(frames, 1)
-                    for stage in order if stage in self.seconds}
+            return {
+                stage: self.seconds[stage] * 1000.0 / max(frames, 1)
+                for stage in order
+                if stage in self.seconds
+            }

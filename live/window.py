@@ -40,8 +40,10 @@ def x_server_reachable(display: str, timeout_s: float = 1.0) -> bool:
     if not number.isdigit():
         return False
     if host in ("", "unix"):
-        addresses = [(socket.AF_UNIX, f"\0/tmp/.X11-unix/X{number}"),
-                     (socket.AF_UNIX, f"/tmp/.X11-unix/X{number}")]
+        addresses = [
+            (socket.AF_UNIX, f"\0/tmp/.X11-unix/X{number}"),
+            (socket.AF_UNIX, f"/tmp/.X11-unix/X{number}"),
+        ]
     else:
         addresses = [(socket.AF_INET, (host, 6000 + int(number)))]
     for family, address in addresses:

@@ -36,15 +36,22 @@ def pattern_image(label: int, index: int, size: int = 64) -> Image.Image:
     return Image.fromarray(pixels, mode="RGB")
 
 
-def write_tiny_imagenet(root: Path, train_per_class: int = 4, val_per_class: int = 2,
-                        test_images: int = 2, wnids=WNIDS, names=NAMES) -> Path:
+def write_tiny_imagenet(
+    root: Path,
+    train_per_class: int = 4,
+    val_per_class: int = 2,
+    test_images: int = 2,
+    wnids=WNIDS,
+    names=NAMES,
+) -> Path:
     """Write a Tiny ImageNet layout with real JPEG files under `root`; returns `root`."""
     (root / "val" / "images").mkdir(parents=True)
     (root / "test" / "images").mkdir(parents=True)
     (root / "wnids.txt").write_text("".join(f"{w}\n" for w in wnids))
     (root / "words.txt").write_text(
         "".join(f"{w}\t{n}, other name\n" for w, n in zip(wnids, names))
-        + "n99999999\tunused class\n")
+        + "n99999999\tunused class\n"
+    )
     annotations = []
     for label, wnid in enumerate(wnids):
         folder = root / "train" / wnid / "images"
@@ -58,7 +65,8 @@ def write_tiny_imagenet(root: Path, train_per_class: int = 4, val_per_class: int
     (root / "val" / "val_annotations.txt").write_text("".join(annotations))
     for index in range(test_images):
         pattern_image(index % len(wnids), 200 + index).save(
-            root / "test" / "images" / f"test_{index}.JPEG", quality=95)
+            root / "test" / "images" / f"test_{index}.JPEG", quality=95
+        )
     return root
 
 
@@ -90,8 +98,9 @@ def torch_home(tmp_path: Path, weights_file: Path, monkeypatch) -> Path:
 
 def extract_features(data: Path, out: Path, **overrides) -> Path:
     """Run extraction in-process with test-friendly defaults; returns the feature file."""
-    options = runner.Options(data=data, out=out, workers=0, batch_size=8, progress=False,
-                             weights="random")
+    options = runner.Options(
+        data=data, out=out, workers=0, batch_size=8, progress=False, weights="random"
+    )
     for key, value in overrides.items():
         setattr(options, key, value)
     runner.run(options)
@@ -101,8 +110,12 @@ def extract_features(data: Path, out: Path, **overrides) -> Path:
 @pytest.fixture
 def features_file(tiny_imagenet: Path, tmp_path: Path, weights_file: Path) -> Path:
     """fc7 features of `tiny_imagenet` (train, val, test) with random-init weights."""
-    return extract_features(tiny_imagenet, tmp_path / "features.h5",
-                            splits=["train", "val", "test"], weights=str(weights_file))
+    return extract_features(
+        tiny_imagenet,
+        tmp_path / "features.h5",
+        splits=["train", "val", "test"],
+        weights=str(weights_file),
+    )
 
 
 # live: a model folder, generated videos and the command run headless
@@ -114,8 +127,9 @@ def write_checkpoint(root: Path, weights_file: Path) -> Path:
     """A head checkpoint as head.train writes it: seeded random head on real extracted features'
     provenance; returns the model folder (holding best.pt)."""
     data = write_tiny_imagenet(root / "data", train_per_class=1, val_per_class=0, test_images=0)
-    features = extract_features(data, root / "features.h5", splits=["train"],
-                                weights=str(weights_file))
+    features = extract_features(
+        data, root / "features.h5", splits=["train"], weights=str(weights_file)
+    )
     with store.open_complete(features) as file:
         classes = store.read_classes(file)
         provenance = store.provenance(file)
@@ -123,8 +137,12 @@ def write_checkpoint(root: Path, weights_file: Path) -> Path:
     head = torch.nn.Linear(backbone.FEATURE_DIM, len(classes.wnids))
     state = dict.fromkeys(KEYS, [])
     state.update(
-        epoch=1, best_accuracy=0.0, state_dict=head.state_dict(), optimizer={},
-        numeric_class_names=classes.wnids, tiny_class=dict(zip(classes.wnids, classes.names)),
+        epoch=1,
+        best_accuracy=0.0,
+        state_dict=head.state_dict(),
+        optimizer={},
+        numeric_class_names=classes.wnids,
+        tiny_class=dict(zip(classes.wnids, classes.names)),
         features=provenance,
     )
     folder = root / "model"
@@ -140,8 +158,10 @@ def model_dir(tmp_path_factory, weights_file: Path) -> Path:
 
 def video_frames(count: int, width: int = 160, height: int = 120) -> list[np.ndarray]:
     """BGR frames with class-like colour patterns that differ from frame to frame."""
-    return [cv2.cvtColor(np.asarray(pattern_image(i % 3, i, size=width))[:height],
-                         cv2.COLOR_RGB2BGR) for i in range(count)]
+    return [
+        cv2.cvtColor(np.asarray(pattern_image(i % 3, i, size=width))[:height], cv2.COLOR_RGB2BGR)
+        for i in range(count)
+    ]
 
 
 def write_lossless_video(path: Path, frames: list[np.ndarray], fps: float = 10.0) -> Path:
@@ -171,5 +191,11 @@ def read_video(path: Path) -> list[np.ndarray]:
 def run_live(*args: str, module: str = "live") -> subprocess.CompletedProcess:
     """`python -m live` (or `module`) as a user runs it, from the repo root, with no display."""
     env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )

@@ -39,20 +39,23 @@ def assert_one_line_error(code: int, err: str, *needles: str) -> None:
 
 
 def test_missing_and_empty_data_folder(tmp_path, capsys):
-    code, _, err = run_main(["--data", str(tmp_path / "nope"), "--out", str(tmp_path / "f.h5")],
-                            capsys)
+    code, _, err = run_main(
+        ["--data", str(tmp_path / "nope"), "--out", str(tmp_path / "f.h5")], capsys
+    )
     assert_one_line_error(code, err, "nope", "not found")
     (tmp_path / "empty").mkdir()
-    code, _, err = run_main(["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "f.h5")],
-                            capsys)
+    code, _, err = run_main(
+        ["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "f.h5")], capsys
+    )
     assert_one_line_error(code, err, "empty")
 
 
 def test_no_wnids_and_no_train_folders(tmp_path, capsys):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "readme.txt").write_text("hello")
-    code, _, err = run_main(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "f.h5")],
-                            capsys)
+    code, _, err = run_main(
+        ["--data", str(tmp_path / "data"), "--out", str(tmp_path / "f.h5")], capsys
+    )
     assert_one_line_error(code, err, "no classes found")
 
 
@@ -61,16 +64,20 @@ def test_val_annotation_with_unknown_wnid(tiny_imagenet, tmp_path, capsys):
     lines = annotations.read_text().splitlines()
     lines[0] = lines[0].replace("n01443537", "n00000000")
     annotations.write_text("\n".join(lines) + "\n")
-    code, _, err = run_main(["--data", str(tiny_imagenet), "--out", str(tmp_path / "f.h5"),
-                             "--weights", "random"], capsys)
+    code, _, err = run_main(
+        ["--data", str(tiny_imagenet), "--out", str(tmp_path / "f.h5"), "--weights", "random"],
+        capsys,
+    )
     assert_one_line_error(code, err, "val_annotations.txt", "n00000000")
 
 
 def test_unwritable_output(tiny_imagenet, tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    code, _, err = run_main(["--data", str(tiny_imagenet), "--out", str(blocker / "f.h5"),
-                             "--weights", "random"], capsys)
+    code, _, err = run_main(
+        ["--data", str(tiny_imagenet), "--out", str(blocker / "f.h5"), "--weights", "random"],
+        capsys,
+    )
     assert_one_line_error(code, err, "cannot write")
 
 
@@ -81,35 +88,62 @@ def test_bad_weights_file(tiny_imagenet, tmp_path, capsys, content):
         weights.write_bytes(content)
     else:
         torch.save({"fc.weight": torch.zeros(2, 2)}, weights)
-    code, _, err = run_main(["--data", str(tiny_imagenet), "--out", str(tmp_path / "f.h5"),
-                             "--weights", str(weights)], capsys)
+    code, _, err = run_main(
+        ["--data", str(tiny_imagenet), "--out", str(tmp_path / "f.h5"), "--weights", str(weights)],
+        capsys,
+    )
     assert_one_line_error(code, err, str(weights))
     assert not (tmp_path / "f.h5").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_requested_without_cuda(tiny_imagenet, tmp_path, capsys):
-    code, _, err = run_main(["--data", str(tiny_imagenet), "--out", str(tmp_path / "f.h5"),
-                             "--device", "cuda"], capsys)
+    code, _, err = run_main(
+        ["--data", str(tiny_imagenet), "--out", str(tmp_path / "f.h5"), "--device", "cuda"], capsys
+    )
     assert_one_line_error(code, err, "CUDA")
 
 
 def test_complete_file_is_not_overwritten_without_overwrite(tiny_imagenet, tmp_path, capsys):
     out = extract_features(tiny_imagenet, tmp_path / "f.h5")
     before = out.read_bytes()
-    code, _, err = run_main(["--data", str(tiny_imagenet), "--out", str(out),
-                             "--weights", "random"], capsys)
+    code, _, err = run_main(
+        ["--data", str(tiny_imagenet), "--out", str(out), "--weights", "random"], capsys
+    )
     assert_one_line_error(code, err, "already exists", "--overwrite")
     assert out.read_bytes() == before
-    code, out_text, _ = run_main(["--data", str(tiny_imagenet), "--out", str(out), "--overwrite",
-                                  "--weights", "random", "--workers", "0", "--no-progress"],
-                                 capsys)
+    code, out_text, _ = run_main(
+        [
+            "--data",
+            str(tiny_imagenet),
+            "--out",
+            str(out),
+            "--overwrite",
+            "--weights",
+            "random",
+            "--workers",
+            "0",
+            "--no-progress",
+        ],
+        capsys,
+    )
     assert code == 0 and "extracted 18 images, 0 failed" in out_text
 
 
 def test_summary_line_and_progress_bar(tiny_imagenet, tmp_path, capsys):
-    code, out, err = run_main(["--data", str(tiny_imagenet), "--out", str(tmp_path / "f.h5"),
-                               "--weights", "random", "--workers", "0"], capsys)
+    code, out, err = run_main(
+        [
+            "--data",
+            str(tiny_imagenet),
+            "--out",
+            str(tmp_path / "f.h5"),
+            "--weights",
+            "random",
+            "--workers",
+            "0",
+        ],
+        capsys,
+    )
     assert code == 0
     assert "img/s" in err and "100%" in err
     assert "extracted 18 images, 0 failed" in out and "images/s" in out and "MB" in out
@@ -117,8 +151,12 @@ def test_summary_line_and_progress_bar(tiny_imagenet, tmp_path, capsys):
 
 def start_cli(args: list[str]) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "extract", *args], cwd=REPO, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        [sys.executable, "-m", "extract", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
 
 
 def rows_written(part: Path) -> int:
@@ -137,12 +175,24 @@ def rows_written_so_far(part: Path) -> int:
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tiny_imagenet, tmp_path, weights_file):
     from conftest import write_tiny_imagenet
+
     data = write_tiny_imagenet(tmp_path / "bigger", train_per_class=12, val_per_class=4)
-    common = ["--data", str(data), "--weights", str(weights_file), "--batch-size", "2",
-              "--workers", "0", "--store-dtype", "float32"]
+    common = [
+        "--data",
+        str(data),
+        "--weights",
+        str(weights_file),
+        "--batch-size",
+        "2",
+        "--workers",
+        "0",
+        "--store-dtype",
+        "float32",
+    ]
     reference = tmp_path / "reference.h5"
-    extract_features(data, reference, weights=str(weights_file), store_dtype="float32",
-                     batch_size=2)
+    extract_features(
+        data, reference, weights=str(weights_file), store_dtype="float32", batch_size=2
+    )
 
     out = tmp_path / "killed.h5"
     part = store.part_path(out)
@@ -174,30 +224,47 @@ def test_resume_refuses_other_weights_or_images(tiny_imagenet, tmp_path, weights
     part = store.part_path(out)
     extract_features(tiny_imagenet, part.with_name("seed.h5"), weights=str(weights_file))
     part.with_name("seed.h5").rename(part)  # a stand-in for an interrupted run
-    code, _, err = run_main(["--data", str(tiny_imagenet), "--out", str(out), "--resume",
-                             "--weights", "random"], capsys)
+    code, _, err = run_main(
+        ["--data", str(tiny_imagenet), "--out", str(out), "--resume", "--weights", "random"], capsys
+    )
     assert_one_line_error(code, err, "cannot resume", "weights_sha256")
     (tiny_imagenet / "train/n01443537/images/n01443537_0.JPEG").unlink()
-    code, _, err = run_main(["--data", str(tiny_imagenet), "--out", str(out), "--resume",
-                             "--weights", str(weights_file)], capsys)
+    code, _, err = run_main(
+        [
+            "--data",
+            str(tiny_imagenet),
+            "--out",
+            str(out),
+            "--resume",
+            "--weights",
+            str(weights_file),
+        ],
+        capsys,
+    )
     assert_one_line_error(code, err, "cannot resume", "train images differ")
 
 
 def test_interrupted_run_needs_resume_or_overwrite(tiny_imagenet, tmp_path, capsys):
     out = tmp_path / "f.h5"
     store.part_path(out).write_bytes(b"partial")
-    code, _, err = run_main(["--data", str(tiny_imagenet), "--out", str(out),
-                             "--weights", "random"], capsys)
+    code, _, err = run_main(
+        ["--data", str(tiny_imagenet), "--out", str(out), "--weights", "random"], capsys
+    )
     assert_one_line_error(code, err, "interrupted run", "--resume")
 
 
 def test_cli_exit_status_and_help():
-    process = subprocess.run([sys.executable, "-m", "extract", "--data", "/nonexistent",
-                              "--out", "/tmp/x.h5"], cwd=REPO, capture_output=True, text=True)
+    process = subprocess.run(
+        [sys.executable, "-m", "extract", "--data", "/nonexistent", "--out", "/tmp/x.h5"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert process.returncode == 2
     assert process.stderr.strip() == "error: /nonexistent: data folder not found"
-    help_text = subprocess.run([sys.executable, "-m", "extract", "--help"], cwd=REPO,
-                               capture_output=True, text=True).stdout
+    help_text = subprocess.run(
+        [sys.executable, "-m", "extract", "--help"], cwd=REPO, capture_output=True, text=True
+    ).stdout
     assert "Examples:" in help_text and "--resume" in help_text
 
 
@@ -207,9 +274,20 @@ def test_repeated_sigkill_at_random_moments_then_resume_matches(tmp_path, weight
     import random
 
     from conftest import write_tiny_imagenet
+
     data = write_tiny_imagenet(tmp_path / "data", train_per_class=16, val_per_class=4)
-    common = ["--data", str(data), "--weights", str(weights_file), "--batch-size", "2",
-              "--workers", "0", "--no-progress", "--resume"]
+    common = [
+        "--data",
+        str(data),
+        "--weights",
+        str(weights_file),
+        "--batch-size",
+        "2",
+        "--workers",
+        "0",
+        "--no-progress",
+        "--resume",
+    ]
     out = tmp_path / "killed.h5"
     moments = random.Random(7)
     kills = 0
@@ -225,8 +303,9 @@ def test_repeated_sigkill_at_random_moments_then_resume_matches(tmp_path, weight
     final = start_cli([*common, "--out", str(out)])
     _, stderr = final.communicate(timeout=300)
     assert final.returncode == 0, stderr.decode()
-    reference = extract_features(data, tmp_path / "reference.h5", weights=str(weights_file),
-                                 batch_size=2)
+    reference = extract_features(
+        data, tmp_path / "reference.h5", weights=str(weights_file), batch_size=2
+    )
     with h5py.File(out) as got, h5py.File(reference) as expected:
         for split in ("train", "val"):
             for name in ("features", "labels", "paths", "failed"):

@@ -41,16 +41,34 @@ def test_torchrun_two_ranks_equal_single_process(tmp_path, weights_file):
     data = write_tiny_imagenet(tmp_path / "data", train_per_class=7, val_per_class=3)
     broken = data / "train/n01629819/images/broken.JPEG"
     broken.write_bytes(b"not a jpeg")
-    single = extract_features(data, tmp_path / "single.h5", weights=str(weights_file),
-                              batch_size=4)
+    single = extract_features(data, tmp_path / "single.h5", weights=str(weights_file), batch_size=4)
     out = tmp_path / "sharded.h5"
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     process = subprocess.run(
-        [torchrun, "--nproc-per-node", "2", "-m", "extract", "--data", str(data), "--out",
-         str(out), "--weights", str(weights_file), "--batch-size", "4", "--workers", "0",
-         "--no-progress"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"})
+        [
+            torchrun,
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "extract",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--weights",
+            str(weights_file),
+            "--batch-size",
+            "4",
+            "--workers",
+            "0",
+            "--no-progress",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert process.returncode == 0, process.stderr
     assert "extracted 30 images, 1 failed" in process.stdout
     assert not part_path(out).exists() and not rank_path(out, 0, 2).exists()

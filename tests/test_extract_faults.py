@@ -128,14 +128,27 @@ def limit_file_size():
     resource.setrlimit(resource.RLIMIT_FSIZE, (3_500_000, 3_500_000))
 
 
-def test_full_disk_gives_clear_error_and_resume_completes(tiny_imagenet, tmp_path,
-                                                          weights_file):
+def test_full_disk_gives_clear_error_and_resume_completes(tiny_imagenet, tmp_path, weights_file):
     out = tmp_path / "f.h5"
-    args = [sys.executable, "-m", "extract", "--data", str(tiny_imagenet), "--out", str(out),
-            "--weights", str(weights_file), "--workers", "0", "--batch-size", "2",
-            "--no-progress"]
-    full = subprocess.run(args, cwd=REPO, capture_output=True, text=True,
-                          preexec_fn=limit_file_size)
+    args = [
+        sys.executable,
+        "-m",
+        "extract",
+        "--data",
+        str(tiny_imagenet),
+        "--out",
+        str(out),
+        "--weights",
+        str(weights_file),
+        "--workers",
+        "0",
+        "--batch-size",
+        "2",
+        "--no-progress",
+    ]
+    full = subprocess.run(
+        args, cwd=REPO, capture_output=True, text=True, preexec_fn=limit_file_size
+    )
     assert full.returncode == 2, full.stderr
     assert "Traceback" not in full.stderr
     assert full.stderr.startswith(f"error: {store.part_path(out)}: writing failed")
@@ -145,12 +158,14 @@ def test_full_disk_gives_clear_error_and_resume_completes(tiny_imagenet, tmp_pat
         assert 0 < part["train"].attrs["rows"] < 12, "the rows written before the error stay"
     resumed = subprocess.run([*args, "--resume"], cwd=REPO, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
-    reference = extract_features(tiny_imagenet, tmp_path / "reference.h5",
-                                 weights=str(weights_file), batch_size=2)
+    reference = extract_features(
+        tiny_imagenet, tmp_path / "reference.h5", weights=str(weights_file), batch_size=2
+    )
     with h5py.File(out) as got, h5py.File(reference) as expected:
         for split in ("train", "val"):
-            np.testing.assert_array_equal(got[split]["features"][()],
-                                          expected[split]["features"][()])
+            np.testing.assert_array_equal(
+                got[split]["features"][()], expected[split]["features"][()]
+            )
 
 
 class Payload:
@@ -188,14 +203,17 @@ def test_annotation_and_words_parsers_fail_only_with_user_errors(tmp_path_factor
             assert all(key and key == key.strip() for key in parsed)
 
 
-names = st.text(alphabet=st.characters(min_codepoint=48, max_codepoint=0x2FFF,
-                                       blacklist_categories=("Cs",)), min_size=1, max_size=12)
+names = st.text(
+    alphabet=st.characters(min_codepoint=48, max_codepoint=0x2FFF, blacklist_categories=("Cs",)),
+    min_size=1,
+    max_size=12,
+)
 
 
-@settings(max_examples=25, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(rows=st.integers(0, 300), failed=st.integers(0, 3), name=names,
-       seed=st.integers(0, 2**31))
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(rows=st.integers(0, 300), failed=st.integers(0, 3), name=names, seed=st.integers(0, 2**31))
 def test_store_round_trips_what_was_appended(tmp_path_factory, rows, failed, name, seed):
     rng = np.random.default_rng(seed)
     features = rng.random((rows, 4096), dtype=np.float32).astype(np.float16)
@@ -203,15 +221,24 @@ def test_store_round_trips_what_was_appended(tmp_path_factory, rows, failed, nam
     paths = [f"{name}/{i}.JPEG" for i in range(rows)]
     bad = [(f"{name}/bad{i}.JPEG", f"reason {i}") for i in range(failed)]
     manifest = Manifest("train", paths + [p for p, _ in bad], labels + [0] * failed)
-    attrs = dict.fromkeys((*store.PROVENANCE_KEYS, "precision", "torch_version",
-                           "torchvision_version"), "x")
+    attrs = dict.fromkeys(
+        (*store.PROVENANCE_KEYS, "precision", "torch_version", "torchvision_version"), "x"
+    )
     path = tmp_path_factory.mktemp("store") / "f.h5"
-    with store.create(path, {**attrs, "store_dtype": "float16"}, Classes([name], [name]),
-                      [manifest], flip=False) as file:
+    with store.create(
+        path, {**attrs, "store_dtype": "float16"}, Classes([name], [name]), [manifest], flip=False
+    ) as file:
         for start in range(0, rows, 128):
             stop = min(start + 128, rows)
-            store.append(file["train"], features[start:stop], None, labels[start:stop],
-                         paths[start:stop], [], stop)
+            store.append(
+                file["train"],
+                features[start:stop],
+                None,
+                labels[start:stop],
+                paths[start:stop],
+                [],
+                stop,
+            )
         store.append(file["train"], None, None, [], [], bad, len(manifest.paths))
         store.mark_complete(file)
     with store.open_complete(path) as file:
@@ -222,29 +249,57 @@ def test_store_round_trips_what_was_appended(tmp_path_factory, rows, failed, nam
         assert store.read_classes(file) == Classes([name], [name])
 
 
-def test_paths_read_from_a_feature_file_are_never_written_to(tiny_imagenet, tmp_path,
-                                                             weights_file):
+def test_paths_read_from_a_feature_file_are_never_written_to(tiny_imagenet, tmp_path, weights_file):
     """Train, evaluate and run live from a folder where every stored path would resolve:
     nothing appears there and the dataset is untouched."""
     from test_extract_features import tree_digest
 
-    out = extract_features(tiny_imagenet, tmp_path / "f.h5", weights=str(weights_file),
-                           splits=["train", "val", "test"])
+    out = extract_features(
+        tiny_imagenet, tmp_path / "f.h5", weights=str(weights_file), splits=["train", "val", "test"]
+    )
     before = tree_digest(tiny_imagenet)
     listing = sorted(p.relative_to(tiny_imagenet) for p in tiny_imagenet.rglob("*"))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("DISPLAY", None)
     model = tmp_path / "model"
     for command in (
-        ["head.train", "--features", str(out), "--save", str(model), "--epochs", "1",
-         "--no-progress"],
-        ["head.evaluate", "--model", str(model), "--features", str(out), "--out",
-         str(tmp_path / "report")],
-        ["live", "--model", str(model), "--source", str(tiny_imagenet / "test" / "images"),
-         "--no-display", "--log", str(tmp_path / "live.jsonl")],
+        [
+            "head.train",
+            "--features",
+            str(out),
+            "--save",
+            str(model),
+            "--epochs",
+            "1",
+            "--no-progress",
+        ],
+        [
+            "head.evaluate",
+            "--model",
+            str(model),
+            "--features",
+            str(out),
+            "--out",
+            str(tmp_path / "report"),
+        ],
+        [
+            "live",
+            "--model",
+            str(model),
+            "--source",
+            str(tiny_imagenet / "test" / "images"),
+            "--no-display",
+            "--log",
+            str(tmp_path / "live.jsonl"),
+        ],
     ):
-        done = subprocess.run([sys.executable, "-m", *command], cwd=tiny_imagenet, env=env,
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            [sys.executable, "-m", *command],
+            cwd=tiny_imagenet,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         assert done.returncode == 0, done.stderr
     assert tree_digest(tiny_imagenet) == before
     assert sorted(p.relative_to(tiny_imagenet) for p in tiny_imagenet.rglob("*")) == listing

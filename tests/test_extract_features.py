@@ -25,10 +25,14 @@ def reference_fc7(weights_file: Path, image_files: list[Path]) -> np.ndarray:
     model.load_state_dict(torch.load(weights_file, weights_only=True))
     model.eval()
     fc7 = create_feature_extractor(model, return_nodes={"classifier.5": "fc7"})
-    transform = transforms.Compose([
-        transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
-        transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    ])
+    transform = transforms.Compose(
+        [
+            transforms.Resize(256),
+            transforms.CenterCrop(224),
+            transforms.ToTensor(),
+            transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        ]
+    )
     with torch.no_grad():
         batch = torch.stack([transform(Image.open(f).convert("RGB")) for f in image_files])
         return fc7(batch)["fc7"].numpy()
@@ -49,8 +53,13 @@ def tree_digest(root: Path) -> str:
 
 
 def test_features_match_torchvision_reference(tiny_imagenet, tmp_path, weights_file):
-    out = extract_features(tiny_imagenet, tmp_path / "f.h5", weights=str(weights_file),
-                           store_dtype="float32", precision="fp32")
+    out = extract_features(
+        tiny_imagenet,
+        tmp_path / "f.h5",
+        weights=str(weights_file),
+        store_dtype="float32",
+        precision="fp32",
+    )
     with store.open_complete(out) as file:
         for split in ("train", "val"):
             arrays = store.read_split(file, split)
@@ -61,21 +70,29 @@ def test_features_match_torchvision_reference(tiny_imagenet, tmp_path, weights_f
 
 def test_float16_storage_stays_close_to_float32(tiny_imagenet, tmp_path, weights_file):
     half = extract_features(tiny_imagenet, tmp_path / "h.h5", weights=str(weights_file))
-    full = extract_features(tiny_imagenet, tmp_path / "f.h5", weights=str(weights_file),
-                            store_dtype="float32")
+    full = extract_features(
+        tiny_imagenet, tmp_path / "f.h5", weights=str(weights_file), store_dtype="float32"
+    )
     with h5py.File(half) as a, h5py.File(full) as b:
         assert a["train/features"].dtype == np.float16
-        error = max_relative_row_error(a["train/features"][()].astype(np.float32),
-                                       b["train/features"][()])
+        error = max_relative_row_error(
+            a["train/features"][()].astype(np.float32), b["train/features"][()]
+        )
         assert error <= 1e-3
 
 
 def test_bf16_compute_stays_within_stated_tolerance(tiny_imagenet, tmp_path, weights_file):
     """README states: bf16 features are within 5% relative (per row) of fp32."""
-    bf16 = extract_features(tiny_imagenet, tmp_path / "b.h5", weights=str(weights_file),
-                            precision="bf16", store_dtype="float32")
-    fp32 = extract_features(tiny_imagenet, tmp_path / "f.h5", weights=str(weights_file),
-                            store_dtype="float32")
+    bf16 = extract_features(
+        tiny_imagenet,
+        tmp_path / "b.h5",
+        weights=str(weights_file),
+        precision="bf16",
+        store_dtype="float32",
+    )
+    fp32 = extract_features(
+        tiny_imagenet, tmp_path / "f.h5", weights=str(weights_file), store_dtype="float32"
+    )
     with h5py.File(bf16) as a, h5py.File(fp32) as b:
         assert a.attrs["precision"] == "bf16"
         error = max_relative_row_error(a["train/features"][()], b["train/features"][()])
@@ -84,14 +101,24 @@ def test_bf16_compute_stays_within_stated_tolerance(tiny_imagenet, tmp_path, wei
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_tf32_and_bf16_match_cpu_fp32(tiny_imagenet, tmp_path, weights_file):
-    cpu = extract_features(tiny_imagenet, tmp_path / "c.h5", weights=str(weights_file),
-                           store_dtype="float32", device="cpu")
+    cpu = extract_features(
+        tiny_imagenet,
+        tmp_path / "c.h5",
+        weights=str(weights_file),
+        store_dtype="float32",
+        device="cpu",
+    )
     with h5py.File(cpu) as reference:
         expected = reference["train/features"][()]
     for precision, tolerance in (("tf32", 0.01), ("bf16", 0.05)):
-        out = extract_features(tiny_imagenet, tmp_path / f"{precision}.h5", device="cuda",
-                               weights=str(weights_file), store_dtype="float32",
-                               precision=precision)
+        out = extract_features(
+            tiny_imagenet,
+            tmp_path / f"{precision}.h5",
+            device="cuda",
+            weights=str(weights_file),
+            store_dtype="float32",
+            precision=precision,
+        )
         with h5py.File(out) as file:
             got = file["train/features"][()]
         assert max_relative_row_error(got, expected) <= tolerance
@@ -99,8 +126,9 @@ def test_cuda_tf32_and_bf16_match_cpu_fp32(tiny_imagenet, tmp_path, weights_file
 
 def test_labels_paths_classes_and_provenance(tiny_imagenet, tmp_path, weights_file):
     before = tree_digest(tiny_imagenet)
-    out = extract_features(tiny_imagenet, tmp_path / "f.h5", weights=str(weights_file),
-                           splits=["train", "val", "test"])
+    out = extract_features(
+        tiny_imagenet, tmp_path / "f.h5", weights=str(weights_file), splits=["train", "val", "test"]
+    )
     assert tree_digest(tiny_imagenet) == before, "the data folder must not change"
     with store.open_complete(out) as file:
         classes = store.read_classes(file)
@@ -108,7 +136,8 @@ def test_labels_paths_classes_and_provenance(tiny_imagenet, tmp_path, weights_fi
         assert classes.names[classes.wnids.index("n01443537")] == "goldfish"
         annotations = dict(
             line.split("\t")[:2]
-            for line in (tiny_imagenet / "val/val_annotations.txt").read_text().splitlines())
+            for line in (tiny_imagenet / "val/val_annotations.txt").read_text().splitlines()
+        )
         val = store.read_split(file, "val")
         for path, label in zip(val.paths, val.labels):
             assert classes.wnids[label] == annotations[Path(path).name]
@@ -131,6 +160,7 @@ def test_imagefolder_layout_works(tmp_path, weights_file):
         (root / name).mkdir(parents=True)
         for index in range(3):
             from conftest import pattern_image
+
             pattern_image(label, index, size=80).save(root / name / f"{index}.jpg")
     out = extract_features(root, tmp_path / "f.h5", weights=str(weights_file))
     with store.open_complete(out) as file:
@@ -139,12 +169,13 @@ def test_imagefolder_layout_works(tmp_path, weights_file):
         assert list(store.read_split(file, "train").labels) == [0, 0, 0, 1, 1, 1]
 
 
-def test_imagenet_weights_load_through_torchvision_cache(tiny_imagenet, tmp_path, torch_home,
-                                                         weights_file):
-    by_name = extract_features(tiny_imagenet, tmp_path / "a.h5", weights="imagenet",
-                               splits=["val"])
-    by_path = extract_features(tiny_imagenet, tmp_path / "b.h5", weights=str(weights_file),
-                               splits=["val"])
+def test_imagenet_weights_load_through_torchvision_cache(
+    tiny_imagenet, tmp_path, torch_home, weights_file
+):
+    by_name = extract_features(tiny_imagenet, tmp_path / "a.h5", weights="imagenet", splits=["val"])
+    by_path = extract_features(
+        tiny_imagenet, tmp_path / "b.h5", weights=str(weights_file), splits=["val"]
+    )
     with h5py.File(by_name) as a, h5py.File(by_path) as b:
         assert a.attrs["weights"] == "imagenet"
         assert a.attrs["weights_sha256"] == b.attrs["weights_sha256"]
@@ -152,8 +183,14 @@ def test_imagenet_weights_load_through_torchvision_cache(tiny_imagenet, tmp_path
 
 
 def test_flip_stores_features_of_the_mirrored_image(tiny_imagenet, tmp_path, weights_file):
-    out = extract_features(tiny_imagenet, tmp_path / "f.h5", weights=str(weights_file),
-                           flip=True, store_dtype="float32", splits=["val"])
+    out = extract_features(
+        tiny_imagenet,
+        tmp_path / "f.h5",
+        weights=str(weights_file),
+        flip=True,
+        store_dtype="float32",
+        splits=["val"],
+    )
     with store.open_complete(out) as file:
         arrays = store.read_split(file, "val", with_flip=True)
     mirrored = tmp_path / "mirrored"
@@ -162,7 +199,8 @@ def test_flip_stores_features_of_the_mirrored_image(tiny_imagenet, tmp_path, wei
     for path in arrays.paths:
         target = mirrored / Path(path).name
         Image.open(tiny_imagenet / path).transpose(Image.FLIP_LEFT_RIGHT).save(
-            target.with_suffix(".png"))
+            target.with_suffix(".png")
+        )
         files.append(target.with_suffix(".png"))
     reference = reference_fc7(weights_file, files)
     assert max_relative_row_error(arrays.features_flip, reference) <= 1e-3
@@ -176,10 +214,13 @@ def test_large_images_shrunk_match_torchvision_reference(tmp_path, weights_file)
         (root / name).mkdir(parents=True)
         for index in range(2):
             from conftest import pattern_image
+
             pattern_image(label, index, size=300).resize((400, 300)).save(
-                root / name / f"{index}.jpg", quality=95)
-    out = extract_features(root, tmp_path / "f.h5", weights=str(weights_file),
-                           store_dtype="float32")
+                root / name / f"{index}.jpg", quality=95
+            )
+    out = extract_features(
+        root, tmp_path / "f.h5", weights=str(weights_file), store_dtype="float32"
+    )
     with store.open_complete(out) as file:
         arrays = store.read_split(file, "train")
     reference = reference_fc7(weights_file, [root / p for p in arrays.paths])

@@ -36,8 +36,9 @@ def test_converted_modes_are_extracted(tiny_imagenet, tmp_path):
     out = extract_features(tiny_imagenet, tmp_path / "f.h5", splits=["train"])
     with store.open_complete(out) as file:
         paths = store.read_split(file, "train").paths
-        assert {f"{TRAIN}/{n}" for n in ("gray.JPEG", "cmyk.JPEG", "rgba.png", "palette.gif")} \
-            <= set(paths)
+        assert {
+            f"{TRAIN}/{n}" for n in ("gray.JPEG", "cmyk.JPEG", "rgba.png", "palette.gif")
+        } <= set(paths)
         assert store.read_failed(file, "train") == []
 
 

@@ -35,9 +35,13 @@ def dataset(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def cached(dataset: Path, tmp_path_factory, weights_file: Path) -> Path:
     """float16 features of train, val and test, with flipped views, random-init weights."""
-    return extract_features(dataset, tmp_path_factory.mktemp("head-features") / "f.h5",
-                            splits=["train", "val", "test"], flip=True,
-                            weights=str(weights_file))
+    return extract_features(
+        dataset,
+        tmp_path_factory.mktemp("head-features") / "f.h5",
+        splits=["train", "val", "test"],
+        flip=True,
+        weights=str(weights_file),
+    )
 
 
 def cli(command, argv: list[str], capsys) -> tuple[int, str, str]:
@@ -65,7 +69,8 @@ def test_training_writes_the_checkpoint_contract_history_and_plots(cached, tmp_p
     assert status == 0
     assert "MiB in memory" in out
     assert [line for line in out.splitlines() if line.startswith("epoch ")][1].startswith(
-        "epoch 2/2  train loss ")
+        "epoch 2/2  train loss "
+    )
     for name in ("last.pt", "best.pt", "history.csv", "loss.png", "accuracy.png", "time.png"):
         assert (tmp_path / "model" / name).stat().st_size > 0
     state = torch.load(tmp_path / "model" / "last.pt", weights_only=True)
@@ -90,16 +95,23 @@ def test_resume_after_three_epochs_matches_six_straight(cached, tmp_path, capsys
     options = ("--flip", "--standardize", "--weight-decay", "0.01")
     assert train_cli(cached, tmp_path / "straight", capsys, "--epochs", "6", *options)[0] == 0
     assert train_cli(cached, tmp_path / "split", capsys, "--epochs", "3", *options)[0] == 0
-    status, out, _ = train_cli(cached, tmp_path / "split", capsys, "--epochs", "6", "--resume",
-                               *options)
+    status, out, _ = train_cli(
+        cached, tmp_path / "split", capsys, "--epochs", "6", "--resume", *options
+    )
     assert status == 0 and "epoch 4/6" in out and "epoch 1/6" not in out
     straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
     resumed = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
     for name in ("weight", "bias"):
-        torch.testing.assert_close(resumed["state_dict"][name], straight["state_dict"][name],
-                                   rtol=0, atol=1e-6)
-    for key in ("train_loss", "validation_loss", "train_accuracy", "validation_accuracy",
-                "history_epochs"):
+        torch.testing.assert_close(
+            resumed["state_dict"][name], straight["state_dict"][name], rtol=0, atol=1e-6
+        )
+    for key in (
+        "train_loss",
+        "validation_loss",
+        "train_accuracy",
+        "validation_accuracy",
+        "history_epochs",
+    ):
         assert resumed[key] == pytest.approx(straight[key], abs=1e-6)
     assert resumed["best_epoch"] == straight["best_epoch"]
     assert resumed["best_accuracy"] == straight["best_accuracy"]
@@ -109,16 +121,25 @@ def test_bf16_training_follows_fp32_closely_and_resumes_exactly(cached, tmp_path
     """bf16 matmuls change the steps a little (so the weights differ) but not the result."""
     for name, extra in (("fp32", ()), ("bf16", ("--precision", "bf16"))):
         assert train_cli(cached, tmp_path / name, capsys, "--epochs", "6", *extra)[0] == 0
-    assert train_cli(cached, tmp_path / "split", capsys, "--epochs", "3", "--precision",
-                     "bf16")[0] == 0
-    assert train_cli(cached, tmp_path / "split", capsys, "--epochs", "6", "--precision", "bf16",
-                     "--resume")[0] == 0
-    fp32, bf16, split = (torch.load(tmp_path / name / "last.pt", weights_only=True)
-                         for name in ("fp32", "bf16", "split"))
+    assert (
+        train_cli(cached, tmp_path / "split", capsys, "--epochs", "3", "--precision", "bf16")[0]
+        == 0
+    )
+    assert (
+        train_cli(
+            cached, tmp_path / "split", capsys, "--epochs", "6", "--precision", "bf16", "--resume"
+        )[0]
+        == 0
+    )
+    fp32, bf16, split = (
+        torch.load(tmp_path / name / "last.pt", weights_only=True)
+        for name in ("fp32", "bf16", "split")
+    )
     weight, reference = bf16["state_dict"]["weight"], fp32["state_dict"]["weight"]
     assert not torch.equal(weight, reference), "the bf16 path was not taken"
-    assert torch.nn.functional.cosine_similarity(weight.flatten(), reference.flatten(),
-                                                 dim=0) > 0.99
+    assert (
+        torch.nn.functional.cosine_similarity(weight.flatten(), reference.flatten(), dim=0) > 0.99
+    )
     assert bf16["train_loss"] == pytest.approx(fp32["train_loss"], rel=0.05)
     assert abs(bf16["validation_accuracy"][-1] - fp32["validation_accuracy"][-1]) <= 10
     torch.testing.assert_close(split["state_dict"], bf16["state_dict"], rtol=0, atol=1e-6)
@@ -127,8 +148,7 @@ def test_bf16_training_follows_fp32_closely_and_resumes_exactly(cached, tmp_path
 
 def test_best_accuracy_is_what_evaluate_recomputes_from_best_pt(cached, tmp_path, capsys):
     assert train_cli(cached, tmp_path / "model", capsys, "--epochs", "4", "--standardize")[0] == 0
-    status, out, _ = cli(evaluate, ["--model", tmp_path / "model", "--features", cached],
-                         capsys)
+    status, out, _ = cli(evaluate, ["--model", tmp_path / "model", "--features", cached], capsys)
     assert status == 0 and out.startswith("val: 6 images  top1 ")
     report = json.loads((tmp_path / "model" / "report.json").read_text())
     best = torch.load(tmp_path / "model" / "best.pt", weights_only=True)
@@ -161,8 +181,9 @@ def test_expected_calibration_error_of_known_cases():
     labels = np.array([0] * 9 + [1])
     assert evaluate.expected_calibration_error(calibrated, labels) == pytest.approx(0.0)
     # Always 0.8 confident, always wrong: the error is the confidence.
-    assert evaluate.expected_calibration_error(np.tile([0.8, 0.2], (4, 1)),
-                                               np.ones(4, int)) == pytest.approx(0.8)
+    assert evaluate.expected_calibration_error(
+        np.tile([0.8, 0.2], (4, 1)), np.ones(4, int)
+    ) == pytest.approx(0.8)
 
 
 def test_standardize_folds_the_statistics_into_the_saved_layer(cached, tmp_path, capsys):
@@ -171,10 +192,12 @@ def test_standardize_folds_the_statistics_into_the_saved_layer(cached, tmp_path,
     with store.open_complete(cached) as file:
         raw = torch.from_numpy(store.read_split(file, "val").features).float()
     mean, std = state["standardization"]["mean"], state["standardization"]["std"]
-    trained = torch.nn.functional.linear((raw - mean) / std, state["trainable"]["weight"],
-                                         state["trainable"]["bias"])
-    exported = torch.nn.functional.linear(raw, state["state_dict"]["weight"],
-                                          state["state_dict"]["bias"])
+    trained = torch.nn.functional.linear(
+        (raw - mean) / std, state["trainable"]["weight"], state["trainable"]["bias"]
+    )
+    exported = torch.nn.functional.linear(
+        raw, state["state_dict"]["weight"], state["state_dict"]["bias"]
+    )
     torch.testing.assert_close(exported, trained, rtol=1e-4, atol=1e-4)
     train_features = features.load(cached, report=lambda line: None).train.features.double()
     torch.testing.assert_close(mean.double(), train_features.mean(0), rtol=1e-4, atol=1e-6)
@@ -192,7 +215,8 @@ def test_flip_draws_a_view_per_image_and_changes_training(cached, tmp_path, caps
 
 
 def test_init_fc8_starts_from_the_imagenet_rows_of_the_dataset_wnids(
-        dataset, tmp_path, torch_home, capsys):
+    dataset, tmp_path, torch_home, capsys
+):
     imagenet = extract_features(dataset, tmp_path / "imagenet.h5", weights="imagenet")
     fc8 = load_alexnet("imagenet").classifier[6]
     rows = [imagenet_wnids().index(wnid) for wnid in WNIDS]
@@ -202,8 +226,9 @@ def test_init_fc8_starts_from_the_imagenet_rows_of_the_dataset_wnids(
     torch.testing.assert_close(head.weight, fc8.weight[rows], rtol=0, atol=0)
     torch.testing.assert_close(head.bias, fc8.bias[rows], rtol=0, atol=0)
 
-    status, out, _ = train_cli(imagenet, tmp_path / "model", capsys, "--init", "fc8",
-                               "--epochs", "1", "--standardize")
+    status, out, _ = train_cli(
+        imagenet, tmp_path / "model", capsys, "--init", "fc8", "--epochs", "1", "--standardize"
+    )
     assert status == 0
     assert "epoch 0/1  train loss " in out and "epoch 1/1" in out
     state = torch.load(tmp_path / "model" / "last.pt", weights_only=True)
@@ -211,8 +236,10 @@ def test_init_fc8_starts_from_the_imagenet_rows_of_the_dataset_wnids(
     first = torch.load(tmp_path / "model" / "best.pt", weights_only=True)
     assert first["best_epoch"] in (0, 1)
 
-    assert train_cli(imagenet, tmp_path / "untrained", capsys, "--init", "fc8",
-                     "--epochs", "0")[0] == 0
+    assert (
+        train_cli(imagenet, tmp_path / "untrained", capsys, "--init", "fc8", "--epochs", "0")[0]
+        == 0
+    )
     untrained = torch.load(tmp_path / "untrained" / "best.pt", weights_only=True)
     torch.testing.assert_close(untrained["state_dict"]["weight"], fc8.weight[rows])
 
@@ -245,16 +272,19 @@ def test_incomplete_features_file_is_refused(cached, tmp_path, capsys):
 
 
 def test_missing_train_split_is_refused(dataset, tmp_path, weights_file, capsys):
-    val_only = extract_features(dataset, tmp_path / "val.h5", splits=["val"],
-                                weights=str(weights_file))
+    val_only = extract_features(
+        dataset, tmp_path / "val.h5", splits=["val"], weights=str(weights_file)
+    )
     status, _, err = train_cli(val_only, tmp_path / "model", capsys)
     assert_one_line_error(status, err, "no 'train' split", str(val_only))
 
 
-def test_without_val_split_it_trains_and_selects_on_train_loss(dataset, tmp_path,
-                                                               weights_file, capsys):
-    train_only = extract_features(dataset, tmp_path / "train.h5", splits=["train"],
-                                  weights=str(weights_file))
+def test_without_val_split_it_trains_and_selects_on_train_loss(
+    dataset, tmp_path, weights_file, capsys
+):
+    train_only = extract_features(
+        dataset, tmp_path / "train.h5", splits=["train"], weights=str(weights_file)
+    )
     status, out, err = train_cli(train_only, tmp_path / "model", capsys, "--epochs", "2")
     assert status == 0
     assert "no val split" in err and "train loss" in err
@@ -276,21 +306,27 @@ def test_non_finite_features_are_refused(cached, tmp_path, capsys):
 
 def test_resume_with_another_class_count_is_refused(cached, tmp_path, weights_file, capsys):
     assert train_cli(cached, tmp_path / "model", capsys, "--epochs", "1")[0] == 0
-    two = write_tiny_imagenet(tmp_path / "two", train_per_class=2, val_per_class=1,
-                              wnids=WNIDS[:2], names=("goldfish", "salamander"))
+    two = write_tiny_imagenet(
+        tmp_path / "two",
+        train_per_class=2,
+        val_per_class=1,
+        wnids=WNIDS[:2],
+        names=("goldfish", "salamander"),
+    )
     two_classes = extract_features(two, tmp_path / "two.h5", weights=str(weights_file))
-    status, _, err = train_cli(two_classes, tmp_path / "model", capsys, "--epochs", "2",
-                               "--resume")
+    status, _, err = train_cli(two_classes, tmp_path / "model", capsys, "--epochs", "2", "--resume")
     assert_one_line_error(status, err, "has 3 classes", "has 2")
 
 
 def test_resume_with_other_settings_is_refused(cached, tmp_path, capsys):
     assert train_cli(cached, tmp_path / "model", capsys, "--epochs", "1")[0] == 0
-    status, _, err = train_cli(cached, tmp_path / "model", capsys, "--epochs", "2", "--resume",
-                               "--lr", "0.01")
+    status, _, err = train_cli(
+        cached, tmp_path / "model", capsys, "--epochs", "2", "--resume", "--lr", "0.01"
+    )
     assert_one_line_error(status, err, "--lr 0.001 -> 0.01")
-    status, _, err = train_cli(cached, tmp_path / "model", capsys, "--epochs", "2", "--resume",
-                               "--precision", "bf16")
+    status, _, err = train_cli(
+        cached, tmp_path / "model", capsys, "--epochs", "2", "--resume", "--precision", "bf16"
+    )
     assert_one_line_error(status, err, "--precision fp32 -> bf16")
     status, _, err = train_cli(cached, tmp_path / "model", capsys, "--epochs", "2")
     assert_one_line_error(status, err, "--resume", "--overwrite")
@@ -318,16 +354,31 @@ def test_features_that_do_not_fit_in_memory_are_refused(cached, tmp_path, capsys
 def test_command_line_error_exits_2_with_one_line_and_no_traceback(tmp_path):
     missing = tmp_path / "missing.h5"
     result = subprocess.run(
-        [sys.executable, "-m", "head.train", "--features", str(missing), "--save",
-         str(tmp_path / "model")], cwd=REPO, capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "head.train",
+            "--features",
+            str(missing),
+            "--save",
+            str(tmp_path / "model"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: {missing}: feature file not found"
 
 
-@pytest.mark.parametrize("command, example", [
-    (train, "python -m head.train --features features.h5 --save model --resume"),
-    (evaluate, "python -m head.evaluate --model model --features features.h5"),
-])
+@pytest.mark.parametrize(
+    "command, example",
+    [
+        (train, "python -m head.train --features features.h5 --save model --resume"),
+        (evaluate, "python -m head.evaluate --model model --features features.h5"),
+    ],
+)
 def test_help_shows_real_invocations(command, example, capsys):
     status, out, _ = cli(command, ["--help"], capsys)
     assert status == 0 and example in out

@@ -17,8 +17,13 @@ from head.adam import Adam
 def problem(seed: int = 0) -> tuple[nn.Linear, list[tuple[torch.Tensor, torch.Tensor]]]:
     """A small linear classifier and a few batches of ReLU-like features."""
     generator = torch.Generator().manual_seed(seed)
-    batches = [(torch.rand(16, 64, generator=generator).clamp_min(0.4) - 0.4,
-                torch.randint(0, 5, (16,), generator=generator)) for _ in range(12)]
+    batches = [
+        (
+            torch.rand(16, 64, generator=generator).clamp_min(0.4) - 0.4,
+            torch.randint(0, 5, (16,), generator=generator),
+        )
+        for _ in range(12)
+    ]
     torch.manual_seed(seed)
     return nn.Linear(64, 5), batches
 
@@ -36,10 +41,12 @@ def test_steps_equal_torch_fused_adam_exactly_and_plain_adam_closely(weight_deca
     fused, _ = problem()
     plain, _ = problem()
     train(ours, Adam([ours.weight, ours.bias], lr=1e-2, weight_decay=weight_decay), batches)
-    train(fused, torch.optim.Adam(fused.parameters(), lr=1e-2, weight_decay=weight_decay,
-                                  fused=True), batches)
-    train(plain, torch.optim.Adam(plain.parameters(), lr=1e-2, weight_decay=weight_decay),
-          batches)
+    train(
+        fused,
+        torch.optim.Adam(fused.parameters(), lr=1e-2, weight_decay=weight_decay, fused=True),
+        batches,
+    )
+    train(plain, torch.optim.Adam(plain.parameters(), lr=1e-2, weight_decay=weight_decay), batches)
     assert not torch.equal(ours.weight, problem()[0].weight), "the weights moved"
     torch.testing.assert_close(ours.state_dict(), fused.state_dict(), rtol=0, atol=0)
     torch.testing.assert_close(ours.state_dict(), plain.state_dict(), rtol=1e-5, atol=1e-6)
@@ -66,13 +73,16 @@ def test_state_dict_moves_both_ways_between_ours_and_torch():
 def test_training_imports_neither_the_compiler_stack_nor_torchvision(features_file, tmp_path):
     """What keeps head.train's memory down: torch.optim pulls in TorchDynamo, extract the
     image pipeline. A fresh process trains, then lists what it loaded."""
-    code = ("import sys; from head.train import main; "
-            f"code = main(['--features', {str(features_file)!r}, '--save', "
-            f"{str(tmp_path / 'run')!r}, '--epochs', '2', '--device', 'cpu']); "
-            "print(code, [m for m in ('torch._dynamo', 'sympy', 'torchvision') "
-            "if m in sys.modules])")
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
-                            text=True, timeout=300)
+    code = (
+        "import sys; from head.train import main; "
+        f"code = main(['--features', {str(features_file)!r}, '--save', "
+        f"{str(tmp_path / 'run')!r}, '--epochs', '2', '--device', 'cpu']); "
+        "print(code, [m for m in ('torch._dynamo', 'sympy', 'torchvision') "
+        "if m in sys.modules])"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "0 []"
     assert (tmp_path / "run" / "last.pt").is_file()

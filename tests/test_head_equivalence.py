@@ -35,10 +35,14 @@ def seed_training(data: Path, weights_file: Path) -> nn.Linear:
     torch.manual_seed(SEED)
     model.classifier[6] = nn.Linear(4096, len(WNIDS))
     model.eval()
-    preprocess = transforms.Compose([
-        transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+    preprocess = transforms.Compose(
+        [
+            transforms.Resize(256),
+            transforms.CenterCrop(224),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
     paths, labels = [], []
     for label, wnid in enumerate(sorted(WNIDS)):
         for path in sorted((data / "train" / wnid / "images").iterdir()):
@@ -52,7 +56,7 @@ def seed_training(data: Path, weights_file: Path) -> nn.Linear:
     for _ in range(EPOCHS):
         order = torch.randperm(len(paths), generator=generator)
         for start in range(0, len(paths), BATCH):
-            rows = order[start:start + BATCH]
+            rows = order[start : start + BATCH]
             loss = loss_function(model(images[rows]), labels[rows])
             optimizer.zero_grad()
             loss.backward()
@@ -61,19 +65,26 @@ def seed_training(data: Path, weights_file: Path) -> nn.Linear:
 
 
 def test_head_trained_on_cached_features_equals_the_seed_training(
-        tiny_imagenet, tmp_path, weights_file):
-    cached = extract_features(tiny_imagenet, tmp_path / "f32.h5", store_dtype="float32",
-                              precision="fp32", weights=str(weights_file))
+    tiny_imagenet, tmp_path, weights_file
+):
+    cached = extract_features(
+        tiny_imagenet,
+        tmp_path / "f32.h5",
+        store_dtype="float32",
+        precision="fp32",
+        weights=str(weights_file),
+    )
     data = features.load(cached, report=lambda line: None)
     settings = Settings(epochs=EPOCHS, batch_size=BATCH, lr=LR, seed=SEED, progress=False)
-    state = train(data, tmp_path / "model", settings, torch.device("cpu"),
-                  report=lambda line: None)
+    state = train(data, tmp_path / "model", settings, torch.device("cpu"), report=lambda line: None)
 
     reference = seed_training(tiny_imagenet, weights_file)
-    torch.testing.assert_close(state["state_dict"]["weight"], reference.weight.detach(),
-                               rtol=0, atol=1e-5)
-    torch.testing.assert_close(state["state_dict"]["bias"], reference.bias.detach(),
-                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        state["state_dict"]["weight"], reference.weight.detach(), rtol=0, atol=1e-5
+    )
+    torch.testing.assert_close(
+        state["state_dict"]["bias"], reference.bias.detach(), rtol=0, atol=1e-5
+    )
     # Not vacuous: the weights moved by many times the tolerance.
     initial = torch.load(tmp_path / "model" / "last.pt", weights_only=True)["state_dict"]
     torch.manual_seed(SEED)

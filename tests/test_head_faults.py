@@ -27,8 +27,9 @@ HEAD_DIR = REPO / "head"
 @pytest.fixture(scope="module")
 def cached(tmp_path_factory, weights_file: Path) -> Path:
     data = write_tiny_imagenet(tmp_path_factory.mktemp("faults-data") / "tiny")
-    return extract_features(data, tmp_path_factory.mktemp("faults") / "f.h5",
-                            weights=str(weights_file))
+    return extract_features(
+        data, tmp_path_factory.mktemp("faults") / "f.h5", weights=str(weights_file)
+    )
 
 
 class Payload:
@@ -41,8 +42,7 @@ class Payload:
         return (Path.touch, (self.marker,))
 
 
-def test_a_checkpoint_carrying_a_pickled_payload_is_refused_everywhere(cached, tmp_path,
-                                                                       capsys):
+def test_a_checkpoint_carrying_a_pickled_payload_is_refused_everywhere(cached, tmp_path, capsys):
     assert train_cli(cached, tmp_path / "model", capsys, "--epochs", "1")[0] == 0
     marker = tmp_path / "payload-ran"
     for name in ("last.pt", "best.pt"):
@@ -69,8 +69,9 @@ def test_every_torch_load_in_head_is_weights_only():
 
 
 @pytest.mark.parametrize("attribute, value", [("backbone", "resnet50"), ("node", "avgpool")])
-def test_features_of_another_backbone_or_layer_are_refused(cached, tmp_path, capsys,
-                                                           attribute, value):
+def test_features_of_another_backbone_or_layer_are_refused(
+    cached, tmp_path, capsys, attribute, value
+):
     assert train_cli(cached, tmp_path / "model", capsys, "--epochs", "1")[0] == 0
     other = tmp_path / "other.h5"
     shutil.copy(cached, other)
@@ -96,12 +97,26 @@ def test_a_checkpoint_for_another_class_list_is_refused(cached, tmp_path, weight
 @pytest.mark.slow
 def test_sigkill_at_random_moments_leaves_last_and_best_loadable(cached, tmp_path):
     save = tmp_path / "model"
-    command = [sys.executable, "-m", "head.train", "--features", str(cached), "--save",
-               str(save), "--epochs", "100000", *FAST]
+    command = [
+        sys.executable,
+        "-m",
+        "head.train",
+        "--features",
+        str(cached),
+        "--save",
+        str(save),
+        "--epochs",
+        "100000",
+        *FAST,
+    ]
     rng = random.Random(0)
     for attempt in range(4):
-        process = subprocess.Popen(command + (["--resume"] if attempt else []), cwd=REPO,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        process = subprocess.Popen(
+            command + (["--resume"] if attempt else []),
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         deadline = time.monotonic() + 120
         while not ((save / "last.pt").exists() and (save / "best.pt").exists()):
             assert process.poll() is None, process.stderr.read()

@@ -23,29 +23,47 @@ MB = 10**6
 NONE = lambda line: None  # noqa: E731
 
 
-def write_features(path: Path, rows: int, classes: int, val_rows: int, signal: float,
-                   block: int = 4096) -> Path:
+def write_features(
+    path: Path, rows: int, classes: int, val_rows: int, signal: float, block: int = 4096
+) -> Path:
     """A complete float16 feature file of noisy class centres (`signal` sets how separable)."""
     rng = np.random.default_rng(0)
     wnids = [f"n{label:08d}" for label in range(classes)]
-    manifests = [Manifest(split, [f"{split}/{i}.JPEG" for i in range(count)],
-                          rng.integers(0, classes, count).tolist())
-                 for split, count in (("train", rows), ("val", val_rows))]
-    attrs = {"backbone": "alexnet", "node": "classifier.5", "weights": "random",
-             "weights_sha256": "0" * 64, "preprocess": Preprocess().to_json(),
-             "precision": "fp32", "store_dtype": "float16", "torch_version": "",
-             "torchvision_version": ""}
+    manifests = [
+        Manifest(
+            split,
+            [f"{split}/{i}.JPEG" for i in range(count)],
+            rng.integers(0, classes, count).tolist(),
+        )
+        for split, count in (("train", rows), ("val", val_rows))
+    ]
+    attrs = {
+        "backbone": "alexnet",
+        "node": "classifier.5",
+        "weights": "random",
+        "weights_sha256": "0" * 64,
+        "preprocess": Preprocess().to_json(),
+        "precision": "fp32",
+        "store_dtype": "float16",
+        "torch_version": "",
+        "torchvision_version": "",
+    }
     centres = rng.gamma(1.0, 1.0, (classes, FEATURE_DIM)).astype(np.float32) * signal
     with store.create(path, attrs, Classes(wnids, wnids), manifests, flip=False) as file:
         for manifest in manifests:
             labels = np.asarray(manifest.labels)
             for start in range(0, len(labels), block):
-                part = labels[start:start + block]
+                part = labels[start : start + block]
                 noise = rng.standard_normal((len(part), FEATURE_DIM), np.float32)
-                store.append(file[manifest.split],
-                             np.maximum(centres[part] + noise, 0).astype(np.float16), None,
-                             part.tolist(), manifest.paths[start:start + block], [],
-                             start + len(part))
+                store.append(
+                    file[manifest.split],
+                    np.maximum(centres[part] + noise, 0).astype(np.float16),
+                    None,
+                    part.tolist(),
+                    manifest.paths[start : start + block],
+                    [],
+                    start + len(part),
+                )
         store.mark_complete(file)
     return path
 
@@ -53,16 +71,18 @@ def write_features(path: Path, rows: int, classes: int, val_rows: int, signal: f
 @pytest.fixture(scope="module")
 def noisy(tmp_path_factory) -> Path:
     """5000 train rows of 10 classes, learnable but not perfectly (val top-1 well below 100%)."""
-    return write_features(tmp_path_factory.mktemp("stream") / "noisy.h5", 5000, 10, 1000,
-                          signal=0.04)
+    return write_features(
+        tmp_path_factory.mktemp("stream") / "noisy.h5", 5000, 10, 1000, signal=0.04
+    )
 
 
 def test_an_epoch_of_streamed_batches_visits_every_row_once_in_a_shuffled_order(noisy):
     with store.open_complete(noisy) as file:
         stored = file["train/features"][()]
     rows = len(stored)
-    split = StreamedSplit(noisy, "train", labels=torch.arange(rows), block_rows=256,
-                          buffer_blocks=3)
+    split = StreamedSplit(
+        noisy, "train", labels=torch.arange(rows), block_rows=256, buffer_blocks=3
+    )
     generator = torch.Generator().manual_seed(0)
     batches = list(stream_batches(split, 100, generator))
     seen = torch.cat([labels for _, labels in batches])
@@ -79,8 +99,13 @@ def test_an_epoch_of_streamed_batches_visits_every_row_once_in_a_shuffled_order(
 def test_streamed_training_matches_in_memory_accuracy_and_resumes_exactly(noisy, tmp_path):
     settings = Settings(epochs=3, batch_size=50, progress=False)
     cpu = torch.device("cpu")
-    in_memory = train(features.load(noisy, report=NONE, stream=False), tmp_path / "memory",
-                      settings, cpu, report=NONE)
+    in_memory = train(
+        features.load(noisy, report=NONE, stream=False),
+        tmp_path / "memory",
+        settings,
+        cpu,
+        report=NONE,
+    )
     lines = []
     streamed_data = features.load(noisy, report=lines.append, stream=True, max_memory=80 * MB)
     assert isinstance(streamed_data.train, StreamedSplit) and "(2 blocks of 1024" in lines[0]
@@ -90,11 +115,17 @@ def test_streamed_training_matches_in_memory_accuracy_and_resumes_exactly(noisy,
     # Resumed in stream mode after two epochs: exactly the uninterrupted streamed run.
     two = Settings(epochs=2, batch_size=50, progress=False)
     train(streamed_data, tmp_path / "resumed", two, cpu, report=NONE)
-    resumed = train(streamed_data, tmp_path / "resumed", Settings(
-        epochs=3, batch_size=50, progress=False, resume=True), cpu, report=NONE)
+    resumed = train(
+        streamed_data,
+        tmp_path / "resumed",
+        Settings(epochs=3, batch_size=50, progress=False, resume=True),
+        cpu,
+        report=NONE,
+    )
     for name in ("weight", "bias"):
-        torch.testing.assert_close(resumed["state_dict"][name], streamed["state_dict"][name],
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(
+            resumed["state_dict"][name], streamed["state_dict"][name], rtol=0, atol=0
+        )
     assert resumed["validation_accuracy"] == streamed["validation_accuracy"]
 
 
@@ -109,16 +140,23 @@ def test_max_memory_accepts_sizes_with_units():
 # Runs head.train and prints its peak resident memory once it is done, before the interpreter
 # tears down (torch's teardown alone can briefly add ~200 MB, which says nothing about training).
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking parent (pytest, large).
-MEASURED = ("import atexit, re, runpy, sys; atexit.register(lambda: print('peak_rss_kb', "
-            "re.search(r'VmHWM:\\s*(\\d+)', open('/proc/self/status').read()).group(1))); "
-            "sys.argv = ['head.train', *sys.argv[1:]]; "
-            "runpy.run_module('head.train', run_name='__main__')")
+MEASURED = (
+    "import atexit, re, runpy, sys; atexit.register(lambda: print('peak_rss_kb', "
+    "re.search(r'VmHWM:\\s*(\\d+)', open('/proc/self/status').read()).group(1))); "
+    "sys.argv = ['head.train', *sys.argv[1:]]; "
+    "runpy.run_module('head.train', run_name='__main__')"
+)
 
 
 def peak_rss_mb(argv: list[str]) -> tuple[float, str]:
     """Run head.train with `argv`; its peak resident memory in MB, and its output."""
-    result = subprocess.run([sys.executable, "-c", MEASURED, *argv], cwd=REPO,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", MEASURED, *argv],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     peak_kb = int(result.stdout.split("peak_rss_kb")[-1])
     return peak_kb * 1024 / MB, result.stdout
@@ -134,11 +172,22 @@ def test_streamed_training_stays_under_max_memory_on_a_larger_file(tmp_path):
     common = ["--epochs", "2", "--no-progress"]
     # The interpreter, torch, h5py and matplotlib with one tiny run in memory: what any run costs.
     baseline, _ = peak_rss_mb([*common, "--features", str(small), "--save", str(tmp_path / "b")])
-    peak, output = peak_rss_mb([*common, "--features", str(big), "--save", str(tmp_path / "s"),
-                                "--max-memory", f"{bound}MB"])
+    peak, output = peak_rss_mb(
+        [
+            *common,
+            "--features",
+            str(big),
+            "--save",
+            str(tmp_path / "s"),
+            "--max-memory",
+            f"{bound}MB",
+        ]
+    )
     in_memory, _ = peak_rss_mb([*common, "--features", str(big), "--save", str(tmp_path / "m")])
-    print(f"peak RSS: baseline {baseline:.0f} MB, streamed {peak:.0f} MB, "
-          f"in memory {in_memory:.0f} MB; bound {bound} MB")
+    print(
+        f"peak RSS: baseline {baseline:.0f} MB, streamed {peak:.0f} MB, "
+        f"in memory {in_memory:.0f} MB; bound {bound} MB"
+    )
     assert "streaming from the file" in output and "epoch 2/2" in output
     assert peak <= baseline + bound
     assert in_memory > baseline + bound  # the file would not have fitted

@@ -95,13 +95,16 @@ def test_image_folder_and_glob_give_files_in_sorted_order_as_bgr(tmp_path):
         assert tuple(read[0].bgr[0, 0]) == (0, 0, 255)  # RGB red, stored BGR
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("9", "camera 9 cannot be opened"),
-    ("missing.mp4", "no such file or folder"),
-    ("garbage.avi", "cannot be read as a video"),
-    ("empty", "no images in this folder"),
-    ("empty/*.jpg", "no image files match"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("9", "camera 9 cannot be opened"),
+        ("missing.mp4", "no such file or folder"),
+        ("garbage.avi", "cannot be read as a video"),
+        ("empty", "no images in this folder"),
+        ("empty/*.jpg", "no image files match"),
+    ],
+)
 def test_sources_that_cannot_be_opened_raise_one_clear_error(tmp_path, monkeypatch, spec, message):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "empty").mkdir()
@@ -193,8 +196,16 @@ def test_live_log_matches_the_extract_path_frame_by_frame(tmp_path, model_dir, w
     same frame saved as PNG, run through extract, and the head applied to its features."""
     frames = video_frames(8)
     video = write_lossless_video(tmp_path / "frames.avi", frames)
-    result = run_live("--model", str(model_dir), "--source", str(video), "--topk", "3",
-                      "--log", str(tmp_path / "frames.jsonl"))
+    result = run_live(
+        "--model",
+        str(model_dir),
+        "--source",
+        str(video),
+        "--topk",
+        "3",
+        "--log",
+        str(tmp_path / "frames.jsonl"),
+    )
     assert result.returncode == 0, result.stderr
     assert "running headless" in result.stderr
     assert result.stdout.startswith("8 frames, 0 dropped")
@@ -203,8 +214,13 @@ def test_live_log_matches_the_extract_path_frame_by_frame(tmp_path, model_dir, w
     (reference / "train" / "frames").mkdir(parents=True)
     for index, frame in enumerate(frames):
         cv2.imwrite(str(reference / "train" / "frames" / f"{index:03d}.png"), frame)
-    features_path = extract_features(reference, tmp_path / "reference.h5", splits=["train"],
-                                     weights=str(weights_file), store_dtype="float32")
+    features_path = extract_features(
+        reference,
+        tmp_path / "reference.h5",
+        splits=["train"],
+        weights=str(weights_file),
+        store_dtype="float32",
+    )
     with store.open_complete(features_path) as file:
         split = store.read_split(file, "train")
     assert split.paths == [f"train/frames/{index:03d}.png" for index in range(8)]
@@ -217,8 +233,9 @@ def test_live_log_matches_the_extract_path_frame_by_frame(tmp_path, model_dir, w
     for line, probs in zip(log, expected):
         indices = [entry["index"] for entry in line["topk"]]
         assert indices == list(np.argsort(-probs)[:3])
-        np.testing.assert_allclose([entry["prob"] for entry in line["topk"]], probs[indices],
-                                   atol=1e-4)
+        np.testing.assert_allclose(
+            [entry["prob"] for entry in line["topk"]], probs[indices], atol=1e-4
+        )
         assert line["topk"][0]["wnid"] == ["n01443537", "n01629819", "n01641577"][indices[0]]
         assert line["smoothed_top1"]["index"] == indices[0]
         assert line["latency_ms"] > 0 and line["time"] > 0
@@ -238,8 +255,14 @@ def test_sources_that_cannot_be_opened_exit_2_with_one_line(tmp_path, model_dir,
 
 def test_stream_that_ends_gives_a_summary_and_exit_0(tmp_path, model_dir):
     video = write_lossless_video(tmp_path / "stream.avi", video_frames(6))
-    result = run_live("--model", str(model_dir), "--source", video.as_uri(),
-                      "--log", str(tmp_path / "stream.jsonl"))
+    result = run_live(
+        "--model",
+        str(model_dir),
+        "--source",
+        video.as_uri(),
+        "--log",
+        str(tmp_path / "stream.jsonl"),
+    )
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     classified = len(read_log(tmp_path / "stream.jsonl"))
@@ -249,9 +272,24 @@ def test_stream_that_ends_gives_a_summary_and_exit_0(tmp_path, model_dir):
 
 def test_output_video_has_one_annotated_frame_per_classified_frame(tmp_path, model_dir, capsys):
     video = write_lossless_video(tmp_path / "clip.avi", video_frames(4))
-    status = main(["--model", str(model_dir), "--source", str(video), "--no-display", "--loop",
-                   "--max-frames", "10", "--output", str(tmp_path / "out.mp4"),
-                   "--smooth", "0.5", "--threshold", "0.9"])
+    status = main(
+        [
+            "--model",
+            str(model_dir),
+            "--source",
+            str(video),
+            "--no-display",
+            "--loop",
+            "--max-frames",
+            "10",
+            "--output",
+            str(tmp_path / "out.mp4"),
+            "--smooth",
+            "0.5",
+            "--threshold",
+            "0.9",
+        ]
+    )
     assert status == 0
     assert capsys.readouterr().out.startswith("10 frames, 0 dropped")
     written = read_video(tmp_path / "out.mp4")
@@ -264,8 +302,16 @@ def test_output_video_has_one_annotated_frame_per_classified_frame(tmp_path, mod
 
 def test_imagenet_mode_predicts_the_1000_imagenet_classes(tmp_path, torch_home, capsys):
     video = write_lossless_video(tmp_path / "clip.avi", video_frames(2))
-    status = main(["--imagenet", "--source", str(video), "--no-display",
-                   "--log", str(tmp_path / "imagenet.jsonl")])
+    status = main(
+        [
+            "--imagenet",
+            "--source",
+            str(video),
+            "--no-display",
+            "--log",
+            str(tmp_path / "imagenet.jsonl"),
+        ]
+    )
     assert status == 0
     categories = backbone.imagenet_weights().meta["categories"]
     log = read_log(tmp_path / "imagenet.jsonl")
@@ -301,13 +347,15 @@ class ScriptedWindow:
 
 
 def test_keys_pause_snapshot_and_quit_and_a_failing_display_goes_headless(
-        tmp_path, model_dir, capsys):
+    tmp_path, model_dir, capsys
+):
     classifier = model.from_checkpoint(model_dir)
     video = write_lossless_video(tmp_path / "clip.avi", video_frames(6))
     window = ScriptedWindow([None, PAUSE, SNAPSHOT, PAUSE, QUIT])
     with open_source(str(video)) as source:
-        summary = session.run(classifier, source, session.Settings(
-            window=window, snapshot_dir=tmp_path))
+        summary = session.run(
+            classifier, source, session.Settings(window=window, snapshot_dir=tmp_path)
+        )
     assert summary.frames == 3  # quit while showing the third frame; pause held the second
     assert window.shown == 5 and window.closed
     assert (tmp_path / "snapshot_000001.png").is_file()

@@ -16,7 +16,8 @@ from live import export, model
 
 
 def test_exported_model_gives_the_same_logits_and_carries_preprocessing_and_classes(
-        tmp_path, model_dir, capsys):
+    tmp_path, model_dir, capsys
+):
     assert export.main(["--model", str(model_dir), "--out", str(tmp_path / "live.pt")]) == 0
     assert "live.pt" in capsys.readouterr().out
     scripted, described = export.load(tmp_path / "live.pt")
@@ -32,11 +33,14 @@ def test_exported_model_gives_the_same_logits_and_carries_preprocessing_and_clas
     with torch.inference_mode():
         expected = classifier.network(images)
         for batch in (images, images[:1]):
-            torch.testing.assert_close(scripted(batch), expected[:len(batch)],
-                                       rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(
+                scripted(batch), expected[: len(batch)], rtol=1e-5, atol=1e-5
+            )
     np.testing.assert_allclose(
         classifier.probabilities(pixels[0]),
-        torch.softmax(scripted(images[:1]), dim=1)[0].detach().numpy(), atol=1e-6)
+        torch.softmax(scripted(images[:1]), dim=1)[0].detach().numpy(),
+        atol=1e-6,
+    )
 
 
 def test_export_refuses_an_out_name_that_the_side_car_files_would_take(tmp_path, model_dir):

@@ -34,8 +34,9 @@ def altered_checkpoint(model_dir: Path, folder: Path, **changes) -> Path:
     """A copy of the test checkpoint with some entries replaced (`features` merged)."""
     state = torch.load(model_dir / "best.pt", weights_only=True)
     features = changes.pop("features", {})
-    state["features"] = {**state["features"], **features} if isinstance(features, dict) \
-        else features
+    state["features"] = (
+        {**state["features"], **features} if isinstance(features, dict) else features
+    )
     state.update(changes)
     folder.mkdir()
     torch.save(state, folder / "best.pt")
@@ -43,30 +44,35 @@ def altered_checkpoint(model_dir: Path, folder: Path, **changes) -> Path:
 
 
 def test_checkpoint_with_pickled_code_is_refused_by_live_and_export_and_runs_nothing(
-        tmp_path, model_dir):
+    tmp_path, model_dir
+):
     marker = tmp_path / "code-ran"
     pickle.loads(pickle.dumps(Payload(marker)))  # the payload is real: unpickling runs it
     assert marker.exists()
     marker.unlink()
     evil = altered_checkpoint(model_dir, tmp_path / "evil", optimizer=Payload(marker))
     video = write_lossless_video(tmp_path / "clip.avi", video_frames(2))
-    for module, *args in (["live", "--model", str(evil), "--source", str(video)],
-                          ["live.export", "--model", str(evil), "--out", str(tmp_path / "e.pt")]):
+    for module, *args in (
+        ["live", "--model", str(evil), "--source", str(video)],
+        ["live.export", "--model", str(evil), "--out", str(tmp_path / "e.pt")],
+    ):
         result = run_live(*args, module=module)
         assert result.returncode == 2, result.stderr
         assert result.stderr.strip().splitlines() == [
             f"error: {evil / 'best.pt'}: refused, it holds pickled Python objects, not only "
-            f"tensors and plain data (loading them could run code)"]
+            f"tensors and plain data (loading them could run code)"
+        ]
         assert not marker.exists()
     assert not (tmp_path / "e.pt").exists()
 
 
-@pytest.mark.parametrize("backbone, node", [("resnet18", "classifier.5"),
-                                            ("alexnet", "classifier.2")])
-def test_checkpoint_of_another_backbone_or_layer_is_refused(tmp_path, model_dir, backbone,
-                                                            node):
-    other = altered_checkpoint(model_dir, tmp_path / "other",
-                               features={"backbone": backbone, "node": node})
+@pytest.mark.parametrize(
+    "backbone, node", [("resnet18", "classifier.5"), ("alexnet", "classifier.2")]
+)
+def test_checkpoint_of_another_backbone_or_layer_is_refused(tmp_path, model_dir, backbone, node):
+    other = altered_checkpoint(
+        model_dir, tmp_path / "other", features={"backbone": backbone, "node": node}
+    )
     message = f"trained on features of {backbone} {node}, live runs alexnet classifier.5"
     with pytest.raises(UserError, match=message):
         model.from_checkpoint(other)
@@ -74,22 +80,38 @@ def test_checkpoint_of_another_backbone_or_layer_is_refused(tmp_path, model_dir,
         export.main(["--model", str(other), "--out", str(tmp_path / "other.pt")])
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"features": {"preprocess": "__import__('pathlib').Path('{marker}').touch()"}}, "not JSON"),
-    ({"features": {"preprocess": '{"resize_size": 256, "evil": 1}'}}, "not the parameters"),
-    ({"features": {"preprocess": '{"resize_size": "256", "crop_size": 224, "mean": [0, 0, 0], '
-                                 '"std": [1, 1, 1], "interpolation": "bilinear", '
-                                 '"antialias": true}'}}, "not the parameters"),
-    ({"features": ["alexnet", "classifier.5"]}, "'features' must record"),
-    ({"tiny_class": "{'n01443537': 'goldfish'}"}, "class names must be"),
-    ({"numeric_class_names": "n01443537 n01629819 n01641577"}, "class names must be"),
-])
-def test_metadata_is_parsed_as_data_and_anything_else_is_refused(tmp_path, model_dir,
-                                                                 changes, message):
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (
+            {"features": {"preprocess": "__import__('pathlib').Path('{marker}').touch()"}},
+            "not JSON",
+        ),
+        ({"features": {"preprocess": '{"resize_size": 256, "evil": 1}'}}, "not the parameters"),
+        (
+            {
+                "features": {
+                    "preprocess": '{"resize_size": "256", "crop_size": 224, "mean": [0, 0, 0], '
+                    '"std": [1, 1, 1], "interpolation": "bilinear", '
+                    '"antialias": true}'
+                }
+            },
+            "not the parameters",
+        ),
+        ({"features": ["alexnet", "classifier.5"]}, "'features' must record"),
+        ({"tiny_class": "{'n01443537': 'goldfish'}"}, "class names must be"),
+        ({"numeric_class_names": "n01443537 n01629819 n01641577"}, "class names must be"),
+    ],
+)
+def test_metadata_is_parsed_as_data_and_anything_else_is_refused(
+    tmp_path, model_dir, changes, message
+):
     marker = tmp_path / "code-ran"
     if "features" in changes and isinstance(changes["features"], dict):
-        changes["features"] = {key: value.replace("{marker}", str(marker))
-                               for key, value in changes["features"].items()}
+        changes["features"] = {
+            key: value.replace("{marker}", str(marker))
+            for key, value in changes["features"].items()
+        }
     bad = altered_checkpoint(model_dir, tmp_path / "bad", **changes)
     with pytest.raises(UserError, match=message):
         model.from_checkpoint(bad)
@@ -148,7 +170,8 @@ def test_capture_is_released_when_the_model_cannot_be_loaded(tmp_path, model_dir
 
 @pytest.mark.parametrize("failure", [KeyboardInterrupt, RuntimeError, None])
 def test_capture_is_released_when_the_loop_ends_fails_or_is_interrupted(
-        tmp_path, model_dir, recorded, monkeypatch, failure):
+    tmp_path, model_dir, recorded, monkeypatch, failure
+):
     video = write_lossless_video(tmp_path / "clip.avi", video_frames(6))
     probabilities = model.Classifier.probabilities
     calls = []
