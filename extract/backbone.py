@@ -79,9 +79,7 @@ def read_state_dict(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for foreign or damaged files
-        raise UserError(
-            f"{path}: not a readable weights file ({first_line(error)[:200]})"
-        ) from None
+        raise UserError(f"{path}: not a readable weights file ({first_line(error)})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -23,11 +23,15 @@ class WriteFailed(UserError):
     that, so the command reports it and leaves at once; rows flushed before are kept."""
 
 
+MESSAGE_LIMIT = 200
+
+
 def first_line(error: BaseException) -> str:
-    """An exception's message cut to its first line (library errors can run to a page),
+    """An exception's message cut to its first line and `MESSAGE_LIMIT` characters (library
+    errors can run to a page, and a message quoted in ours must keep it one readable line),
     or its type's name when it has no message."""
     text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    return text.splitlines()[0][:MESSAGE_LIMIT] if text else type(error).__name__
 
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:

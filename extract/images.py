@@ -32,7 +32,7 @@ def failure_reason(error: BaseException) -> str:
     """Why a file could not be read: the error's type and the first line of its message."""
     message = first_line(error)
     name = type(error).__name__
-    return name if message == name else f"{name}: {message}"[:300]
+    return name if message == name else f"{name}: {message}"
 
 
 class ImageFiles(Dataset):

@@ -36,7 +36,7 @@ import numpy as np
 
 from extract.backbone import FEATURE_DIM
 from extract.dataset import Classes, Manifest
-from extract.errors import UserError
+from extract.errors import UserError, first_line
 
 FORMAT = "fc7cache/1"
 CHUNK_ROWS = 128
@@ -277,7 +277,7 @@ def open_file(path: Path, mode: str = "r") -> h5py.File:
     try:
         file = h5py.File(path, mode)
     except OSError as error:
-        raise UserError(f"{path}: not a readable HDF5 file ({str(error)[:120]})") from None
+        raise UserError(f"{path}: not a readable HDF5 file ({first_line(error)})") from None
     if file.attrs.get("format") != FORMAT:
         file.close()
         raise UserError(f"{path}: not a feature file made by extract (format attribute missing)")

@@ -71,7 +71,7 @@ def load(path: Path) -> dict:
             f"and plain data (loading them could run code)"
         ) from None
     except Exception as error:  # foreign pickles, damaged zips, other formats
-        raise UserError(f"{path}: not a loadable checkpoint ({first_line(error)[:160]})") from None
+        raise UserError(f"{path}: not a loadable checkpoint ({first_line(error)})") from None
     missing = [key for key in KEYS if not isinstance(state, dict) or key not in state]
     if missing:
         raise UserError(f"{path}: not a head checkpoint (missing {', '.join(missing[:4])})")

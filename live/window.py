@@ -13,6 +13,8 @@ import sys
 import cv2
 import numpy as np
 
+from extract.errors import first_line
+
 QUIT, PAUSE, SNAPSHOT = "quit", "pause", "snapshot"
 KEYS = {ord("q"): QUIT, 27: QUIT, ord(" "): PAUSE, ord("s"): SNAPSHOT}
 
@@ -71,8 +73,7 @@ class Window:
             cv2.imshow(self.title, bgr)
             key = cv2.waitKey(wait_ms)
         except cv2.error as error:
-            message = str(error).strip().splitlines()[-1] if str(error).strip() else "cv2.error"
-            raise DisplayFailed(message[:160]) from None
+            raise DisplayFailed(first_line(error)) from None
         return KEYS.get(key & 0xFF) if key >= 0 else None
 
     def close(self) -> None:
