@@ -23,12 +23,14 @@ to a fresh file and continues from ``next_index`` of the split's manifest.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import resource
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
@@ -192,18 +194,23 @@ def append(
             Path(group.file.filename),
             max(features.nbytes, chunk) * (2 if features_flip is not None else 1),
         )
-    hooks = silence_handle_release_errors()
-    try:
-        write_rows(group, features, features_flip, labels, paths, failed, next_index)
-    except (OSError, RuntimeError) as error:  # h5py reports a failed write as either
-        raise OSError(str(error).split("(")[0].strip() or type(error).__name__) from error
-    sys.excepthook, sys.unraisablehook = hooks  # kept silenced after a failure only
+    reason = None
+    with handle_release_errors_silenced():
+        try:
+            write_rows(group, features, features_flip, labels, paths, failed, next_index)
+        except (OSError, RuntimeError) as error:  # h5py reports a failed write as either
+            reason = str(error).split("(")[0].strip() or type(error).__name__
+        # Leaving `except` frees the failed write's frames, and HDF5 releases the handles they
+        # held here, while the hooks are still silenced; raising from within would keep them.
+    if reason is not None:
+        raise OSError(reason)
 
 
-def silence_handle_release_errors() -> tuple:
+@contextlib.contextmanager
+def handle_release_errors_silenced() -> Iterator[None]:
     """After a failed write HDF5 also fails to release each open handle, and h5py prints each
-    failure with a traceback (through both sys hooks) as the handles go, even before the
-    error reaches us; the one error raised says it all. Returns the hooks to restore."""
+    failure with a traceback (through both sys hooks) as the handles go, before the error
+    reaches us; the one error raised says it all. Both hooks are back as they were on leaving."""
     excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
 
     def is_release_error(error: BaseException | None) -> bool:
@@ -218,7 +225,10 @@ def silence_handle_release_errors() -> tuple:
             unraisablehook(unraisable)
 
     sys.excepthook, sys.unraisablehook = quiet_excepthook, quiet_unraisablehook
-    return excepthook, unraisablehook
+    try:
+        yield
+    finally:
+        sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
 
 
 def check_room(path: Path, needed: int) -> None:
