@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import resource
 import shutil
 import sys
@@ -36,6 +35,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from extract.atomic import atomic_write
 from extract.backbone import FEATURE_DIM
 from extract.dataset import Classes, Manifest
 from extract.errors import UserError, first_line
@@ -71,13 +71,11 @@ def create(
 ) -> h5py.File:
     """Start a new, incomplete feature file with empty, growable datasets for each split.
 
-    The empty file is built under a temporary name and renamed into place once flushed, so
+    The empty file is built under a temporary name and renamed into place once written, so
     `path` never holds a half-made skeleton, whenever the process is killed.
     """
-    skeleton = path.with_name(path.name + ".new")
-    with h5py.File(skeleton, "w") as file:
+    with atomic_write(path) as skeleton, h5py.File(skeleton, "w") as file:
         write_skeleton(file, attrs, classes, manifests, flip)
-    os.replace(skeleton, path)
     return h5py.File(path, "r+")
 
 
@@ -142,18 +140,18 @@ def open_for_resume(
                     f"{path}: cannot resume, the {manifest.split} images differ from the "
                     f"interrupted run (use --overwrite to start again)"
                 )
-        fresh = path.with_name(path.name + ".salvage")
         try:
-            with create(fresh, attrs, classes, manifests, flip) as file:
+            with (
+                atomic_write(path) as fresh,
+                create(fresh, attrs, classes, manifests, flip) as file,
+            ):
                 for manifest in manifests:
                     copy_split(old[manifest.split], file[manifest.split], index_offset=0)
         except OSError as error:
-            fresh.unlink(missing_ok=True)
             raise UserError(
                 f"{path}: the interrupted run's file is damaged ({error}); "
                 f"start again with --overwrite"
             ) from None
-    os.replace(fresh, path)
     return h5py.File(path, "r+")
 
 

@@ -9,13 +9,12 @@ number, string, list or dict, so it loads with ``torch.load(..., weights_only=Tr
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 from pathlib import Path
 
 import torch
 
+from extract.atomic import atomic_write
 from extract.errors import UserError, first_line
 
 LAST = "last.pt"
@@ -37,20 +36,9 @@ KEYS = (
 
 
 def save_atomic(state: dict, path: Path) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`.
-
-    A crash at any moment leaves either the previous file or the new one, never half of one.
-    """
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(state, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    """Save so that a crash at any moment leaves either the previous file or the new one."""
+    with atomic_write(path) as temporary:
+        torch.save(state, temporary)
 
 
 def load(path: Path) -> dict:

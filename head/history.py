@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+
+from extract.atomic import atomic_write  # noqa: E402
 
 CSV = "history.csv"
 PLOTS = ("loss.png", "accuracy.png", "time.png")
@@ -39,13 +40,11 @@ def cell(value) -> str:
 
 def write_csv(state: dict, path: Path) -> None:
     """One row per epoch; empty cells where there is no val split. Written atomically."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "w", newline="") as stream:
+    with atomic_write(path) as temporary, open(temporary, "w", newline="") as stream:
         writer = csv.writer(stream)
         writer.writerow(COLUMNS.values())
         for row in zip(*(state[key] for key in COLUMNS)):
             writer.writerow(cell(value) for value in row)
-    os.replace(temporary, path)
 
 
 def plot(
