@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from importlib import resources
 from pathlib import Path
 
 import cv2
@@ -32,7 +31,7 @@ from extract.device import resolve_device
 from extract.errors import UserError
 from extract.preprocess import Preprocess, normalize, rgb_array_to_uint8
 from head import checkpoint
-from head.model import head_from_state
+from head.model import head_from_state, imagenet_wnids
 
 WARM_UP_RUNS = 2
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -56,7 +55,7 @@ class Classifier:
 
     network: Stitched
     params: Preprocess
-    wnids: list[str | None]
+    wnids: list[str]
     names: list[str]
     device: torch.device
     weights_sha256: str
@@ -208,12 +207,3 @@ def imagenet(weights: str = "imagenet", device: str = "cpu", precision: str = "f
         weights_sha256=backbone.state_dict_sha256(alexnet),
         dtype=PRECISIONS[precision],
     )
-
-
-def imagenet_wnids() -> list[str | None]:
-    """The 1000 ImageNet wnids in torchvision's class order, from the list `head` ships;
-    None for each class where that list is not installed (torchvision ships names only)."""
-    listing = resources.files("head").joinpath("imagenet_wnids.txt")
-    if not listing.is_file():
-        return [None] * len(backbone.imagenet_weights().meta["categories"])
-    return listing.read_text().split()
