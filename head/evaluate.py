@@ -18,9 +18,9 @@ import json
 import warnings
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 from sklearn.metrics import (
     accuracy_score,
     balanced_accuracy_score,
@@ -35,9 +35,6 @@ from head import checkpoint
 from head.features import check_backbone
 from head.model import head_from_state
 from head.training import predict
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
 ECE_BINS = 15
 LABELLED_AXES_UP_TO = 30  # classes; beyond this the confusion matrix has no tick labels
@@ -121,7 +118,8 @@ def plot_confusion(
     rows = matrix.sum(axis=1, keepdims=True)
     shares = np.divide(matrix, rows, out=np.zeros(matrix.shape), where=rows > 0)
     size = 6 if len(wnids) <= LABELLED_AXES_UP_TO else 10
-    figure, axes = plt.subplots(figsize=(size, size), dpi=100)
+    figure = Figure(figsize=(size, size), dpi=100)
+    axes = figure.subplots()
     image = axes.imshow(shares, cmap="Blues", vmin=0, vmax=1)
     if len(wnids) <= LABELLED_AXES_UP_TO:
         ticks = np.arange(len(wnids))
@@ -133,7 +131,6 @@ def plot_confusion(
     figure.colorbar(image, ax=axes, fraction=0.046, label="share of the true class")
     figure.tight_layout()
     figure.savefig(path)
-    plt.close(figure)
 
 
 def evaluate(model: Path, features_path: Path, split: str, out: Path) -> dict:

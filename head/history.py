@@ -1,7 +1,8 @@
 """The training history as a table and as pictures: history.csv, loss.png, accuracy.png, time.png.
 
 Both are rewritten from the checkpoint's per-epoch lists, so they always agree with `last.pt`.
-Matplotlib runs on the Agg backend: no display is needed.
+The pictures are drawn on a bare matplotlib `Figure`, never through pyplot, so no display
+and no backend choice are needed.
 """
 
 from __future__ import annotations
@@ -10,12 +11,9 @@ import csv
 import math
 from pathlib import Path
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
-
-from extract.atomic import atomic_write  # noqa: E402
+from extract.atomic import atomic_write
 
 CSV = "history.csv"
 PLOTS = ("loss.png", "accuracy.png", "time.png")
@@ -50,7 +48,8 @@ def write_csv(state: dict, path: Path) -> None:
 def plot(
     path: Path, epochs: list[int], series: dict[str, list[float]], ylabel: str, bars: bool = False
 ) -> None:
-    figure, axes = plt.subplots(figsize=(6, 4), dpi=100)
+    figure = Figure(figsize=(6, 4), dpi=100)
+    axes = figure.subplots()
     for label, values in series.items():
         if all(math.isnan(value) for value in values):
             continue
@@ -65,7 +64,6 @@ def plot(
         axes.legend()
     figure.tight_layout()
     figure.savefig(path)
-    plt.close(figure)
 
 
 def write_plots(state: dict, folder: Path) -> None:
