@@ -18,7 +18,8 @@ from pathlib import Path
 
 from extract import distributed
 from extract.errors import UserError, run_cli
-from extract.runner import PRECISIONS, Options, run
+from extract.precisions import EXTRACT_CHOICES
+from extract.runner import Options, run
 
 
 def parse_args(argv: list[str] | None) -> Options:
@@ -54,7 +55,7 @@ def parse_args(argv: list[str] | None) -> Options:
     parser.add_argument(
         "--precision",
         default="auto",
-        choices=PRECISIONS,
+        choices=EXTRACT_CHOICES,
         help="compute precision; auto = fp32 on CPU, tf32 on CUDA",
     )
     parser.add_argument(

@@ -19,21 +19,13 @@ import torchvision
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from extract import backbone, store
+from extract import backbone, precisions, store
 from extract.dataset import Classes, Manifest, default_splits, read_classes, read_manifest
 from extract.device import resolve_device
 from extract.errors import UserError, WriteFailed
 from extract.images import Collate, ImageFiles
 from extract.preprocess import Preprocess, normalize, resize_crop
 from extract.writer import BackgroundWriter, HostRows
-
-PRECISIONS = ("auto", "fp32", "tf32", "bf16", "fp16")
-COMPUTE_DTYPES = {
-    "fp32": torch.float32,
-    "tf32": torch.float32,
-    "bf16": torch.bfloat16,
-    "fp16": torch.float16,
-}
 
 
 @dataclasses.dataclass
@@ -70,20 +62,6 @@ class Summary:
             f"extracted {self.images} images, {self.failed} failed, {self.seconds:.1f} s, "
             f"{rate:.0f} images/s, {out} {self.file_bytes / 1e6:.1f} MB"
         )
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    """`auto` is fp32 on the CPU and tf32 on CUDA (full-range float32 inputs, fast matmuls)."""
-    if name not in PRECISIONS:
-        raise UserError(f"--precision {name}: choose from {', '.join(PRECISIONS)}")
-    if name == "auto":
-        return "tf32" if device.type == "cuda" else "fp32"
-    return name
-
-
-def set_tf32(enabled: bool) -> None:
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    torch.backends.cudnn.allow_tf32 = enabled
 
 
 def make_loader(
@@ -158,7 +136,7 @@ def extract_to(options: Options, out: Path, classes: Classes, manifests: list[Ma
     """Write the features of `manifests` to `out` (through `out.part`), resuming if asked."""
     root = options.data
     device = resolve_device(options.device)
-    precision = resolve_precision(options.precision, device)
+    precision = precisions.resolve(options.precision, device)
     if options.store_dtype not in ("float16", "float32"):
         raise UserError(f"--store-dtype {options.store_dtype}: choose float16 or float32")
 
@@ -231,8 +209,8 @@ def extract_splits(
     precision: str,
 ):
     """Fill every split from where it stopped; returns (images written, failed, seconds)."""
-    set_tf32(precision == "tf32")
-    dtype = COMPUTE_DTYPES[precision]
+    precisions.set_tf32(precision == "tf32")
+    dtype = precisions.DTYPES[precision]
     fc7 = backbone.fc7_extractor(model).to(
         device=device, dtype=dtype, memory_format=torch.channels_last
     )

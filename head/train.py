@@ -18,8 +18,9 @@ from pathlib import Path
 
 from extract.device import resolve_device
 from extract.errors import run_cli
+from extract.precisions import HEAD_CHOICES
 from head import features
-from head.training import INITS, PRECISIONS, Settings, check_save_dir, train
+from head.training import INITS, Settings, check_save_dir, train
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -94,7 +95,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--precision",
         default=defaults.precision,
-        choices=PRECISIONS,
+        choices=HEAD_CHOICES,
         help="fp32, or bf16: the matmuls of training in bfloat16 (the weights, "
         "Adam and validation stay float32); about twice as fast on a CPU with "
         "AVX-512 bf16 units (default: fp32, exact)",

@@ -37,7 +37,6 @@ from head.model import (
 
 EVAL_BATCH = 1024  # rows cast to float32 at a time while scoring: 16 MB, as fast as more
 INITS = ("random", "fc8")
-PRECISIONS = ("fp32", "bf16")
 # Settings a resumed run must share with the run it continues (--epochs may grow).
 SAME_ON_RESUME = (
     "batch_size",

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from extract.errors import UserError, run_cli
+from extract.precisions import LIVE_CHOICES
 from live import model, session
 from live.sources import open_source
 from live.window import Window, display_missing
@@ -60,7 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     parser.add_argument(
         "--precision",
-        choices=tuple(model.PRECISIONS),
+        choices=LIVE_CHOICES,
         default="fp32",
         help="compute precision: fp32 (default), or bf16, faster on CPUs with "
         "bf16 units and on GPUs; probabilities differ slightly from fp32",

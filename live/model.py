@@ -29,12 +29,12 @@ from torchvision.transforms import InterpolationMode
 from extract import backbone, store
 from extract.device import resolve_device
 from extract.errors import UserError
+from extract.precisions import DTYPES, LIVE_CHOICES, checked
 from extract.preprocess import Preprocess, normalize, rgb_array_to_uint8
 from head import checkpoint
 from head.model import head_from_state, imagenet_wnids
 
 WARM_UP_RUNS = 2
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class Stitched(nn.Module):
@@ -159,6 +159,7 @@ def from_checkpoint(
     model: Path, weights: str | None = None, device: str = "cpu", precision: str = "fp32"
 ) -> Classifier:
     """Rebuild backbone and head from a checkpoint (a file, or a folder holding best.pt)."""
+    dtype = DTYPES[checked(precision, LIVE_CHOICES)]
     state = checkpoint.load(model)
     features, params, wnids, names = checked_metadata(state, str(model))
     head = head_from_state(state["state_dict"], origin=str(model))
@@ -177,33 +178,32 @@ def from_checkpoint(
         )
     resolved = resolve_device(device)
     return Classifier(
-        network=prepare(
-            Stitched(backbone.fc7_extractor(alexnet), head), resolved, PRECISIONS[precision]
-        ),
+        network=prepare(Stitched(backbone.fc7_extractor(alexnet), head), resolved, dtype),
         params=params,
         wnids=wnids,
         names=names,
         device=resolved,
         weights_sha256=digest,
-        dtype=PRECISIONS[precision],
+        dtype=dtype,
     )
 
 
 def imagenet(weights: str = "imagenet", device: str = "cpu", precision: str = "fp32") -> Classifier:
     """The pretrained network's own 1000-way ImageNet classifier (fc8), to check the camera and
     the preprocessing before any training."""
+    dtype = DTYPES[checked(precision, LIVE_CHOICES)]
     alexnet = backbone.load_alexnet(weights)
     resolved = resolve_device(device)
     return Classifier(
         network=prepare(
             Stitched(backbone.fc7_extractor(alexnet), backbone.fc8_layer(alexnet)),
             resolved,
-            PRECISIONS[precision],
+            dtype,
         ),
         params=Preprocess(),
         wnids=imagenet_wnids(),
         names=list(backbone.imagenet_weights().meta["categories"]),
         device=resolved,
         weights_sha256=backbone.state_dict_sha256(alexnet),
-        dtype=PRECISIONS[precision],
+        dtype=dtype,
     )
