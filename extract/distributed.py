@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from extract import runner, store
 from extract.dataset import Manifest
+from extract.device import resolve_device
 from extract.errors import UserError
 
 
@@ -45,10 +46,11 @@ def rank_path(out: Path, rank: int, world: int) -> Path:
 def run(options: runner.Options) -> runner.Summary:
     """Extract this rank's slices, wait for every rank, and let rank 0 merge the parts."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    use_cuda = options.device != "cpu" and torch.cuda.is_available()
-    if use_cuda:
+    device = resolve_device(options.device)
+    if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(hours=12))
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(hours=12))
     try:
         started = time.perf_counter()
         out = options.out
@@ -64,7 +66,8 @@ def run(options: runner.Options) -> runner.Summary:
         summary = runner.extract_to(options, part, classes, mine)
         if summary.already_complete:
             summary = runner.Summary(0, 0, 0.0, part.stat().st_size)
-        counts = torch.tensor([summary.images, summary.failed], dtype=torch.int64)
+        # NCCL reduces only tensors on the GPU
+        counts = torch.tensor([summary.images, summary.failed], dtype=torch.int64, device=device)
         dist.all_reduce(counts)
         dist.barrier()
         if rank == 0:
