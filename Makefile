@@ -10,11 +10,11 @@ DEMO := build/demo
 
 env: $(STAMP)
 
-# The environment is rebuilt only when the package definition changes.
-$(STAMP): setup.cfg pyproject.toml
+# The environment is rebuilt only when the package definition or its requirements change;
+# the versions (torch's pinned) are in requirements.txt.
+$(STAMP): setup.cfg pyproject.toml requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
