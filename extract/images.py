@@ -35,8 +35,10 @@ def failure_reason(error: BaseException) -> str:
     return name if message == name else f"{name}: {message}"
 
 
-class ImageFiles(Dataset):
-    """Items are (manifest index, uint8 pixels at their own size or None, failure reason)."""
+class ManifestImages(Dataset):
+    """A split's image files, as listed in its manifest, for the extraction's DataLoader.
+
+    Items are (manifest index, uint8 pixels at their own size or None, failure reason)."""
 
     def __init__(self, root: Path, paths: list[str], indices: range):
         self.root = root

@@ -23,7 +23,7 @@ from extract import backbone, precisions, store
 from extract.dataset import Classes, Manifest, default_splits, read_classes, read_manifest
 from extract.device import resolve_device
 from extract.errors import UserError, WriteFailed
-from extract.images import Collate, ImageFiles
+from extract.images import Collate, ManifestImages
 from extract.preprocess import Preprocess, normalize, resize_crop
 from extract.writer import BackgroundWriter, HostRows
 
@@ -73,7 +73,7 @@ def make_loader(
     device: torch.device,
 ) -> DataLoader:
     """Workers decode (and on the CPU also resize); on CUDA the GPU resizes whole batches."""
-    files = ImageFiles(root, manifest.paths, range(start, len(manifest.paths)))
+    files = ManifestImages(root, manifest.paths, range(start, len(manifest.paths)))
     return DataLoader(
         files,
         batch_size=options.batch_size,

@@ -98,10 +98,10 @@ def open_source(spec: str, loop: bool = False) -> Source:
         images = list_images(path)
         if not images:
             raise UserError(f"{path}: no images in this folder")
-        return ImageFiles(images, str(path), loop)
+        return ImageFileFrames(images, str(path), loop)
     if path.is_file():
         if is_image(path):
-            return ImageFiles([path], str(path), loop)
+            return ImageFileFrames([path], str(path), loop)
         return VideoFile(path, loop)
     if any(char in spec for char in "*?["):
         images = [
@@ -111,7 +111,7 @@ def open_source(spec: str, loop: bool = False) -> Source:
         ]
         if not images:
             raise UserError(f"{spec}: no image files match")
-        return ImageFiles(images, spec, loop)
+        return ImageFileFrames(images, spec, loop)
     raise UserError(f"{spec}: no such file or folder (a camera is a number, a stream a URL)")
 
 
@@ -173,8 +173,9 @@ def read_bgr(path: Path) -> np.ndarray:
     return cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
 
 
-class ImageFiles(Source):
-    """Image files in the given order; an unreadable one is reported on stderr and skipped."""
+class ImageFileFrames(Source):
+    """Frames read from image files (a folder or a glob), in the given order; an unreadable one is
+    reported on stderr and skipped."""
 
     def __init__(self, paths: list[Path], description: str, loop: bool = False):
         super().__init__(description)
