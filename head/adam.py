@@ -101,6 +101,8 @@ class Adam:
         state = saved["state"]
         for index, param in enumerate(self.params):
             entry = state[index]
-            self.steps[index] = torch.as_tensor(entry["step"], dtype=torch.float32).to(param.device)
+            # A copy: `as_tensor` would share a live optimizer's step counter with this one.
+            step = torch.as_tensor(entry["step"], dtype=torch.float32)
+            self.steps[index] = step.to(param.device).clone()
             self.exp_avgs[index] = entry["exp_avg"].to(param.device, param.dtype).clone()
             self.exp_avg_sqs[index] = entry["exp_avg_sq"].to(param.device, param.dtype).clone()

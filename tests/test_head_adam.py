@@ -52,7 +52,24 @@ def test_steps_equal_torch_fused_adam_exactly_and_plain_adam_closely(weight_deca
     torch.testing.assert_close(ours.state_dict(), plain.state_dict(), rtol=1e-5, atol=1e-6)
 
 
+def moments(optimizer) -> dict[str, list[torch.Tensor]]:
+    """step, exp_avg and exp_avg_sq of each parameter, from either optimizer's state_dict."""
+    state = optimizer.state_dict()["state"]
+    return {
+        name: [torch.as_tensor(state[index][name]) for index in sorted(state)]
+        for name in ("step", "exp_avg", "exp_avg_sq")
+    }
+
+
+def assert_same_moments(a, b) -> None:
+    got, expected = moments(a), moments(b)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0)
+
+
 def test_state_dict_moves_both_ways_between_ours_and_torch():
+    """Ours -> torch.optim.Adam and back: step counts and both moments arrive equal, and the
+    steps taken after loading move the weights exactly as the other optimizer would have."""
     ours, batches = problem()
     theirs, _ = problem()
     optimizer = Adam([ours.weight, ours.bias], lr=1e-2)
@@ -60,14 +77,24 @@ def test_state_dict_moves_both_ways_between_ours_and_torch():
     theirs.load_state_dict(ours.state_dict())
     torch_adam = torch.optim.Adam(theirs.parameters(), lr=1e-2, fused=True)
     torch_adam.load_state_dict(optimizer.state_dict())
+    assert_same_moments(torch_adam, optimizer)
+    assert moments(torch_adam)["exp_avg"][0].abs().min() > 0, "the moments are not still zero"
     train(ours, optimizer, batches[6:])
     train(theirs, torch_adam, batches[6:])
     torch.testing.assert_close(ours.state_dict(), theirs.state_dict(), rtol=0, atol=0)
+    assert_same_moments(torch_adam, optimizer)
 
-    again = Adam([theirs.weight, theirs.bias], lr=1e-2)
+    back, _ = problem()
+    back.load_state_dict(theirs.state_dict())
+    again = Adam([back.weight, back.bias], lr=1e-2)
     again.load_state_dict(torch_adam.state_dict())
     assert again.steps[0].item() == 12
-    torch.testing.assert_close(again.exp_avg_sqs, optimizer.exp_avg_sqs, rtol=0, atol=0)
+    assert_same_moments(again, torch_adam)
+    train(back, again, batches[:3])
+    train(theirs, torch_adam, batches[:3])
+    assert again.steps[0].item() == 15
+    torch.testing.assert_close(back.state_dict(), theirs.state_dict(), rtol=0, atol=0)
+    assert_same_moments(again, torch_adam)
 
 
 def test_training_imports_neither_the_compiler_stack_nor_torchvision(features_file, tmp_path):
