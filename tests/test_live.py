@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -14,6 +15,7 @@ import torch
 from PIL import Image
 
 from conftest import (
+    WNIDS,
     extract_features,
     read_video,
     run_live,
@@ -22,7 +24,7 @@ from conftest import (
 )
 from extract import backbone, store
 from extract.errors import UserError
-from extract.preprocess import Preprocess
+from extract.preprocess import Preprocess, normalize
 from live import model, session
 from live.__main__ import main
 from live.sources import Frame, LiveCapture, open_source, read_ahead
@@ -180,40 +182,97 @@ def test_read_ahead_is_in_order_at_most_one_frame_ahead_and_passes_errors_on():
     assert not any(thread.name == "live-read-ahead" for thread in threading.enumerate())
 
 
+# bf16 against fp32 on the CPU, class-mean head (conftest.class_mean_head): on a 2-core CPU the
+# logits were at most 0.016 apart (0.6% of the largest logit) and the probabilities 0.0011.
+BF16_LOGIT_RTOL = 0.02  # of the largest logit of the frame
+BF16_PROBABILITY_ATOL = 0.005
+
+
+def frame_logits(classifier: model.Classifier, pixels: torch.Tensor) -> np.ndarray:
+    with torch.inference_mode():
+        images = normalize(pixels.unsqueeze(0), classifier.params, classifier.dtype)
+        return classifier.network(images).float()[0].numpy()
+
+
+def assert_close_to_fp32(logits, probs, expected_logits, expected_probs) -> None:
+    scale = np.abs(expected_logits).max(axis=1, keepdims=True)
+    assert (np.abs(logits - expected_logits) <= BF16_LOGIT_RTOL * scale).all()
+    np.testing.assert_allclose(probs, expected_probs, rtol=0, atol=BF16_PROBABILITY_ATOL)
+
+
 def test_bf16_gives_probabilities_close_to_fp32(model_dir):
+    """CPU, bf16 network against fp32, within what bf16's 8-bit mantissa allows; a model that
+    always answers 1/3, or the probabilities of the neighbouring frame, are refused."""
     fp32 = model.from_checkpoint(model_dir)
     bf16 = model.from_checkpoint(model_dir, precision="bf16")
     assert next(bf16.network.parameters()).dtype == torch.bfloat16
-    for frame in video_frames(3):
-        pixels = model.frame_pixels(frame, fp32.params)
-        expected, actual = fp32.probabilities(pixels), bf16.probabilities(pixels)
-        assert actual.dtype == np.float32
-        np.testing.assert_allclose(actual, expected, atol=1e-2)
+    pixels = [model.frame_pixels(frame, fp32.params) for frame in video_frames(6)]
+    expected_logits = np.stack([frame_logits(fp32, p) for p in pixels])
+    expected = np.stack([fp32.probabilities(p) for p in pixels])
+    logits = np.stack([frame_logits(bf16, p) for p in pixels])
+    probs = np.stack([bf16.probabilities(p) for p in pixels])
+    assert probs.dtype == np.float32
+    assert expected.max(axis=1).min() > 0.8, "the test data must separate the classes"
+    assert not np.array_equal(logits, expected_logits), "bf16 really ran"
+    assert_close_to_fp32(logits, probs, expected_logits, expected)
+
+    constant = (np.zeros_like(logits), np.full_like(probs, 1 / 3))
+    neighbour = (np.roll(logits, 1, axis=0), np.roll(probs, 1, axis=0))
+    for wrong_logits, wrong_probs in (constant, neighbour):
+        with pytest.raises(AssertionError):
+            assert_close_to_fp32(wrong_logits, wrong_probs, expected_logits, expected)
+
+
+SMOOTH = 0.6
+LOG_LABELS = [0, 0, 0, 1, 1, 1, 2, 2]  # runs of a class, so smoothing lags at each change
+
+
+def exponential_moving_average(probs: np.ndarray, alpha: float) -> np.ndarray:
+    """The smoothing live documents, written out independently of live.session."""
+    average = np.empty_like(probs)
+    average[0] = probs[0]
+    for index in range(1, len(probs)):
+        average[index] = alpha * average[index - 1] + (1 - alpha) * probs[index]
+    return average
+
+
+def assert_log_matches(log: list[dict], expected: np.ndarray, k: int) -> None:
+    """Each line's top-k (order and probabilities) and smoothed top-1 against `expected`."""
+    assert len(log) == len(expected)
+    average = exponential_moving_average(expected, SMOOTH)
+    for line, probs, smooth in zip(log, expected, average):
+        indices = [entry["index"] for entry in line["topk"]]
+        assert indices == list(np.argsort(-probs)[:k])
+        np.testing.assert_allclose(
+            [entry["prob"] for entry in line["topk"]], probs[indices], rtol=0, atol=1e-4
+        )
+        assert [entry["wnid"] for entry in line["topk"]] == [WNIDS[i] for i in indices]
+        assert line["smoothed_top1"]["index"] == int(np.argmax(smooth))
+        assert line["smoothed_top1"]["prob"] == pytest.approx(smooth.max(), abs=1e-4)
 
 
 def test_live_log_matches_the_extract_path_frame_by_frame(tmp_path, model_dir, weights_file):
-    """No train/serve skew: each video frame, classified by live, gets the same top-k as the
-    same frame saved as PNG, run through extract, and the head applied to its features."""
-    frames = video_frames(8)
+    """No train/serve skew: each video frame, classified by live, gets the top-k and the
+    probabilities of the same frame saved as PNG, run through extract, and the head applied to
+    its features; the smoothed top-1 is that of an exponential moving average of those. The
+    same comparison refuses the BGR-swapped frames, the neighbouring frame, and frames resized
+    to 224 instead of 256 then cropped."""
+    frames = video_frames(8, labels=LOG_LABELS)
     video = write_lossless_video(tmp_path / "frames.avi", frames)
+    log_path = tmp_path / "frames.jsonl"
     result = run_live(
-        "--model",
-        str(model_dir),
-        "--source",
-        str(video),
-        "--topk",
-        "3",
-        "--log",
-        str(tmp_path / "frames.jsonl"),
+        *("--model", str(model_dir), "--source", str(video), "--log", str(log_path)),
+        *("--topk", "3", "--smooth", str(SMOOTH)),
     )
     assert result.returncode == 0, result.stderr
     assert "running headless" in result.stderr
     assert result.stdout.startswith("8 frames, 0 dropped")
 
     reference = tmp_path / "reference"
-    (reference / "train" / "frames").mkdir(parents=True)
-    for index, frame in enumerate(frames):
-        cv2.imwrite(str(reference / "train" / "frames" / f"{index:03d}.png"), frame)
+    for folder, images in (("frames", frames), ("swapped", [f[..., ::-1] for f in frames])):
+        (reference / "train" / folder).mkdir(parents=True)
+        for index, image in enumerate(images):
+            cv2.imwrite(str(reference / "train" / folder / f"{index:03d}.png"), image)
     features_path = extract_features(
         reference,
         tmp_path / "reference.h5",
@@ -223,22 +282,28 @@ def test_live_log_matches_the_extract_path_frame_by_frame(tmp_path, model_dir, w
     )
     with store.open_complete(features_path) as file:
         split = store.read_split(file, "train")
-    assert split.paths == [f"train/frames/{index:03d}.png" for index in range(8)]
+    assert split.paths[:8] == [f"train/frames/{index:03d}.png" for index in range(8)]
     head = torch.load(model_dir / "best.pt", weights_only=True)["state_dict"]
     logits = torch.from_numpy(split.features) @ head["weight"].T + head["bias"]
-    expected = torch.softmax(logits, dim=1).numpy()
+    expected, swapped = np.split(torch.softmax(logits, dim=1).numpy(), 2)
 
-    log = read_log(tmp_path / "frames.jsonl")
+    log = read_log(log_path)
     assert [line["frame"] for line in log] == list(range(8))
-    for line, probs in zip(log, expected):
-        indices = [entry["index"] for entry in line["topk"]]
-        assert indices == list(np.argsort(-probs)[:3])
-        np.testing.assert_allclose(
-            [entry["prob"] for entry in line["topk"]], probs[indices], atol=1e-4
-        )
-        assert line["topk"][0]["wnid"] == ["n01443537", "n01629819", "n01641577"][indices[0]]
-        assert line["smoothed_top1"]["index"] == indices[0]
-        assert line["latency_ms"] > 0 and line["time"] > 0
+    assert all(line["latency_ms"] > 0 and line["time"] > 0 for line in log)
+    raw_top1 = [line["topk"][0]["index"] for line in log]
+    smoothed_top1 = [line["smoothed_top1"]["index"] for line in log]
+    assert len({tuple(e["index"] for e in line["topk"]) for line in log}) >= 3, "orders differ"
+    assert raw_top1 != smoothed_top1, "smoothing changes some frame's top-1"
+    assert_log_matches(log, expected, k=3)
+
+    classifier = model.from_checkpoint(model_dir)
+    resized_224 = dataclasses.replace(classifier.params, resize_size=224)
+    wrong_resize = np.stack(
+        [classifier.probabilities(model.frame_pixels(f, resized_224)) for f in frames]
+    )
+    for wrong in (swapped, np.roll(expected, 1, axis=0), wrong_resize):
+        with pytest.raises(AssertionError):
+            assert_log_matches(log, wrong, k=3)
 
 
 @pytest.mark.parametrize("source", ["7", "garbage.avi", "empty", "missing"])
@@ -265,8 +330,11 @@ def test_stream_that_ends_gives_a_summary_and_exit_0(tmp_path, model_dir):
     )
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
-    classified = len(read_log(tmp_path / "stream.jsonl"))
-    assert result.stdout.startswith(f"{classified} frames, {6 - classified} dropped")
+    log = read_log(tmp_path / "stream.jsonl")
+    assert len(log) >= 1, "at least the last frame of an ending stream is classified"
+    frames = [line["frame"] for line in log]
+    assert frames == sorted(set(frames)) and frames[-1] == 5
+    assert result.stdout.startswith(f"{len(log)} frames, {6 - len(log)} dropped")
     assert "latency p50" in result.stdout and "p95" in result.stdout
 
 
