@@ -4,27 +4,78 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import extract_features, pattern_image
 from extract import store
 from extract.errors import UserError
-from extract.preprocess import to_uint8
+from extract.preprocess import decode, to_uint8
 
 TRAIN = "train/n01443537/images"
 
 
-@pytest.mark.parametrize("mode", ["L", "CMYK", "RGBA", "P", "I;16"])
+def mode_cases() -> dict[str, tuple[Image.Image, np.ndarray]]:
+    """Per PIL mode, an image built from random values and the RGB pixels it stands for,
+    worked out from the mode's definition (not by asking PIL to convert it)."""
+    rng = np.random.default_rng(0)
+    shape = (24, 32)
+    gray = rng.integers(0, 256, shape, dtype=np.uint8)
+    rgba = rng.integers(0, 256, (*shape, 4), dtype=np.uint8)
+    cmyk = rng.integers(0, 256, (*shape, 4), dtype=np.uint8).astype(np.int64)
+    palette = rng.integers(0, 256, (256, 3), dtype=np.uint8)
+    indices = rng.integers(0, 256, shape, dtype=np.uint8)
+    palette_image = Image.fromarray(indices, mode="P")
+    palette_image.putpalette(palette.tobytes())
+    transparent = palette_image.copy()
+    transparent.info["transparency"] = int(indices[0, 0])
+    bits = rng.integers(0, 2, shape).astype(bool)
+    # 16-bit: the 8-bit gray in the high byte, noise below half a level in the low byte; a
+    # conversion that clips at 255 instead of scaling gives white almost everywhere.
+    noise = rng.integers(0, 128, shape) * (gray < 255)
+    sixteen = (gray.astype(np.uint16) * 257 + noise).astype(np.uint16)
+    return {
+        "L": (Image.fromarray(gray, mode="L"), np.stack([gray] * 3, axis=-1)),
+        "RGBA": (Image.fromarray(rgba, mode="RGBA"), rgba[..., :3]),  # alpha dropped
+        "CMYK": (
+            Image.fromarray(cmyk.astype(np.uint8), mode="CMYK"),
+            np.round((255 - cmyk[..., :3]) * (255 - cmyk[..., 3:]) / 255),
+        ),
+        "P": (palette_image, palette[indices]),
+        "P+transparency": (transparent, palette[indices]),
+        "1": (Image.fromarray(bits).convert("1"), np.stack([bits * 255] * 3, axis=-1)),
+        "I;16": (Image.fromarray(sixteen), np.stack([gray] * 3, axis=-1)),
+        "I": (Image.fromarray(sixteen.astype(np.int32)), np.stack([gray] * 3, axis=-1)),
+    }
+
+
+@pytest.mark.parametrize("mode", list(mode_cases()))
 def test_every_image_mode_becomes_rgb(mode):
-    rgb = pattern_image(0, 0)
-    if mode == "I;16":
-        image = Image.fromarray(np.asarray(rgb.convert("L"), np.uint16) * 257)
-    else:
-        image = rgb.convert(mode)
-    pixels = to_uint8(image)
-    assert pixels.shape == (3, 224, 224)
-    expected = to_uint8(image.convert("RGB")) if mode != "I;16" else to_uint8(rgb.convert("L"))
-    assert np.abs(pixels.int().numpy() - expected.int().numpy()).max() <= 1
+    image, expected = mode_cases()[mode]
+    assert image.mode == mode.split("+")[0]
+    pixels = decode(image)
+    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 24, 32)
+    np.testing.assert_array_equal(pixels.permute(1, 2, 0).numpy(), expected.astype(np.uint8))
+    assert to_uint8(image).shape == (3, 224, 224)
+
+
+def test_16_bit_images_are_extracted_as_their_8_bit_content(tiny_imagenet, tmp_path):
+    """A 16-bit PNG goes through a whole extraction and gets the features of the same picture
+    in 8 bits, not those of PIL's clipping conversion (white almost everywhere)."""
+    folder = tiny_imagenet / TRAIN
+    gray = np.asarray(pattern_image(0, 11).convert("L"))
+    sixteen = gray.astype(np.uint16) * 257
+    Image.fromarray(gray, mode="L").save(folder / "gray8.png")
+    Image.fromarray(sixteen).save(folder / "gray16.png")
+    Image.fromarray(sixteen).convert("RGB").save(folder / "clipped.png")
+    assert Image.open(folder / "gray16.png").mode == "I;16"
+    out = extract_features(tiny_imagenet, tmp_path / "f.h5", splits=["train"])
+    with store.open_complete(out) as file:
+        split = store.read_split(file, "train")
+        assert store.read_failed(file, "train") == []
+    row = {path.rsplit("/", 1)[-1]: features for path, features in zip(split.paths, split.features)}
+    np.testing.assert_array_equal(row["gray16.png"], row["gray8.png"])
+    assert np.abs(row["clipped.png"].astype(np.float32) - row["gray8.png"]).max() > 0.01
 
 
 def test_converted_modes_are_extracted(tiny_imagenet, tmp_path):
