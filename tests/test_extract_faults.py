@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import fcntl
 import os
 import resource
@@ -185,6 +186,52 @@ def test_weights_file_with_pickled_code_is_refused_and_runs_nothing(tiny_imagene
     with pytest.raises(UserError, match="not a readable weights file"):
         extract_features(tiny_imagenet, tmp_path / "f.h5", weights=str(weights))
     assert not marker.exists()
+
+
+LOADERS = ("torch.load", "torch.hub.load_state_dict_from_url")
+
+
+def loader_calls(source: str) -> dict[str, bool]:
+    """Calls of `torch.load` (under any import name), torch.hub's loader and `get_state_dict` of
+    torchvision weights (which reaches it) -> whether the call passes ``weights_only=True``."""
+    tree = ast.parse(source)
+    names = {}  # local name -> what it stands for
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update({a.asname or a.name: a.name for a in node.names})
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.update({a.asname or a.name: f"{node.module}.{a.name}" for a in node.names})
+    calls = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            head, _, rest = ast.unparse(node.func).partition(".")
+            called = ".".join(filter(None, (names.get(head, head), rest)))
+            if called in LOADERS or called.endswith(".get_state_dict"):
+                keywords = {k.arg: ast.unparse(k.value) for k in node.keywords}
+                calls[f"line {node.lineno}: {ast.unparse(node)}"] = (
+                    keywords.get("weights_only") == "True"
+                )
+    return calls
+
+
+def test_every_torch_load_of_the_packages_is_weights_only():
+    """A static check of extract/, head/ and live/: whatever name torch's loader is imported
+    under, each call passes weights_only=True (so loading can never run pickled code)."""
+    calls = {}
+    for package in ("extract", "head", "live"):
+        for path in sorted((REPO / package).glob("*.py")):
+            calls.update({f"{path.name} {c}": s for c, s in loader_calls(path.read_text()).items()})
+    assert len(calls) >= 2, "the packages load weights and checkpoints somewhere"
+    assert [call for call, safe in calls.items() if not safe] == []
+    for unsafe in (
+        "import torch\ntorch.load(path)",
+        "import torch\ntorch.load(path, weights_only=False)",
+        "from torch import load as read\nread(path, map_location='cpu')",
+        "import torch as t\nt.load(path)",
+        "from torch import hub\nhub.load_state_dict_from_url(url)",
+        "weights.get_state_dict(progress=False)",
+    ):
+        assert list(loader_calls(unsafe).values()) == [False], unsafe
 
 
 lines = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40)

@@ -21,7 +21,6 @@ from extract.errors import UserError
 from head import checkpoint, evaluate
 
 REPO = Path(__file__).resolve().parents[1]
-HEAD_DIR = REPO / "head"
 
 
 @pytest.fixture(scope="module")
@@ -59,13 +58,6 @@ def test_a_checkpoint_carrying_a_pickled_payload_is_refused_everywhere(cached, t
     # The payload is real: an unsafe load would have run it.
     torch.load(tmp_path / "model" / "best.pt", weights_only=False)
     assert marker.exists()
-
-
-def test_every_torch_load_in_head_is_weights_only():
-    for source in HEAD_DIR.glob("*.py"):
-        for line in source.read_text().splitlines():
-            if "torch.load(" in line and not line.strip().startswith(("#", '"', "number")):
-                assert "weights_only=True" in line, f"{source.name}: {line.strip()}"
 
 
 @pytest.mark.parametrize("attribute, value", [("backbone", "resnet50"), ("node", "avgpool")])

@@ -118,17 +118,13 @@ def test_metadata_is_parsed_as_data_and_anything_else_is_refused(
     assert not marker.exists()
 
 
-def test_every_torch_load_in_live_is_weights_only_and_nothing_is_evaluated():
-    """A static check of the package: `torch.load` only with weights_only=True (checkpoints are
-    read through head.checkpoint.load, which does the same); no eval, exec or pickle."""
+def test_nothing_in_live_is_evaluated_or_unpickled():
+    """A static check of the package: no eval, exec or pickle (checkpoints are read through
+    head.checkpoint.load; test_extract_faults checks every torch.load for weights_only)."""
     for path in LIVE.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call):
-                name = ast.unparse(node.func)
-                assert name not in ("eval", "exec"), (path, node.lineno)
-                if name == "torch.load":
-                    keywords = {k.arg: ast.unparse(k.value) for k in node.keywords}
-                    assert keywords.get("weights_only") == "True", (path, node.lineno)
+                assert ast.unparse(node.func) not in ("eval", "exec"), (path, node.lineno)
             if isinstance(node, ast.Import | ast.ImportFrom):
                 assert "pickle" not in ast.unparse(node), (path, node.lineno)
 
