@@ -227,14 +227,25 @@ def test_init_fc8_starts_from_the_imagenet_rows_of_the_dataset_wnids(
     torch.testing.assert_close(head.bias, fc8.bias[rows], rtol=0, atol=0)
 
     status, out, _ = train_cli(
-        imagenet, tmp_path / "model", capsys, "--init", "fc8", "--epochs", "1", "--standardize"
+        imagenet, tmp_path / "model", capsys, "--init", "fc8", "--epochs", "4", "--standardize"
     )
     assert status == 0
-    assert "epoch 0/1  train loss " in out and "epoch 1/1" in out
+    assert "epoch 0/4  train loss " in out and "epoch 4/4" in out
     state = torch.load(tmp_path / "model" / "last.pt", weights_only=True)
-    assert state["history_epochs"] == [0, 1]
-    first = torch.load(tmp_path / "model" / "best.pt", weights_only=True)
-    assert first["best_epoch"] in (0, 1)
+    assert state["history_epochs"] == [0, 1, 2, 3, 4]
+    accuracies = state["validation_accuracy"]
+    best = torch.load(tmp_path / "model" / "best.pt", weights_only=True)
+    assert best["best_epoch"] == state["best_epoch"] == accuracies.index(max(accuracies))
+    # The rows of random weights start at chance; training reaches 100% at epoch 1 and stays
+    # there, so keeping epoch 0, or the last epoch on a tie, would both be caught.
+    assert accuracies[0] < max(accuracies) and 0 < best["best_epoch"] < 4
+    assert best["epoch"] == best["best_epoch"]
+    with store.open_complete(imagenet) as file:
+        val = store.read_split(file, "val")
+    head = best["state_dict"]
+    logits = torch.from_numpy(val.features.astype(np.float32)) @ head["weight"].T + head["bias"]
+    recomputed = (logits.argmax(1).numpy() == val.labels).mean()
+    assert 100 * recomputed == pytest.approx(max(accuracies))
 
     assert (
         train_cli(imagenet, tmp_path / "untrained", capsys, "--init", "fc8", "--epochs", "0")[0]
