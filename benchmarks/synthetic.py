@@ -25,15 +25,24 @@ from extract.dataset import Classes, Manifest
 from extract.preprocess import Preprocess
 
 SIZE = 64
+# Photo-sized files (`--photos`): ImageNet's typical sizes, mixed as in a real folder.
+PHOTO_SIZES = ((500, 375), (375, 500), (500, 333), (500, 400))
 
 
 def wnid(label: int) -> str:
     return f"n{label:08d}"
 
 
-def synthetic_image(label: int, index: int) -> Image.Image:
+def image_size(index: int, photos: bool) -> tuple[int, int]:
+    """(width, height) of the index-th image."""
+    return PHOTO_SIZES[index % len(PHOTO_SIZES)] if photos else (SIZE, SIZE)
+
+
+def synthetic_image(label: int, index: int, size: tuple[int, int] = (SIZE, SIZE)) -> Image.Image:
     rng = np.random.default_rng(label * 1_000_003 + index)
-    y, x = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) / SIZE
+    width, height = size
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    y, x = y / height, x / width
     hue = np.array([(label * 37) % 256, (label * 91) % 256, (label * 151) % 256], np.float32)
     angle = rng.uniform(0, np.pi)
     stripes = np.sin((x * np.cos(angle) + y * np.sin(angle)) * rng.uniform(6, 20))
@@ -43,17 +52,19 @@ def synthetic_image(label: int, index: int) -> Image.Image:
         hue * (0.5 + 0.5 * y[..., None])
         + 50 * stripes[..., None]
         + 80 * disc[..., None]
-        + rng.normal(0, 12, (SIZE, SIZE, 3))
+        + rng.normal(0, 12, (height, width, 3))
     )
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
 
 
-def write_class(args: tuple[Path, int, int]) -> None:
-    root, label, count = args
+def write_class(args: tuple[Path, int, int, bool]) -> None:
+    root, label, count, photos = args
     folder = root / "train" / wnid(label) / "images"
     folder.mkdir(parents=True, exist_ok=True)
     for index in range(count):
-        synthetic_image(label, index).save(folder / f"{wnid(label)}_{index}.JPEG", quality=90)
+        synthetic_image(label, index, image_size(index, photos)).save(
+            folder / f"{wnid(label)}_{index}.JPEG", quality=90
+        )
 
 
 def write_val(root: Path, images: int, classes: int) -> None:
@@ -68,15 +79,17 @@ def write_val(root: Path, images: int, classes: int) -> None:
     (root / "val" / "val_annotations.txt").write_text("".join(lines))
 
 
-def write_images(root: Path, images: int, classes: int, val_images: int = 0) -> Path:
+def write_images(
+    root: Path, images: int, classes: int, val_images: int = 0, photos: bool = False
+) -> Path:
     """Write `images` training JPEG files over `classes` classes in Tiny ImageNet layout, and
-    `val_images` validation files with their annotations."""
+    `val_images` validation files with their annotations; 64x64, or photo-sized (`photos`)."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "wnids.txt").write_text("".join(f"{wnid(c)}\n" for c in range(classes)))
     (root / "words.txt").write_text("".join(f"{wnid(c)}\tclass {c}\n" for c in range(classes)))
     per_class = [images // classes + (1 if c < images % classes else 0) for c in range(classes)]
     with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
-        list(pool.map(write_class, [(root, c, n) for c, n in enumerate(per_class)]))
+        list(pool.map(write_class, [(root, c, n, photos) for c, n in enumerate(per_class)]))
     if val_images:
         write_val(root, val_images, classes)
     return root
@@ -136,9 +149,10 @@ def main() -> None:
     parser.add_argument("--val-images", type=int, default=0)
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--classes", type=int, default=200)
+    parser.add_argument("--photos", action="store_true", help="photo-sized images, not 64x64")
     args = parser.parse_args()
     if args.kind == "images":
-        write_images(args.out, args.images, args.classes, args.val_images)
+        write_images(args.out, args.images, args.classes, args.val_images, args.photos)
     else:
         write_features(args.out, args.rows, args.classes)
 

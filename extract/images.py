@@ -3,29 +3,117 @@
 An unreadable file (truncated, empty, not an image, too large) must not stop a long run: the
 worker returns the reason instead of the pixels, and the run records it in the split's
 ``failed`` list.
+
+Baseline JPEG and progressive JPEG files with one or three 8-bit components are decoded by
+torchvision's `decode_jpeg` (libjpeg-turbo, twice PIL's rate on 64x64 files, the same pixels as
+PIL's decoder followed by `extract.preprocess.to_rgb`); every other file, and any JPEG file
+`decode_jpeg` refuses, goes through PIL, whose error is then the reason recorded. With
+``decode="device"`` the workers only read those JPEG files and the GPU decodes whole batches.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
 from pathlib import Path
 
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from extract.errors import first_line
 from extract.preprocess import Preprocess, decode, resize_crop
 
+DECODERS = ("workers", "device")
+# Start-of-frame markers that carry the image size; 0xC4, 0xC8 and 0xCC share the range.
+SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+# Markers that stand alone, without a length field.
+BARE_MARKERS = frozenset(range(0xD0, 0xDA)) | {0x01}
+# torchvision 0.29 deprecates its decoders in favour of TorchCodec and warns on every call; the
+# decoder is still libjpeg-turbo, held to PIL's pixels by tests/test_host_path.py.
+warnings.filterwarnings(
+    "ignore", message="The image decoding and encoding capabilities", category=DeprecationWarning
+)
 
-def read_pixels(path: Path) -> torch.Tensor:
-    """Read one file fully as (3, H, W) uint8 RGB; raises for anything unreadable."""
+
+def read_pixels_with_pil(path: str | Path) -> torch.Tensor:
+    """Read one file fully with PIL as (3, H, W) uint8 RGB; raises for anything unreadable."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as image:
             image.load()
             return decode(image)
+
+
+def read_bytes(path: str | Path) -> bytearray:
+    """The whole file, in writable memory (as `torch.frombuffer` wants it)."""
+    with open(path, "rb") as stream:
+        return bytearray(stream.read())
+
+
+def as_tensor(data: bytearray) -> torch.Tensor:
+    """The bytes as a 1-D uint8 tensor sharing their memory."""
+    return torch.frombuffer(data, dtype=torch.uint8)
+
+
+def decodes_like_pil(header: bytes | bytearray) -> bool:
+    """Whether `decode_jpeg` gives PIL's pixels for these bytes: a JPEG of one (grayscale) or
+    three (YCbCr or RGB) 8-bit components, no larger than PIL's decompression-bomb limit.
+
+    CMYK and 12-bit files go to PIL, as does anything whose header does not parse: PIL then
+    reads it, or names what is wrong with it.
+    """
+    if header[:3] != b"\xff\xd8\xff":
+        return False
+    position = 2
+    while position + 4 <= len(header):
+        if header[position] != 0xFF:
+            return False
+        marker = header[position + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            position += 1
+            continue
+        if marker in BARE_MARKERS:
+            position += 2
+            continue
+        length = int.from_bytes(header[position + 2 : position + 4], "big")
+        if marker in SOF_MARKERS:
+            frame = header[position + 4 : position + 10]
+            if len(frame) < 6:
+                return False
+            bits, height, width = frame[0], frame[1] << 8 | frame[2], frame[3] << 8 | frame[4]
+            components = frame[5]
+            limit = Image.MAX_IMAGE_PIXELS
+            return (
+                bits == 8
+                and components in (1, 3)
+                and height > 0
+                and width > 0
+                and (limit is None or height * width <= limit)
+            )
+        if marker == 0xDA or length < 2:  # scan data before any frame header: not ours
+            return False
+        position += 2 + length
+    return False
+
+
+def read_pixels(path: str | Path) -> torch.Tensor:
+    """Read one file fully as (3, H, W) uint8 RGB; raises for anything unreadable."""
+    data = read_bytes(path)
+    if decodes_like_pil(data):
+        try:
+            return decode_jpeg(as_tensor(data), mode=ImageReadMode.RGB)
+        except RuntimeError:  # libjpeg refused it: PIL says why, or reads what it can
+            pass
+    return read_pixels_with_pil(path)
+
+
+def read_for_device(path: str | Path) -> torch.Tensor:
+    """The bytes of a JPEG file the GPU can decode (1-D), else the pixels (3, H, W) from PIL."""
+    data = read_bytes(path)
+    return as_tensor(data) if decodes_like_pil(data) else read_pixels_with_pil(path)
 
 
 def failure_reason(error: BaseException) -> str:
@@ -38,12 +126,16 @@ def failure_reason(error: BaseException) -> str:
 class ManifestImages(Dataset):
     """A split's image files, as listed in its manifest, for the extraction's DataLoader.
 
-    Items are (manifest index, uint8 pixels at their own size or None, failure reason)."""
+    Items are (manifest index, uint8 pixels at their own size or None, failure reason).
 
-    def __init__(self, root: Path, paths: list[str], indices: range):
-        self.root = root
+    With ``decode="device"``, JPEG files come as their bytes (1-D) for `decode_on_device`.
+    """
+
+    def __init__(self, root: Path, paths: list[str], indices: range, decode: str = "workers"):
+        self.root = os.fspath(root)  # joined as strings: pathlib's joins cost as much as decoding
         self.paths = paths
         self.indices = indices
+        self.read = read_for_device if decode == "device" else read_pixels
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -51,7 +143,7 @@ class ManifestImages(Dataset):
     def __getitem__(self, position: int) -> tuple[int, torch.Tensor | None, str]:
         index = self.indices[position]
         try:
-            return index, read_pixels(self.root / self.paths[index]), ""
+            return index, self.read(os.path.join(self.root, self.paths[index])), ""
         except Exception as error:  # every decoder error is a property of the file
             return index, None, failure_reason(error)
 
@@ -64,6 +156,8 @@ class Batch:
     pixels: torch.Tensor | None  # (N, 3, H, W) uint8
     resized: bool  # False: same-size originals, left to `resize_crop` on the device
     failed: list[tuple[int, str]]
+    # decode="device": one tensor per index instead of `pixels`, JPEG bytes or (3, H, W)
+    undecoded: list[torch.Tensor] | None = None
 
     def pin_memory(self) -> Batch:
         """Called by the DataLoader's pinning thread, so host-to-GPU copies can overlap."""
@@ -76,21 +170,52 @@ class Collate:
     """Stack a batch in the worker; resize there unless the device is to do it in one go.
 
     Deferring works only when every image of the batch has the same size (Tiny ImageNet's
-    are all 64x64); otherwise the worker resizes them one by one.
+    are all 64x64); otherwise the worker resizes them one by one. Files left for the device
+    to decode are handed over as they are.
     """
 
-    def __init__(self, params: Preprocess, defer_resize: bool):
+    def __init__(self, params: Preprocess, defer_resize: bool, decode: str = "workers"):
         self.params = params
         self.defer_resize = defer_resize
+        self.decode = decode
 
     def __call__(self, items: list[tuple[int, torch.Tensor | None, str]]) -> Batch:
-        good = [(index, pixels) for index, pixels, _ in items if pixels is not None]
+        indices = [index for index, pixels, _ in items if pixels is not None]
+        images = [pixels for _, pixels, _ in items if pixels is not None]
         failed = [(index, reason) for index, pixels, reason in items if pixels is None]
-        if not good:
+        if not images:
             return Batch([], None, True, failed)
-        images = [pixels for _, pixels in good]
-        same_size = all(image.shape == images[0].shape for image in images)
-        if self.defer_resize and same_size:
-            return Batch([i for i, _ in good], torch.stack(images), False, failed)
+        if self.decode == "device":
+            return Batch(indices, None, False, failed, undecoded=images)
+        first = images[0].shape
+        if self.defer_resize and all(image.shape == first for image in images):
+            return Batch(indices, torch.stack(images), False, failed)
         crops = torch.stack([resize_crop(image, self.params) for image in images])
-        return Batch([i for i, _ in good], crops, True, failed)
+        return Batch(indices, crops, True, failed)
+
+
+def decode_on_device(
+    undecoded: list[torch.Tensor], params: Preprocess, device: torch.device
+) -> torch.Tensor:
+    """JPEG bytes decoded by the GPU in one batched call, the rest copied over; then each
+    group of same-sized images resized and cropped together. Returns (N, 3, crop, crop)."""
+    encoded = [position for position, data in enumerate(undecoded) if data.dim() == 1]
+    images: list[torch.Tensor | None] = [None] * len(undecoded)
+    if encoded:
+        decoded = decode_jpeg(
+            [undecoded[position] for position in encoded], mode=ImageReadMode.RGB, device=device
+        )
+        for position, pixels in zip(encoded, decoded):
+            images[position] = pixels
+    for position, data in enumerate(undecoded):
+        if data.dim() == 3:
+            images[position] = data.to(device, non_blocking=True)
+    crops = torch.empty(
+        (len(images), 3, params.crop_size, params.crop_size), dtype=torch.uint8, device=device
+    )
+    by_size: dict[tuple[int, ...], list[int]] = {}
+    for position, pixels in enumerate(images):
+        by_size.setdefault(tuple(pixels.shape), []).append(position)
+    for positions in by_size.values():
+        crops[positions] = resize_crop(torch.stack([images[p] for p in positions]), params)
+    return crops

@@ -1,0 +1,183 @@
+"""The host path of extraction, without the network: what the CPU must sustain to feed a GPU.
+
+Everything `python -m extract` does on the host for a CUDA run, with a stand-in for the network:
+read each file, decode it, stack the batch (the GPU resizes same-sized images; mixed sizes are
+resized in the worker), pin it where CUDA is present, and append a block of zero rows (4096
+float16 each, as fc7 would give) to an HDF5 file through the background writer. Rates are given
+per worker: with `--workers 0` (the default) the main process is the one worker, so the rate
+is what one core sustains; multiply by the workers a machine has to see whether it feeds its GPU.
+
+Rows, each on the same files in its own process:
+    plain torchvision  `ImageFolder` with Resize, CenterCrop, ToTensor, Normalize (float32)
+    ours, PIL decode   our loader with every file decoded by PIL (before torchvision's decoder)
+    ours               our loader: JPEG files by torchvision's `decode_jpeg`, the rest by PIL
+    ours, --decode device  the workers only read the files; the GPU would decode them
+
+Examples:
+    python -m benchmarks.host                      # 2,000 64x64 and 300 photo-sized files
+    python -m benchmarks.host --images 20000 --photos 3000 --workers 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks import report, synthetic
+
+FEATURE_DIM = 4096
+VARIANTS = ("plain", "ours:pil", "ours", "ours:device")
+LABELS = {
+    "plain": "plain torchvision (PIL, transforms in the loader)",
+    "ours:pil": "ours, every file decoded by PIL",
+    "ours": "ours (decode_jpeg for JPEG files)",
+    "ours:device": "ours, --decode device (files read, GPU decodes)",
+}
+
+
+def plain(data: Path, batch_size: int, workers: int) -> dict:
+    from torchvision import datasets, transforms
+
+    transform = transforms.Compose(
+        [
+            transforms.Resize(256),
+            transforms.CenterCrop(224),
+            transforms.ToTensor(),
+            transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        ]
+    )
+    started = time.perf_counter()
+    dataset = datasets.ImageFolder(data / "train", transform=transform)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, num_workers=workers, pin_memory=torch.cuda.is_available()
+    )
+    rows = [np.zeros((len(images), FEATURE_DIM), np.float16) for images, _ in loader]
+    np.save(data.parent / "plain.npy", np.concatenate(rows))
+    return {"seconds": time.perf_counter() - started, "images": len(dataset)}
+
+
+def ours(data: Path, batch_size: int, workers: int, options: list[str], out: Path) -> dict:
+    """Our loader as a CUDA run builds it, and our writer; the network replaced by zeros."""
+    from extract import images, runner, store
+    from extract.preprocess import Preprocess
+    from extract.writer import BackgroundWriter, HostRows
+
+    if "pil" in options:
+        images.read_pixels = images.read_pixels_with_pil
+    settings = runner.Options(
+        data=data,
+        out=out,
+        splits=["train"],
+        batch_size=batch_size,
+        workers=workers,
+        decode="device" if "device" in options else "workers",
+    )
+    classes, manifests = runner.read_dataset(settings)
+    attrs = {key: "" for key in store.PROVENANCE_KEYS}
+    attrs.update(precision="", torch_version="", torchvision_version="", store_dtype="float16")
+    count = 0
+    with (
+        store.create(out, attrs, classes, manifests, flip=False) as file,
+        BackgroundWriter() as writer,
+    ):
+        manifest = manifests[0]
+        started = time.perf_counter()  # the manifest and the empty file are made once per run
+        loader = runner.make_loader(data, manifest, 0, settings, Preprocess(), torch.device("cuda"))
+        for batch in loader:
+            zeros = torch.zeros((len(batch.indices), FEATURE_DIM), dtype=torch.float16)
+            rows = HostRows(zeros, np.float16)
+            seen = batch.indices + [i for i, _ in batch.failed]
+            writer.submit(
+                file["train"],
+                rows,
+                None,
+                labels=[manifest.labels[i] for i in batch.indices],
+                paths=[manifest.paths[i] for i in batch.indices],
+                failed=[(manifest.paths[i], reason) for i, reason in batch.failed],
+                next_index=max(seen) + 1,
+            )
+            count += len(batch.indices)
+    # After the writer has written the last block.
+    return {"seconds": time.perf_counter() - started, "images": count}
+
+
+def variant_main(args) -> None:
+    if args.variant == "plain":
+        result = plain(args.data, args.batch_size, args.workers)
+    else:
+        result = ours(
+            args.data, args.batch_size, args.workers, args.variant.split(":")[1:], args.out
+        )
+    result.update(peak_rss_mb=report.peak_rss_mb())
+    print(json.dumps(result))
+
+
+def measure(data: Path, args, scratch: Path) -> list[list]:
+    common = ["--data", str(data), "--batch-size", str(args.batch_size)]
+    common += ["--workers", str(args.workers)]
+    results = {
+        variant: report.run_variant(
+            "benchmarks.host",
+            [*common, "--variant", variant, "--out", str(scratch / f"{variant}.h5")],
+        )
+        for variant in args.variants.split(",")
+    }
+    baseline = results.get("plain")
+    rows = []
+    for variant, result in results.items():
+        rate = result["images"] / result["seconds"]
+        per_worker = rate / max(1, args.workers)
+        ratio = rate / (baseline["images"] / baseline["seconds"]) if baseline else float("nan")
+        rows.append([LABELS[variant], result["images"], result["seconds"], rate, per_worker, ratio])
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--images", type=int, default=2000, help="64x64 files (0: none)")
+    parser.add_argument("--photos", type=int, default=300, help="photo-sized files (0: none)")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--workers", type=int, default=0, help="0: the main process decodes")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--data", type=Path, help="reuse (or create) the files under here")
+    parser.add_argument("--device", help=argparse.SUPPRESS)  # benchmarks.all passes one
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.variant:
+        variant_main(args)
+        return
+
+    scratch = Path(tempfile.mkdtemp(prefix="bench-host-"))
+    base = args.data or scratch
+    header = ["loader", "images", "seconds", "images/s", "per worker", "x plain"]
+    for name, count, photos in (("64x64", args.images, False), ("photo", args.photos, True)):
+        if not count:
+            continue
+        data = base / f"host-{name}-{count}"
+        if not (data / "wnids.txt").is_file():
+            synthetic.write_images(data, count, 20, photos=photos)
+        sizes = "64x64" if not photos else "about 500x375 (4 sizes mixed)"
+        report.publish(
+            f"host path: {count} JPEG files {sizes}, batch {args.batch_size}, "
+            f"{args.workers} workers, no network",
+            header,
+            measure(data, args, scratch),
+            "Read, decode, batch, pin (where CUDA is present) and a stand-in block of zero "
+            "rows written to HDF5 by the background writer; 'per worker' is images/s divided "
+            "by the workers (by 1 with none: the main process decodes).",
+        )
+
+
+if __name__ == "__main__":
+    main()

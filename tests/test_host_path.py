@@ -1,0 +1,128 @@
+"""The fast JPEG path gives PIL's pixels, or leaves the file to PIL: same pixels, same failures."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import extract_features, pattern_image
+from extract import images, runner, store
+from extract.images import decodes_like_pil, read_bytes, read_pixels, read_pixels_with_pil
+
+TRAIN = "train/n01443537/images"
+
+
+def exif_rotated(image: Image.Image, path: Path) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90": PIL does not apply it on open, nor may we
+    image.save(path, exif=exif.tobytes())
+
+
+def write_corpus(folder: Path) -> dict[str, bool]:
+    """Odd and broken files -> whether the torchvision decoder is expected to take them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    photo = pattern_image(1, 2, size=67).resize((97, 61))
+    photo.save(folder / "baseline.jpg", quality=95)
+    photo.save(folder / "sub444.jpg", subsampling=0)
+    photo.save(folder / "sub422.jpg", subsampling=1)
+    photo.save(folder / "progressive.jpg", progressive=True)
+    photo.save(folder / "optimized.jpg", optimize=True, quality=40)
+    photo.convert("L").save(folder / "gray.jpg")
+    photo.convert("CMYK").save(folder / "cmyk.jpg")
+    exif_rotated(photo, folder / "exif.jpg")
+    photo.save(folder / "png_named.jpg", format="PNG")
+    good = (folder / "baseline.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (folder / "header_only.jpg").write_bytes(good[:300])
+    (folder / "trailing_junk.jpg").write_bytes(good + b"not part of the image")
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "text.jpg").write_text("this is not an image")
+    (folder / "magic_only.jpg").write_bytes(b"\xff\xd8\xff\xe0")
+    fast = {"baseline", "sub444", "sub422", "progressive", "optimized", "gray", "exif"}
+    fast |= {"truncated", "header_only", "trailing_junk"}  # tried, refused or read alike
+    return {path.name: path.stem in fast for path in sorted(folder.iterdir())}
+
+
+def outcome(read, path: Path) -> tuple[str, torch.Tensor | None]:
+    try:
+        return "", read(path)
+    except Exception as error:
+        return images.failure_reason(error), None
+
+
+def test_fast_decoder_gives_pil_pixels_or_pil_errors_on_every_odd_file(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus")
+    for name, takes_fast_path in corpus.items():
+        path = tmp_path / "corpus" / name
+        assert decodes_like_pil(read_bytes(path)) == takes_fast_path, name
+        reason, pixels = outcome(read_pixels, path)
+        reference_reason, reference = outcome(read_pixels_with_pil, path)
+        assert reason == reference_reason, name
+        if reference is None:
+            assert pixels is None, name
+        else:
+            assert pixels.dtype == torch.uint8 and pixels.shape[0] == 3, name
+            torch.testing.assert_close(pixels, reference, rtol=0, atol=0, msg=name)
+
+
+def test_fast_decoder_matches_pil_on_photo_sized_files(tmp_path):
+    for quality in (50, 75, 95):
+        path = tmp_path / f"photo{quality}.jpg"
+        pattern_image(2, quality, size=500).resize((500, 375)).save(path, quality=quality)
+        assert decodes_like_pil(read_bytes(path))
+        torch.testing.assert_close(read_pixels(path), read_pixels_with_pil(path), rtol=0, atol=0)
+
+
+def test_oversized_jpeg_goes_to_pil_and_is_refused_as_a_decompression_bomb(tmp_path, monkeypatch):
+    path = tmp_path / "big.jpg"
+    pattern_image(0, 1, size=120).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100 * 100 // 2)
+    assert not decodes_like_pil(read_bytes(path))
+    reason, pixels = outcome(read_pixels, path)
+    assert pixels is None and "DecompressionBomb" in reason
+
+
+def test_header_parser_refuses_what_it_cannot_read():
+    jpeg = io.BytesIO()
+    pattern_image(0, 0).save(jpeg, format="JPEG")
+    data = jpeg.getvalue()
+    assert decodes_like_pil(data)
+    assert not decodes_like_pil(data[:20])  # ends before the frame header
+    assert not decodes_like_pil(b"\xff\xd8\xff\xda\x00\x02" + data[2:])  # scan data first
+    assert not decodes_like_pil(b"")
+
+
+def test_features_of_the_corpus_equal_those_read_through_pil(tmp_path, weights_file, monkeypatch):
+    """End to end: the stored rows and the failure list are those of the PIL-only reader."""
+    root = tmp_path / "data"
+    write_corpus(root / "train" / "odd")
+    (root / "train" / "plain").mkdir()
+    pattern_image(0, 3).save(root / "train" / "plain" / "a.jpg")
+    fast = extract_features(root, tmp_path / "fast.h5", weights=str(weights_file))
+    monkeypatch.setattr(images, "read_pixels", images.read_pixels_with_pil)
+    slow = extract_features(root, tmp_path / "slow.h5", weights=str(weights_file))
+    with store.open_complete(fast) as a, store.open_complete(slow) as b:
+        ours, reference = store.read_split(a, "train"), store.read_split(b, "train")
+        assert ours.paths == reference.paths
+        np.testing.assert_array_equal(ours.features, reference.features)
+        assert store.read_failed(a, "train") == store.read_failed(b, "train")
+        assert len(store.read_failed(a, "train")) == 5
+
+
+def test_default_workers_follow_the_device():
+    assert runner.default_workers(torch.device("cuda")) == runner.available_cores()
+    assert runner.default_workers(torch.device("cpu")) == min(8, runner.available_cores())
+
+
+def test_device_decoding_without_cuda_is_a_clear_error(tiny_imagenet, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    from extract.errors import UserError
+
+    with pytest.raises(UserError, match="--decode device"):
+        extract_features(tiny_imagenet, tmp_path / "f.h5", decode="device", device="auto")
