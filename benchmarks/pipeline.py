@@ -102,9 +102,9 @@ def main() -> None:
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.workers is None:
-        from extract.runner import Options
+        from extract.runner import default_workers
 
-        args.workers = Options.workers
+        args.workers = default_workers(torch.device(args.device))
     if args.variant == "seed":
         result = seed_epochs(
             args.data, args.seed_epochs, args.batch_size, args.workers, args.device

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from extract import distributed
 from extract.errors import UserError, run_cli
+from extract.images import DECODERS
 from extract.precisions import EXTRACT_CHOICES
 from extract.runner import Options, run
 
@@ -49,8 +50,15 @@ def parse_args(argv: list[str] | None) -> Options:
     parser.add_argument(
         "--workers",
         type=int,
-        default=Options.workers,
-        help=f"image decoding processes (default: {Options.workers})",
+        default=None,
+        help="image decoding processes (default: one per core with CUDA, at most 8 on the CPU)",
+    )
+    parser.add_argument(
+        "--decode",
+        default="workers",
+        choices=DECODERS,
+        help="where JPEG files are decoded: workers (default), or device, batched on the "
+        "GPU (docs/speed.md: for photo-sized JPEGs when the workers are the limit)",
     )
     parser.add_argument(
         "--precision",
@@ -84,7 +92,7 @@ def parse_args(argv: list[str] | None) -> Options:
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.workers < 0:
+    if args.batch_size < 1 or (args.workers is not None and args.workers < 0):
         parser.error("--batch-size must be >= 1 and --workers >= 0")
     splits = [s.strip() for s in args.splits.split(",") if s.strip()] if args.splits else None
     return Options(
@@ -95,6 +103,7 @@ def parse_args(argv: list[str] | None) -> Options:
         device=args.device,
         batch_size=args.batch_size,
         workers=args.workers,
+        decode=args.decode,
         precision=args.precision,
         store_dtype=args.store_dtype,
         resume=args.resume,

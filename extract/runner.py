@@ -3,14 +3,21 @@
 Stages per batch: workers decode and resize to uint8 (`extract.images`), the main process moves
 the batch to the device, normalizes it there (`extract.preprocess.normalize`), runs AlexNet to
 fc7, and appends the rows to the HDF5 file (`extract.store`).
+
+The workers of a fresh run start before the network is built and hashed, so their first batches
+are decoded meanwhile: on CUDA, where building the network is most of the start, the first batch
+is waiting when the network is ready.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
+import math
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +30,7 @@ from extract import backbone, precisions, store
 from extract.dataset import Classes, Manifest, default_splits, read_classes, read_manifest
 from extract.device import resolve_device
 from extract.errors import UserError, WriteFailed
-from extract.images import Collate, ManifestImages
+from extract.images import DECODERS, Batch, Collate, ManifestImages, decode_on_device
 from extract.preprocess import Preprocess, normalize, resize_crop
 from extract.writer import BackgroundWriter, HostRows
 
@@ -36,8 +43,9 @@ class Options:
     weights: str = "imagenet"
     device: str = "auto"
     batch_size: int = 128
-    workers: int = min(8, os.cpu_count() or 1)
+    workers: int | None = None  # None: `default_workers` of the device
     precision: str = "auto"
+    decode: str = "workers"  # or "device": JPEG files decoded on the GPU, batched
     store_dtype: str = "float16"
     resume: bool = False
     overwrite: bool = False
@@ -53,6 +61,8 @@ class Summary:
     seconds: float
     file_bytes: int
     already_complete: bool = False
+    first_batch_seconds: float = math.nan  # from the call to the first batch on the device
+    steady_rate: float = math.nan  # images/s from the first batch on the device to the last write
 
     def line(self, out: Path) -> str:
         if self.already_complete:
@@ -64,6 +74,31 @@ class Summary:
         )
 
 
+@contextlib.contextmanager
+def tf32(enabled: bool) -> Iterator[None]:
+    """TF32 matmuls and convolutions while extracting; the caller's settings afterwards (a
+    process that trains a head next should not inherit tf32 from extraction)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    precisions.set_tf32(enabled)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def available_cores() -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, cores or 1)
+
+
+def default_workers(device: torch.device) -> int:
+    """Decoding processes: on CUDA one per core, since decoding is what limits the rate there
+    (a GPU runs AlexNet at tens of thousands of images/s); on the CPU at most 8, which leave
+    the cores to the network."""
+    cores = available_cores()
+    return cores if device.type == "cuda" else min(8, cores)
+
+
 def make_loader(
     root: Path,
     manifest: Manifest,
@@ -73,16 +108,17 @@ def make_loader(
     device: torch.device,
 ) -> DataLoader:
     """Workers decode (and on the CPU also resize); on CUDA the GPU resizes whole batches."""
-    files = ManifestImages(root, manifest.paths, range(start, len(manifest.paths)))
+    workers = default_workers(device) if options.workers is None else options.workers
+    files = ManifestImages(root, manifest.paths, range(start, len(manifest.paths)), options.decode)
     return DataLoader(
         files,
         batch_size=options.batch_size,
         shuffle=False,
-        num_workers=options.workers,
-        collate_fn=Collate(params, defer_resize=device.type == "cuda"),
+        num_workers=workers,
+        collate_fn=Collate(params, defer_resize=device.type == "cuda", decode=options.decode),
         pin_memory=device.type == "cuda",
         persistent_workers=False,
-        prefetch_factor=4 if options.workers > 0 else None,
+        prefetch_factor=4 if workers > 0 else None,
     )
 
 
@@ -94,7 +130,9 @@ def check_readable(
     total = sum(len(m.paths) for m in manifests)
     with tqdm(total=total, unit="img", desc="checking", disable=not options.progress) as bar:
         for manifest in manifests:
-            for batch in make_loader(root, manifest, 0, options, params, torch.device("cpu")):
+            cpu = torch.device("cpu")
+            checking = dataclasses.replace(options, decode="workers")
+            for batch in make_loader(root, manifest, 0, checking, params, cpu):
                 failures.extend((manifest.paths[i], reason) for i, reason in batch.failed)
                 bar.update(options.batch_size)
     if failures:
@@ -128,17 +166,32 @@ def read_dataset(options: Options) -> tuple[Classes, list[Manifest]]:
 
 def run(options: Options) -> Summary:
     """Extract every requested split into `options.out`; resumable and crash-safe."""
+    called = time.perf_counter()
     classes, manifests = read_dataset(options)
-    return extract_to(options, options.out, classes, manifests)
+    return extract_to(options, options.out, classes, manifests, called)
 
 
-def extract_to(options: Options, out: Path, classes: Classes, manifests: list[Manifest]) -> Summary:
-    """Write the features of `manifests` to `out` (through `out.part`), resuming if asked."""
+def extract_to(
+    options: Options,
+    out: Path,
+    classes: Classes,
+    manifests: list[Manifest],
+    called: float | None = None,
+) -> Summary:
+    """Write the features of `manifests` to `out` (through `out.part`), resuming if asked.
+
+    `called`: the `time.perf_counter()` the run started at, for `Summary.first_batch_seconds`.
+    """
+    called = time.perf_counter() if called is None else called
     root = options.data
     device = resolve_device(options.device)
     precision = precisions.resolve(options.precision, device)
     if options.store_dtype not in ("float16", "float32"):
         raise UserError(f"--store-dtype {options.store_dtype}: choose float16 or float32")
+    if options.decode not in DECODERS:
+        raise UserError(f"--decode {options.decode}: choose {' or '.join(DECODERS)}")
+    if options.decode == "device" and device.type != "cuda":
+        raise UserError("--decode device: decoding on the device needs CUDA (use --device cuda)")
 
     part = store.part_path(out)
     lock = acquire_lock(out)
@@ -150,8 +203,14 @@ def extract_to(options: Options, out: Path, classes: Classes, manifests: list[Ma
         if part.exists() and not (options.resume or options.overwrite):
             raise UserError(f"{part}: an interrupted run is here (use --resume, or --overwrite)")
 
-        model = backbone.load_alexnet(options.weights)
+        fresh = not (options.resume and part.exists()) and not options.strict
+        # A fresh run starts at row 0: its first loader can start now and decode while the
+        # network is built and hashed (a resumed run learns where to start from the file).
         params = Preprocess()
+        first_batches = (
+            iter(make_loader(root, manifests[0], 0, options, params, device)) if fresh else None
+        )
+        model = backbone.load_alexnet(options.weights)
         attrs = {
             "backbone": backbone.BACKBONE,
             "node": backbone.FC7_NODE,
@@ -170,9 +229,10 @@ def extract_to(options: Options, out: Path, classes: Classes, manifests: list[Ma
         else:
             file = store.create(part, attrs, classes, manifests, options.flip)
         try:
-            images, failed, seconds = extract_splits(
-                file, model, root, manifests, options, params, device, precision
-            )
+            with tf32(precision == "tf32"):
+                images, failed, seconds, timeline = extract_splits(
+                    file, model, root, manifests, options, params, device, precision, first_batches
+                )
             store.mark_complete(file)
             file.close()
         except OSError as error:
@@ -185,7 +245,15 @@ def extract_to(options: Options, out: Path, classes: Classes, manifests: list[Ma
             close_quietly(file)
             raise
         os.replace(part, out)
-        return Summary(images, failed, seconds, out.stat().st_size)
+        first_batch_at, after_first, finished = timeline
+        return Summary(
+            images,
+            failed,
+            seconds,
+            out.stat().st_size,
+            first_batch_seconds=first_batch_at - called,
+            steady_rate=after_first / (finished - first_batch_at) if after_first else math.nan,
+        )
     finally:
         lock.close()
 
@@ -207,16 +275,20 @@ def extract_splits(
     params: Preprocess,
     device: torch.device,
     precision: str,
+    first_batches: Iterator[Batch] | None = None,
 ):
-    """Fill every split from where it stopped; returns (images written, failed, seconds)."""
-    precisions.set_tf32(precision == "tf32")
+    """Fill every split from where it stopped; returns (images written, failed, seconds,
+    (time of the first batch on the device, images after it, time of the last write)).
+
+    `first_batches`: the first split's batches from row 0, already started by the caller.
+    """
     dtype = precisions.DTYPES[precision]
     fc7 = backbone.fc7_extractor(model).to(
         device=device, dtype=dtype, memory_format=torch.channels_last
     )
-    store_dtype = np.dtype(options.store_dtype)
     remaining = sum(len(m.paths) - int(file[m.split].attrs["next_index"]) for m in manifests)
-    written = failed_count = 0
+    written = failed_count = after_first = 0
+    first_batch_at = math.nan
     started = time.perf_counter()
     with (
         tqdm(
@@ -224,33 +296,64 @@ def extract_splits(
         ) as bar,
         BackgroundWriter() as writer,
     ):
-        for manifest in manifests:
+        for number, manifest in enumerate(manifests):
             group = file[manifest.split]
             start = int(group.attrs["next_index"])
             bar.set_description(manifest.split)
-            for batch in make_loader(root, manifest, start, options, params, device):
-                indices, failed = batch.indices, batch.failed
-                features = flipped = None
-                if batch.pixels is not None:
-                    with torch.inference_mode():
-                        pixels = batch.pixels.to(device, non_blocking=True)
-                        if not batch.resized:
-                            pixels = resize_crop(pixels, params)
-                        images = normalize(pixels, params, dtype)
-                        features = HostRows(fc7(images), store_dtype)
-                        if options.flip:
-                            flipped = HostRows(fc7(images.flip(3)), store_dtype)
-                seen = indices + [i for i, _ in failed]
-                writer.submit(
-                    group,
-                    features,
-                    flipped,
-                    labels=[manifest.labels[i] for i in indices],
-                    paths=[manifest.paths[i] for i in indices],
-                    failed=[(manifest.paths[i], reason) for i, reason in failed],
-                    next_index=max(seen) + 1,
+            batches = (
+                first_batches
+                if number == 0 and first_batches is not None and start == 0
+                else make_loader(root, manifest, start, options, params, device)
+            )
+            for batch in batches:
+                computed = write_batch(
+                    batch, manifest, group, fc7, writer, options, params, device, dtype
                 )
-                written += len(indices)
-                failed_count += len(failed)
-                bar.update(len(seen))
-    return written, failed_count, time.perf_counter() - started
+                if computed and math.isnan(first_batch_at):
+                    first_batch_at = time.perf_counter()
+                else:
+                    after_first += computed
+                written += len(batch.indices)
+                failed_count += len(batch.failed)
+                bar.update(len(batch.indices) + len(batch.failed))
+    finished = time.perf_counter()
+    return written, failed_count, finished - started, (first_batch_at, after_first, finished)
+
+
+def write_batch(
+    batch: Batch,
+    manifest: Manifest,
+    group,
+    fc7,
+    writer: BackgroundWriter,
+    options: Options,
+    params: Preprocess,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> int:
+    """Run one batch through the network and queue its rows; returns how many it computed."""
+    indices, failed = batch.indices, batch.failed
+    features = flipped = None
+    if indices:
+        with torch.inference_mode():
+            if batch.undecoded is not None:
+                pixels = decode_on_device(batch.undecoded, params, device)
+            else:
+                pixels = batch.pixels.to(device, non_blocking=True)
+                if not batch.resized:
+                    pixels = resize_crop(pixels, params)
+            images = normalize(pixels, params, dtype)
+            features = HostRows(fc7(images), np.dtype(options.store_dtype))
+            if options.flip:
+                flipped = HostRows(fc7(images.flip(3)), np.dtype(options.store_dtype))
+    seen = indices + [i for i, _ in failed]
+    writer.submit(
+        group,
+        features,
+        flipped,
+        labels=[manifest.labels[i] for i in indices],
+        paths=[manifest.paths[i] for i in indices],
+        failed=[(manifest.paths[i], reason) for i, reason in failed],
+        next_index=max(seen) + 1,
+    )
+    return len(indices)
