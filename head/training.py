@@ -7,6 +7,14 @@ casts each batch to float32 and takes an Adam step on the cross-entropy of the l
 generator's state is saved in every checkpoint, so a resumed run draws exactly what an
 uninterrupted one would have.
 
+The step needs no autograd: for logits = X W^T + b and the mean cross-entropy over a batch of
+B rows, dL/dlogits = (softmax(logits) - onehot(labels)) / B, dW = G^T X and db = sum(G), two
+matrix products (`closed_form_step`). On CUDA, with the features in memory, the epoch's order
+is copied to the device once and the steps are replayed from a CUDA graph (`EpochGraph`): a
+step is a dozen tiny kernels, and launching them one by one from Python took longer than
+running them. The eager loop stays for the CPU, for streamed features, and as the reference the
+graphed one is tested against.
+
 Validation is measured on the exported layer (standardisation folded in, applied to the raw
 features), so `best_accuracy` is what `head.evaluate` recomputes from `best.pt`.
 """
@@ -36,6 +44,7 @@ from head.model import (
 )
 
 EVAL_BATCH = 1024  # rows cast to float32 at a time while scoring: 16 MB, as fast as more
+MAX_STEPS_PER_GRAPH = 32  # steps captured in one CUDA graph (a divisor of the epoch's steps)
 INITS = ("random", "fc8")
 # Settings a resumed run must share with the run it continues (--epochs may grow).
 SAME_ON_RESUME = (
@@ -63,6 +72,7 @@ class Settings:
     standardize: bool = False
     flip: bool = False
     precision: str = "fp32"  # of the training matmuls; the weights and Adam stay float32
+    cuda_graphs: bool = True  # replay the steps from CUDA graphs where possible (same results)
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
@@ -94,6 +104,7 @@ class Run:
     best_epoch: int = -1
     best_accuracy: float = 0.0
     best_score: float = math.nan
+    graph: EpochGraph | None = None  # built at the first graphed epoch, replayed by the rest
 
     def exported(self) -> dict[str, torch.Tensor]:
         """The layer on raw features: what the checkpoint's ``state_dict`` holds."""
@@ -189,6 +200,170 @@ def memory_batches(
         yield features, train.labels.index_select(0, rows)
 
 
+@torch.no_grad()
+def closed_form_step(
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    bf16: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy of ``features @ weight.T + bias`` and its gradient, without autograd.
+
+    Sets ``weight.grad`` and ``bias.grad``; returns (loss, logits). With `bf16` the products run
+    in bfloat16 as under autocast (the logits, G, dW and db in bfloat16, cast to float32), so
+    the steps are those autograd takes with ``torch.autocast(dtype=torch.bfloat16)``.
+    """
+    if bf16:
+        logits = torch.addmm(bias.bfloat16(), features.bfloat16(), weight.bfloat16().t())
+    else:
+        logits = torch.addmm(bias, features, weight.t())
+    log_probs = logits.float().log_softmax(1)
+    loss = -log_probs.gather(1, labels[:, None]).mean()
+    gradient = log_probs.exp_()  # softmax
+    gradient.scatter_add_(1, labels[:, None], torch.full_like(log_probs[:, :1], -1.0))
+    gradient.div_(len(labels))
+    if bf16:
+        gradient = gradient.bfloat16()
+        weight.grad = torch.mm(gradient.t(), features.bfloat16()).float()
+        bias.grad = gradient.sum(0).float()
+    else:
+        weight.grad = torch.mm(gradient.t(), features)
+        bias.grad = gradient.sum(0)
+    return loss, logits
+
+
+def train_step(
+    run: Run,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    bf16: bool,
+    loss_sum: torch.Tensor,
+    correct: torch.Tensor,
+) -> None:
+    """One Adam step on a batch in the stored dtype; adds its loss and hits to the sums."""
+    features = features.float()
+    if run.mean is not None:
+        features = (features - run.mean) / run.std
+    loss, logits = closed_form_step(run.head.weight, run.head.bias, features, labels, bf16)
+    run.optimizer.step()
+    loss_sum.add_(loss.double() * len(labels))
+    correct.add_((logits.argmax(1) == labels).sum())
+
+
+@dataclasses.dataclass
+class EpochGraph:
+    """`steps` training steps captured in one CUDA graph, reading rows through a device-side
+    offset into the epoch's order; replaying it walks through the epoch without the host."""
+
+    graph: torch.cuda.CUDAGraph
+    steps: int
+    order: torch.Tensor  # (N,) int64 on the device, refilled each epoch
+    flipped: torch.Tensor | None  # (N,) bool: which rows use the flipped view this epoch
+    offset: torch.Tensor  # () int64: the first row of the next step in `order`
+    loss_sum: torch.Tensor
+    correct: torch.Tensor
+
+
+def graphed_step(
+    run: Run, train: SplitTensors, batch_size: int, bf16: bool, graph: EpochGraph
+) -> None:
+    """The captured step: the batch at `graph.offset` of the order, then the offset moved on."""
+    positions = torch.arange(batch_size, device=graph.order.device) + graph.offset
+    rows = graph.order.index_select(0, positions)
+    features = train.features.index_select(0, rows)
+    if graph.flipped is not None:
+        use_flip = graph.flipped.index_select(0, positions)
+        features = torch.where(
+            use_flip[:, None], train.features_flip.index_select(0, rows), features
+        )
+    labels = train.labels.index_select(0, rows)
+    train_step(run, features, labels, bf16, graph.loss_sum, graph.correct)
+    graph.offset.add_(batch_size)
+
+
+def build_epoch_graph(run: Run, train: SplitTensors, settings: Settings) -> EpochGraph:
+    """Capture the steps of one graph after warming them up on a side stream, as CUDA graphs
+    require; the warm-up's changes to the head and to Adam are undone, so that capturing
+    changes no result."""
+    device = run.head.weight.device
+    full_steps = len(train) // settings.batch_size
+    steps = max(d for d in range(1, MAX_STEPS_PER_GRAPH + 1) if full_steps % d == 0)
+    flip = settings.flip and train.features_flip is not None
+    graph = EpochGraph(
+        graph=torch.cuda.CUDAGraph(),
+        steps=steps,
+        order=torch.arange(len(train), device=device),
+        flipped=torch.zeros(len(train), dtype=torch.bool, device=device) if flip else None,
+        offset=torch.zeros((), dtype=torch.int64, device=device),
+        loss_sum=torch.zeros((), dtype=torch.float64, device=device),
+        correct=torch.zeros((), dtype=torch.int64, device=device),
+    )
+    bf16 = settings.precision == "bf16"
+    adam = run.optimizer
+    state = [run.head.weight, run.head.bias, *adam.exp_avgs, *adam.exp_avg_sqs, *adam.steps]
+    saved = [tensor.detach().clone() for tensor in state]
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            graphed_step(run, train, settings.batch_size, bf16, graph)
+            graph.offset.zero_()  # the first batch again: an epoch may hold only one
+    torch.cuda.current_stream(device).wait_stream(side)
+    with torch.no_grad():
+        for tensor, value in zip(state, saved):
+            tensor.copy_(value)
+    with torch.cuda.graph(graph.graph):
+        for _ in range(steps):
+            graphed_step(run, train, settings.batch_size, bf16, graph)
+    return graph
+
+
+def graphed_epoch(run: Run, train: SplitTensors, settings: Settings, bar: tqdm) -> Scores:
+    """`train_epoch` for in-memory features on CUDA: the full batches replayed from the graph,
+    the last, shorter one (if any) stepped eagerly from the same order."""
+    if run.graph is None:
+        run.graph = build_epoch_graph(run, train, settings)
+    graph = run.graph
+    order, flipped = epoch_order(len(train), run.generator, graph.flipped is not None)
+    graph.order.copy_(order, non_blocking=True)
+    if flipped is not None:
+        graph.flipped.copy_(flipped, non_blocking=True)
+    graph.offset.zero_()
+    graph.loss_sum.zero_()
+    graph.correct.zero_()
+    full_steps = len(train) // settings.batch_size
+    for _ in range(full_steps // graph.steps):
+        graph.graph.replay()
+        bar.update(graph.steps * settings.batch_size)
+    done = full_steps * settings.batch_size
+    if done < len(train):
+        rows = graph.order[done:]
+        features = train.features.index_select(0, rows)
+        if flipped is not None:
+            features = torch.where(
+                graph.flipped[done:, None], train.features_flip.index_select(0, rows), features
+            )
+        labels = train.labels.index_select(0, rows)
+        bf16 = settings.precision == "bf16"
+        train_step(run, features, labels, bf16, graph.loss_sum, graph.correct)
+        bar.update(len(train) - done)
+    return Scores(
+        loss=graph.loss_sum.item() / len(train),
+        top1=100.0 * graph.correct.item() / len(train),
+        top5=math.nan,
+    )
+
+
+def uses_graphs(run: Run, train: SplitTensors | StreamedSplit, settings: Settings) -> bool:
+    return (
+        settings.cuda_graphs
+        and run.head.weight.device.type == "cuda"
+        and isinstance(train, SplitTensors)
+        and len(train) >= settings.batch_size
+    )
+
+
 def train_epoch(
     run: Run, train: SplitTensors | StreamedSplit, settings: Settings, bar: tqdm
 ) -> Scores:
@@ -198,6 +373,8 @@ def train_epoch(
     a `.item()` per step would wait for the device after every step.
     """
     run.head.train()
+    if uses_graphs(run, train, settings):
+        return graphed_epoch(run, train, settings, bar)
     device = run.head.weight.device
     if isinstance(train, StreamedSplit):
         batches = stream_batches(train, settings.batch_size, run.generator, device)
@@ -207,17 +384,7 @@ def train_epoch(
     correct = torch.zeros((), dtype=torch.int64, device=device)
     bf16 = settings.precision == "bf16"
     for features, labels in batches:
-        features = features.float()
-        if run.mean is not None:
-            features = (features - run.mean) / run.std
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = run.head(features)
-        loss = F.cross_entropy(logits.float(), labels)
-        run.optimizer.zero_grad()
-        loss.backward()
-        run.optimizer.step()
-        loss_sum += loss.detach().double() * len(labels)
-        correct += (logits.detach().argmax(1) == labels).sum()
+        train_step(run, features, labels, bf16, loss_sum, correct)
         bar.update(len(labels))
     return Scores(
         loss=loss_sum.item() / len(train), top1=100.0 * correct.item() / len(train), top5=math.nan
