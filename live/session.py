@@ -4,9 +4,11 @@ Per frame, the stages are timed separately so the summary shows where the time g
 the next frame: the camera, or the read-ahead thread of a file), `preprocess` (BGR -> RGB, resize,
 crop; in the read-ahead thread for files and folders, so it overlaps the network), `network`,
 `log`, `overlay`, `video` and `display`; a stage that did not run is not shown. Headless without
-`--output` nothing is drawn. `latency_ms` is from the moment the frame was read to the moment
-its probabilities were known: for a camera that includes the wait for the loop, for a file the
-wait while the frame before it was classified.
+`--output` nothing is drawn. `video` is the time to hand a frame to the encoder's thread
+(`live.output.VideoOutput`), which is near zero unless the encoder falls behind; the run's time
+includes writing the last queued frames. `latency_ms` is from the moment the frame was read to
+the moment its probabilities were known: for a camera that includes the wait for the loop, for a
+file the wait while the frame before it was classified.
 """
 
 from __future__ import annotations
@@ -182,12 +184,12 @@ def run(classifier: Classifier, source: Source, settings: Settings) -> Summary:
         interrupted = True
     finally:
         prepared.close()  # stops the read-ahead thread before the source is released
-        if video:
-            video.close()
         if log:
             log.close()
         if window:
             window.close()
+        if video:
+            video.close()  # last: it waits for the queued frames, and may raise their error
     return Summary(
         frames=frames,
         dropped=source.dropped,
