@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO := build/demo
 
-.PHONY: env demo test test-all lint bench clean
+.PHONY: env demo test test-all test-cuda lint bench clean
 
 env: $(STAMP)
 
@@ -30,6 +30,10 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q
+
+# The CUDA paths against their CPU references (tests/test_cuda.py); all skip without CUDA.
+test-cuda: $(STAMP)
+	$(PY) -m pytest -q -m cuda
 
 lint: $(STAMP)
 	$(PY) -m ruff format --check .

@@ -97,9 +97,20 @@ def torch_home(tmp_path: Path, weights_file: Path, monkeypatch) -> Path:
 
 
 def extract_features(data: Path, out: Path, **overrides) -> Path:
-    """Run extraction in-process with test-friendly defaults; returns the feature file."""
+    """Run extraction in-process with test-friendly defaults; returns the feature file.
+
+    The device is the CPU unless a test asks for another: `--device auto` would mean CUDA in
+    tf32 on a machine with a GPU, and the tests comparing with a CPU fp32 reference would then
+    measure tf32's error instead of ours. CUDA runs are in test_cuda.py with their tolerances.
+    """
     options = runner.Options(
-        data=data, out=out, workers=0, batch_size=8, progress=False, weights="random"
+        data=data,
+        out=out,
+        workers=0,
+        batch_size=8,
+        progress=False,
+        weights="random",
+        device="cpu",
     )
     for key, value in overrides.items():
         setattr(options, key, value)

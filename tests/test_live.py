@@ -262,7 +262,7 @@ def test_live_log_matches_the_extract_path_frame_by_frame(tmp_path, model_dir, w
     log_path = tmp_path / "frames.jsonl"
     result = run_live(
         *("--model", str(model_dir), "--source", str(video), "--log", str(log_path)),
-        *("--topk", "3", "--smooth", str(SMOOTH)),
+        *("--topk", "3", "--smooth", str(SMOOTH), "--device", "cpu"),
     )
     assert result.returncode == 0, result.stderr
     assert "running headless" in result.stderr

@@ -1,0 +1,215 @@
+"""Every CUDA path against its CPU reference, with the tolerance of the precision that ran.
+
+Skipped without CUDA; run them alone with `make test-cuda` (``pytest -m cuda``).
+"""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from conftest import (
+    extract_features,
+    pattern_image,
+    read_video,
+    run_live,
+    video_frames,
+    write_lossless_video,
+)
+from extract import store
+from extract.images import Collate, ImageFiles, decode_on_device
+from extract.preprocess import Preprocess, decode, resize_crop
+from head import features
+from head.training import Settings, train
+from live import model
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+# Per-row relative error of fc7 against CPU fp32 features of the same images.
+TOLERANCES = {"fp32": 2e-3, "tf32": 1e-2, "fp16": 1e-2, "bf16": 5e-2}
+
+
+def max_relative_row_error(ours: np.ndarray, reference: np.ndarray) -> float:
+    errors = np.linalg.norm(ours - reference, axis=1) / np.linalg.norm(reference, axis=1)
+    return float(errors.max())
+
+
+def cpu_fp32_features(data, out, weights_file, **overrides) -> dict[str, np.ndarray]:
+    path = extract_features(
+        data, out, weights=str(weights_file), store_dtype="float32", precision="fp32", **overrides
+    )
+    with h5py.File(path) as file:
+        return {split: file[f"{split}/features"][()] for split in ("train", "val")}
+
+
+@pytest.mark.parametrize("precision", ["auto", "fp32", "tf32", "fp16", "bf16"])
+def test_extract_on_cuda_per_precision_matches_cpu_fp32(
+    tiny_imagenet, tmp_path, weights_file, precision
+):
+    expected = cpu_fp32_features(tiny_imagenet, tmp_path / "cpu.h5", weights_file)
+    out = extract_features(
+        tiny_imagenet,
+        tmp_path / "cuda.h5",
+        device="cuda",
+        weights=str(weights_file),
+        store_dtype="float32",
+        precision=precision,
+    )
+    ran = "tf32" if precision == "auto" else precision
+    with h5py.File(out) as file:
+        assert file.attrs["precision"] == ran
+        for split in ("train", "val"):
+            got = file[f"{split}/features"][()]
+            assert max_relative_row_error(got, expected[split]) <= TOLERANCES[ran]
+
+
+def test_extract_leaves_the_tf32_settings_as_it_found_them(tiny_imagenet, tmp_path, weights_file):
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    extract_features(
+        tiny_imagenet, tmp_path / "f.h5", device="cuda", weights=str(weights_file), splits=["val"]
+    )
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+
+
+def test_resize_on_the_device_equals_resizing_each_image_on_the_cpu():
+    items = [(i, decode(pattern_image(i % 3, i)), "") for i in range(6)]
+    deferred = Collate(Preprocess(), defer_resize=True)(items)
+    eager = Collate(Preprocess(), defer_resize=False)(items)
+    on_device = resize_crop(deferred.pixels.cuda()).cpu()
+    difference = (on_device.int() - eager.pixels.int()).abs()
+    assert difference.max() <= 1  # float interpolation rounded vs the CPU's uint8 kernel
+    assert difference.float().mean() < 0.05
+
+
+def test_device_decoding_reads_every_file_and_stays_within_tolerance(
+    tiny_imagenet, tmp_path, weights_file
+):
+    folder = tiny_imagenet / "train/n01443537/images"
+    pattern_image(0, 7).convert("L").save(folder / "gray.JPEG")
+    pattern_image(0, 8).convert("CMYK").save(folder / "cmyk.JPEG")  # PIL, in the worker
+    pattern_image(0, 9).save(folder / "png.JPEG", format="PNG")
+    pattern_image(1, 3, size=300).resize((400, 300)).save(folder / "photo.JPEG")
+    (folder / "empty.JPEG").write_bytes(b"")
+    expected = cpu_fp32_features(tiny_imagenet, tmp_path / "cpu.h5", weights_file)
+    out = extract_features(
+        tiny_imagenet,
+        tmp_path / "device.h5",
+        device="cuda",
+        decode="device",
+        weights=str(weights_file),
+        store_dtype="float32",
+        precision="fp32",
+    )
+    with store.open_complete(out) as file, h5py.File(tmp_path / "cpu.h5") as cpu:
+        assert store.read_failed(file, "train") == store.read_failed(cpu, "train")
+        assert len(store.read_failed(file, "train")) == 1
+        got = store.read_split(file, "train").features
+    # nvJPEG's inverse DCT and upsampling differ from libjpeg's by a level here and there.
+    assert max_relative_row_error(got, expected["train"]) <= 1e-2
+
+
+def test_device_decoded_pixels_are_close_to_the_workers_pixels(tmp_path):
+    paths = []
+    for index in range(4):
+        path = tmp_path / f"{index}.jpg"
+        pattern_image(index % 3, index, size=200).resize((200 + 40 * index, 150)).save(path)
+        paths.append(path.name)
+    files = ImageFiles(tmp_path, paths, range(len(paths)), decode="device")
+    batch = Collate(Preprocess(), defer_resize=True, decode="device")([files[i] for i in range(4)])
+    on_device = decode_on_device(batch.undecoded, Preprocess(), torch.device("cuda")).cpu()
+    workers = Collate(Preprocess(), defer_resize=False)(
+        [ImageFiles(tmp_path, paths, range(4))[i] for i in range(4)]
+    )
+    difference = (on_device.int() - workers.pixels.int()).abs().float()
+    assert on_device.shape == (4, 3, 224, 224)
+    assert difference.mean() < 1.0 and difference.max() <= 16
+
+
+@pytest.fixture
+def cached(tiny_imagenet, tmp_path, weights_file):
+    return extract_features(
+        tiny_imagenet, tmp_path / "f.h5", weights=str(weights_file), flip=True, splits=["train"]
+    )
+
+
+def train_on(cached, save, device: str, **settings):
+    data = features.load(cached, flip=True, device=torch.device(device), report=lambda line: None)
+    options = Settings(progress=False, flip=True, **{"batch_size": 5, **settings})
+    return train(data, save, options, torch.device(device), report=lambda line: None)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_head_on_cuda_follows_the_cpu_and_resumes_exactly(cached, tmp_path, precision):
+    common = {"precision": precision, "weight_decay": 0.01, "standardize": True}
+    cpu = train_on(cached, tmp_path / "cpu", "cpu", epochs=6, **common)
+    straight = train_on(cached, tmp_path / "straight", "cuda", epochs=6, **common)
+    train_on(cached, tmp_path / "split", "cuda", epochs=3, **common)
+    resumed = train_on(cached, tmp_path / "split", "cuda", epochs=6, resume=True, **common)
+    for name in ("weight", "bias"):
+        torch.testing.assert_close(
+            resumed["state_dict"][name], straight["state_dict"][name], rtol=0, atol=1e-6
+        )
+        tolerance = 1e-3 if precision == "fp32" else 2e-2
+        torch.testing.assert_close(
+            straight["state_dict"][name], cpu["state_dict"][name], rtol=0, atol=tolerance
+        )
+    assert straight["train_loss"] == pytest.approx(cpu["train_loss"], rel=1e-3)
+
+
+@pytest.mark.parametrize("batch_size", [4, 5])  # 12 rows: full batches only, and a short one
+def test_graphed_epochs_equal_eager_epochs(cached, tmp_path, batch_size):
+    results = {
+        graphs: train_on(
+            cached,
+            tmp_path / f"graphs-{graphs}",
+            "cuda",
+            epochs=4,
+            batch_size=batch_size,
+            cuda_graphs=graphs,
+            standardize=True,
+        )
+        for graphs in (True, False)
+    }
+    for name in ("weight", "bias"):
+        torch.testing.assert_close(
+            results[True]["state_dict"][name], results[False]["state_dict"][name], rtol=0, atol=1e-6
+        )
+    assert results[True]["train_loss"] == pytest.approx(results[False]["train_loss"], abs=1e-6)
+    assert results[True]["train_accuracy"] == results[False]["train_accuracy"]
+
+
+def test_live_on_cuda_gives_the_cpu_probabilities(model_dir):
+    cpu = model.from_checkpoint(model_dir, device="cpu")
+    for precision, tolerance in (("fp32", 1e-2), ("bf16", 5e-2)):
+        cuda = model.from_checkpoint(model_dir, device="cuda", precision=precision)
+        for frame in video_frames(3):
+            pixels = model.frame_pixels(frame, cpu.params)
+            np.testing.assert_allclose(
+                cuda.probabilities(pixels), cpu.probabilities(pixels), atol=tolerance
+            )
+
+
+def test_live_cli_on_cuda_writes_one_annotated_frame_per_classified_frame(tmp_path, model_dir):
+    video = write_lossless_video(tmp_path / "clip.avi", video_frames(12))
+    result = run_live(
+        "--model",
+        str(model_dir),
+        "--source",
+        str(video),
+        "--device",
+        "cuda",
+        "--output",
+        str(tmp_path / "out.mp4"),
+        "--log",
+        str(tmp_path / "log.jsonl"),
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("12 frames, 0 dropped")
+    assert len(read_video(tmp_path / "out.mp4")) == 12
+    lines = (tmp_path / "log.jsonl").read_text().splitlines()
+    assert len(lines) == 12
