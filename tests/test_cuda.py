@@ -19,7 +19,7 @@ from conftest import (
     write_lossless_video,
 )
 from extract import store
-from extract.images import Collate, ImageFiles, decode_on_device
+from extract.images import Collate, ManifestImages, decode_on_device
 from extract.preprocess import Preprocess, decode, resize_crop
 from head import features
 from head.training import Settings, train
@@ -119,11 +119,11 @@ def test_device_decoded_pixels_are_close_to_the_workers_pixels(tmp_path):
         path = tmp_path / f"{index}.jpg"
         pattern_image(index % 3, index, size=200).resize((200 + 40 * index, 150)).save(path)
         paths.append(path.name)
-    files = ImageFiles(tmp_path, paths, range(len(paths)), decode="device")
+    files = ManifestImages(tmp_path, paths, range(len(paths)), decode="device")
     batch = Collate(Preprocess(), defer_resize=True, decode="device")([files[i] for i in range(4)])
     on_device = decode_on_device(batch.undecoded, Preprocess(), torch.device("cuda")).cpu()
     workers = Collate(Preprocess(), defer_resize=False)(
-        [ImageFiles(tmp_path, paths, range(4))[i] for i in range(4)]
+        [ManifestImages(tmp_path, paths, range(4))[i] for i in range(4)]
     )
     difference = (on_device.int() - workers.pixels.int()).abs().float()
     assert on_device.shape == (4, 3, 224, 224)
