@@ -12,6 +12,7 @@ Examples:
     python -m benchmarks.head --device cuda
     python -m benchmarks.head --rows 20000 --epochs 3 --variants plain,ours,ours:stream
     python -m benchmarks.head --variants plain,ours,ours:bf16     # bf16 matmuls
+    python -m benchmarks.head --device cuda --variants ours,ours:eager  # CUDA graphs or not
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ def plain(features_path: Path, epochs: int, batch_size: int, device: str) -> dic
 def ours(
     features_path: Path, epochs: int, batch_size: int, device: str, save: Path, options: list[str]
 ) -> dict:
-    """`options`: "stream" (from the file, 500 MB of features in memory) and/or "bf16"."""
+    """`options`: "stream" (from the file, 500 MB of features in memory), "bf16", and "eager"
+    (on CUDA, the steps launched one by one instead of replayed from CUDA graphs)."""
     from head import features
     from head.training import Settings, train
 
@@ -74,6 +76,7 @@ def ours(
         progress=False,
         overwrite=True,
         precision="bf16" if "bf16" in options else "fp32",
+        cuda_graphs="eager" not in options,
     )
     torch_device = torch.device(device)
     data = features.load(
@@ -136,7 +139,8 @@ def main() -> None:
     parser.add_argument(
         "--variants",
         default="plain,ours",
-        help="plain, ours (in memory), ours:stream, ours:bf16, ours:stream:bf16; comma-separated",
+        help="plain, ours (in memory), ours:stream, ours:bf16, ours:eager (no CUDA graphs), "
+        "combined as ours:stream:bf16; comma-separated",
     )
     parser.add_argument(
         "--features", type=Path, help="reuse (or create) the synthetic feature file here"
