@@ -63,11 +63,11 @@ def write_video(path: Path, frames: int) -> Path:
 def write_model(folder: Path) -> Path:
     """A head checkpoint as head.train saves it (every key), random head, `--weights random`."""
     from extract import backbone
-    from extract.preprocess import Preprocess
     from head.checkpoint import BEST, KEYS, save_atomic
 
     wnids = [f"n{label:08d}" for label in range(CLASSES)]
-    head = torch.nn.Linear(backbone.FEATURE_DIM, CLASSES)
+    frozen = backbone.build("alexnet", "random")
+    head = torch.nn.Linear(frozen.feature_dim, CLASSES)
     state = dict.fromkeys(KEYS, [])
     state.update(
         epoch=1,
@@ -76,13 +76,7 @@ def write_model(folder: Path) -> Path:
         optimizer={},
         numeric_class_names=wnids,
         tiny_class={w: f"class {i}" for i, w in enumerate(wnids)},
-        features={
-            "backbone": backbone.BACKBONE,
-            "node": backbone.FC7_NODE,
-            "weights": "random",
-            "weights_sha256": backbone.state_dict_sha256(backbone.load_alexnet("random")),
-            "preprocess": Preprocess().to_json(),
-        },
+        features=frozen.provenance(),
     )
     folder.mkdir(parents=True, exist_ok=True)
     save_atomic(state, folder / BEST)
@@ -103,7 +97,7 @@ def plain(video: Path, model_dir: Path, device: str) -> dict:
             transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
         ]
     )
-    network = backbone.load_alexnet("random")  # torchvision's alexnet(), seeded as ours
+    network = backbone.load_network("alexnet", "random")  # torchvision's alexnet(), seeded
     head = torch.load(model_dir / "best.pt", weights_only=True)["state_dict"]
     network.classifier[6] = torch.nn.Linear(4096, CLASSES)
     network.classifier[6].load_state_dict(head)

@@ -20,13 +20,13 @@ import numpy as np
 from PIL import Image
 
 from extract import store
-from extract.backbone import FEATURE_DIM
 from extract.dataset import Classes, Manifest
 from extract.preprocess import Preprocess
 
 SIZE = 64
 # Photo-sized files (`--photos`): ImageNet's typical sizes, mixed as in a real folder.
 PHOTO_SIZES = ((500, 375), (375, 500), (500, 333), (500, 400))
+FEATURE_DIM = 4096  # the width of AlexNet fc7, the default features
 
 
 def wnid(label: int) -> str:
@@ -108,6 +108,7 @@ def write_features(path: Path, rows: int, classes: int, val_rows: int = 10_000) 
     attrs = {
         "backbone": "alexnet",
         "node": "classifier.5",
+        "feature_dim": FEATURE_DIM,
         "weights": "random",
         "weights_sha256": "0" * 64,
         "preprocess": Preprocess().to_json(),

@@ -1,39 +1,75 @@
-"""python -m extract: cache AlexNet fc7 features of an image folder in one HDF5 file.
+"""python -m extract: cache a frozen network's features of an image folder in one HDF5 file.
 
 Examples:
-    python -m extract --data tiny-imagenet-200 --out features.h5
+    python -m extract --data tiny-imagenet-200 --out features.h5   # AlexNet fc7
+    python -m extract --data tiny-imagenet-200 --out resnet50.h5 --backbone resnet50
+    python -m extract --data tiny-imagenet-200 --out vit.h5 --backbone vit_b_16 \
+        --weights IMAGENET1K_SWAG_LINEAR_V1
+    python -m extract --data tiny-imagenet-200 --out mid.h5 --backbone resnet18 --node layer3
+    python -m extract --backbone resnet18 --list-nodes
+    python -m extract --list-backbones
     python -m extract --data tiny-imagenet-200 --out features.h5 --splits train,val,test --flip
     python -m extract --data tiny-imagenet-200 --out features.h5 --precision bf16 --device cuda
     python -m extract --data tiny-imagenet-200 --out features.h5 --resume   # after a crash
     python -m extract --data my_images --out features.h5 --weights alexnet_state_dict.pth
+    python -m extract --data my_images --out features.h5 --backbone resnet18 --weights random
     torchrun --nproc-per-node 8 -m extract --data imagenet --out features.h5   # 8 GPUs
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
 
-from extract import distributed
+from extract import backbone, distributed
 from extract.errors import UserError, run_cli
 from extract.images import DECODERS
 from extract.precisions import EXTRACT_CHOICES
 from extract.runner import Options, run
 
 
-def parse_args(argv: list[str] | None) -> Options:
+@dataclasses.dataclass
+class Listing:
+    """--list-backbones or --list-nodes: what to print instead of extracting."""
+
+    backbone: str
+    nodes: bool
+
+
+def parse_args(argv: list[str] | None) -> Options | Listing:
     parser = argparse.ArgumentParser(
         prog="python -m extract",
-        description="Run pretrained AlexNet up to fc7 (4096-d, after the second fully connected "
-        "layer and its ReLU, eval mode) over a Tiny ImageNet or ImageFolder dataset and cache "
-        "features, labels, paths, classes and provenance in one HDF5 file.",
+        description="Run a frozen torchvision network (by default pretrained AlexNet up to fc7: "
+        "4096-d, after the second fully connected layer and its ReLU, eval mode) over a Tiny "
+        "ImageNet or ImageFolder dataset and cache features, labels, paths, classes and "
+        "provenance in one HDF5 file. The preprocessing is that of the weights' own transforms.",
         epilog=__doc__.split("\n", 2)[2],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--data", type=Path, required=True, help="dataset folder (read only)")
-    parser.add_argument("--out", type=Path, required=True, help="HDF5 file to write")
+    parser.add_argument("--data", type=Path, help="dataset folder (read only; required)")
+    parser.add_argument("--out", type=Path, help="HDF5 file to write (required)")
+    parser.add_argument(
+        "--backbone",
+        default=backbone.DEFAULT_BACKBONE,
+        help="any torchvision classification network: alexnet, resnet50, efficientnet_b0, "
+        "vit_b_16, convnext_tiny, ... (--list-backbones; default: alexnet)",
+    )
+    parser.add_argument(
+        "--node",
+        default=None,
+        help="graph node whose output is cached, averaged over space or tokens to a vector "
+        "(--list-nodes; default: the input of the network's last Linear, its ImageNet "
+        "classifier: fc7 for AlexNet, the pooled vector for ResNet, the class token for ViT)",
+    )
+    parser.add_argument(
+        "--list-nodes", action="store_true", help="print the --backbone's nodes and exit"
+    )
+    parser.add_argument(
+        "--list-backbones", action="store_true", help="print the --backbone names and exit"
+    )
     parser.add_argument(
         "--splits",
         default=None,
@@ -42,8 +78,9 @@ def parse_args(argv: list[str] | None) -> Options:
     parser.add_argument(
         "--weights",
         default="imagenet",
-        help="imagenet (torchvision IMAGENET1K_V1), random (seeded) or a path to "
-        "an AlexNet state_dict file (default: imagenet)",
+        help="imagenet (the architecture's DEFAULT torchvision weights), one of its weights "
+        "names such as IMAGENET1K_V2, random (seeded) or a path to a state_dict file of "
+        "the architecture (default: imagenet)",
     )
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     parser.add_argument("--batch-size", type=int, default=128, help="images per batch (128)")
@@ -92,6 +129,10 @@ def parse_args(argv: list[str] | None) -> Options:
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    if args.list_backbones or args.list_nodes:
+        return Listing(args.backbone, nodes=args.list_nodes)
+    if args.data is None or args.out is None:
+        parser.error("--data and --out are required")
     if args.batch_size < 1 or (args.workers is not None and args.workers < 0):
         parser.error("--batch-size must be >= 1 and --workers >= 0")
     splits = [s.strip() for s in args.splits.split(",") if s.strip()] if args.splits else None
@@ -99,6 +140,8 @@ def parse_args(argv: list[str] | None) -> Options:
         data=args.data,
         out=args.out,
         splits=splits,
+        backbone=args.backbone,
+        node=args.node,
         weights=args.weights,
         device=args.device,
         batch_size=args.batch_size,
@@ -114,8 +157,25 @@ def parse_args(argv: list[str] | None) -> Options:
     )
 
 
+def print_listing(listing: Listing) -> None:
+    if not listing.nodes:
+        print("\n".join(backbone.architectures()))
+        return
+    # The graph does not depend on the weights: random ones need no file and no download.
+    network = backbone.load_network(listing.backbone, backbone.RANDOM)
+    try:
+        default = backbone.default_node(network, listing.backbone)
+    except UserError:
+        default = None
+    for node in backbone.node_names(network):
+        print(f"{node}  (default)" if node == default else node)
+
+
 def main(argv: list[str] | None = None) -> int:
     options = parse_args(argv)
+    if isinstance(options, Listing):
+        print_listing(options)
+        return 0
     if options.resume and options.overwrite:
         raise UserError("--resume and --overwrite contradict each other; pick one")
     summary = distributed.run(options) if distributed.launched() else run(options)

@@ -1,20 +1,42 @@
-"""The frozen backbone: torchvision's AlexNet, its weights, and the cut at fc7.
+"""The frozen backbone: any torchvision classification network, its weights, the node its
+features are read at, and the preprocessing that goes with the weights.
 
-Weights come from one of three places, named by the `--weights` argument of every command:
+This is the one module that knows about architectures, and it keeps no table of its own: names,
+builders, weights, their preprocessing and their class lists all come from torchvision's registry
+(`list_models`, `get_model`, `get_model_weights`, each weights record's `transforms()` and `meta`).
 
-* ``imagenet``: torchvision's ``AlexNet_Weights.IMAGENET1K_V1`` through torchvision's own loader,
-  so a torch hub cache (``$TORCH_HOME/hub/checkpoints/alexnet-owt-7be5be79.pth``) or a download
-  serves it;
-* ``random``: AlexNet initialised from a fixed seed, reproducible, for runs with no weights at hand;
-* a path: a torchvision AlexNet ``state_dict`` file, read with ``weights_only=True``.
+Weights, named by the `--weights` argument of every command:
 
-Each set of weights is identified by the SHA-256 of its tensors (`state_dict_sha256`), which does
-not depend on how the file was written; extraction records it and `live` checks it.
+* ``imagenet``: the architecture's ``DEFAULT`` weights, through torchvision's own loader, so a
+  torch hub cache (``$TORCH_HOME/hub/checkpoints/<torchvision's file name>``) or a download
+  serves them; a member name of the architecture's weights (``IMAGENET1K_V2``, ...) picks others;
+* ``random``: the architecture initialised from a fixed seed, reproducible, with no file at hand;
+* a path: a ``state_dict`` file of that architecture, read with ``weights_only=True``.
+
+The preprocessing is that of the weights' own ``transforms()``; for ``random`` and a file, that of
+the architecture's ``DEFAULT`` weights. Each set of weights is identified by the SHA-256 of its
+tensors (`state_dict_sha256`), which does not depend on how the file was written; extraction
+records it and `head` and `live` check it.
+
+The node (``--node``) is where the features are read. By default it is the input of the network's
+last ``nn.Linear`` (dropout skipped, it does nothing in eval mode): the features its ImageNet
+classifier sees, AlexNet's fc7 (``classifier.5``). Any node of torchvision's graph of the network
+can be named (`node_names` lists them); what it gives becomes one vector per image:
+
+* ``(N, D)``: kept as it is;
+* ``(N, C, H, W)``: averaged over H and W (Swin's stages are ``(N, H, W, C)``: averaged over H, W);
+* ``(N, L, D)``, a transformer's token sequence: averaged over the L tokens;
+* anything else is refused.
+
+torchvision is imported inside the functions, not with this module: it adds some 170 MB to a
+process, and `head` training, which imports this module, never builds a network.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,58 +46,153 @@ from torch import nn
 from extract.errors import UserError, first_line
 
 if TYPE_CHECKING:
-    from torchvision.models import AlexNet_Weights
+    from torchvision.models import Weights
 
-BACKBONE = "alexnet"
-FC7_NODE = "classifier.5"
-FEATURE_DIM = 4096
+    from extract.preprocess import Preprocess
+
+DEFAULT_BACKBONE = "alexnet"
+IMAGENET = "imagenet"
+RANDOM = "random"
 RANDOM_SEED = 0
+OUTPUT = "features"  # the key of the node's output in the extractor's graph
 
 
-def imagenet_weights() -> AlexNet_Weights:
-    """torchvision's ``AlexNet_Weights.IMAGENET1K_V1``: the file's address and the class names.
+@dataclasses.dataclass
+class Backbone:
+    """A built backbone: the network, its cut at the node, and what identifies both."""
 
-    torchvision is imported here, not with this module: it adds some 170 MB to a process,
-    and `head` training, which reads this module's constants, never builds the network.
-    """
-    from torchvision.models import AlexNet_Weights
+    name: str
+    weights: str  # as named: imagenet, a weights member name, random, or a file path
+    node: str
+    network: nn.Module  # the whole classifier network, eval mode, on the CPU
+    extractor: nn.Module  # normalized images (N, 3, crop, crop) -> features (N, D)
+    preprocess: Preprocess
+    weights_sha256: str
+    feature_dim: int
 
-    return AlexNet_Weights.IMAGENET1K_V1
+    def provenance(self) -> dict[str, str]:
+        """What a feature file and a checkpoint record to rebuild this very backbone."""
+        return {
+            "backbone": self.name,
+            "node": self.node,
+            "weights": self.weights,
+            "weights_sha256": self.weights_sha256,
+            "preprocess": self.preprocess.to_json(),
+        }
 
 
-def imagenet_cache_file() -> Path:
+class FeatureExtractor(nn.Module):
+    """The network cut at a node by torchvision's `create_feature_extractor`, its output averaged
+    over `pool_dims` (the spatial or token dimensions) to one vector per image."""
+
+    def __init__(self, graph: nn.Module, pool_dims: tuple[int, ...]):
+        super().__init__()
+        self.graph = graph
+        self.pool_dims = pool_dims
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.graph(images)[OUTPUT]
+        return features.mean(self.pool_dims) if self.pool_dims else features
+
+
+def architectures() -> list[str]:
+    """Every classification network torchvision ships, by the name `get_model` takes."""
+    import torchvision
+
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def check_architecture(name: str) -> None:
+    if name not in architectures():
+        raise UserError(
+            f"--backbone {name}: not a torchvision classification network "
+            f"(python -m extract --list-backbones prints the {len(architectures())} names)"
+        )
+
+
+def weights_record(name: str, weights: str) -> Weights:
+    """torchvision's weights record for `weights`: the named one, or the architecture's DEFAULT
+    for ``random`` and a file (their preprocessing and class list are those of the default)."""
+    from torchvision.models import get_model_weights
+
+    check_architecture(name)
+    members = get_model_weights(name)
+    if weights in (IMAGENET, RANDOM) or weights not in members.__members__:
+        return members.DEFAULT
+    return members[weights]
+
+
+def is_torchvision_weights(name: str, weights: str) -> bool:
+    """Whether `weights` names pretrained weights of torchvision rather than random or a file."""
+    from torchvision.models import get_model_weights
+
+    check_architecture(name)
+    return weights == IMAGENET or weights in get_model_weights(name).__members__
+
+
+def preprocess_of(record: Weights) -> Preprocess:
+    """The evaluation preprocessing of a weights record, read from its own ``transforms()``."""
+    from extract.preprocess import Preprocess
+
+    transform = record.transforms()
+    return Preprocess(
+        resize_size=int(transform.resize_size[0]),
+        crop_size=int(transform.crop_size[0]),
+        mean=tuple(float(x) for x in transform.mean),
+        std=tuple(float(x) for x in transform.std),
+        interpolation=transform.interpolation.value,
+        antialias=bool(transform.antialias),
+    )
+
+
+def preprocess_for(name: str, weights: str) -> Preprocess:
+    """The preprocessing of `name` with `weights`, known without building the network."""
+    return preprocess_of(weights_record(name, weights))
+
+
+def cache_file(name: str, weights: str = IMAGENET) -> Path:
     """Where torchvision looks for (and downloads) the pretrained weights."""
-    name = imagenet_weights().url.rsplit("/", 1)[-1]
-    return Path(torch.hub.get_dir()) / "checkpoints" / name
+    record = weights_record(name, weights)
+    return Path(torch.hub.get_dir()) / "checkpoints" / record.url.rsplit("/", 1)[-1]
 
 
-def load_alexnet(weights: str) -> nn.Module:
-    """Build the full 1000-way AlexNet with the named weights, in eval mode, on the CPU."""
-    from torchvision.models import alexnet
+def load_network(name: str, weights: str) -> nn.Module:
+    """Build the whole classifier network with the named weights, in eval mode, on the CPU."""
+    from torchvision.models import get_model
 
-    if weights == "imagenet":
-        try:
-            model = alexnet(weights=imagenet_weights(), progress=False)
-        except (OSError, RuntimeError) as error:
-            raise UserError(
-                f"pretrained AlexNet weights are not in {imagenet_cache_file()} and could not be "
-                f"downloaded ({type(error).__name__}); use --weights random or a weights file"
-            ) from None
-    elif weights == "random":
-        generator_state = torch.random.get_rng_state()
-        torch.manual_seed(RANDOM_SEED)
-        model = alexnet(weights=None)
-        torch.random.set_rng_state(generator_state)
-    else:
-        model = alexnet(weights=None)
-        model.load_state_dict(read_state_dict(Path(weights), model.state_dict()))
+    check_architecture(name)
+    with warnings.catch_warnings():
+        # GoogLeNet and Inception warn that their default initialisation will change.
+        warnings.simplefilter("ignore", FutureWarning)
+        if is_torchvision_weights(name, weights):
+            try:
+                model = get_model(name, weights=weights_record(name, weights), progress=False)
+            except (OSError, RuntimeError) as error:
+                raise UserError(
+                    f"pretrained {name} weights are not in {cache_file(name, weights)} and "
+                    f"could not be downloaded ({type(error).__name__}); use --weights random "
+                    f"or a weights file"
+                ) from None
+        elif weights == RANDOM:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(RANDOM_SEED)
+                model = get_model(name, weights=None)
+        else:
+            model = get_model(name, weights=None)
+            state = read_state_dict(Path(weights), model.state_dict(), name)
+            model.load_state_dict(state)
     return model.eval().requires_grad_(False)
 
 
-def read_state_dict(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def read_state_dict(
+    path: Path, expected: dict[str, torch.Tensor], name: str = DEFAULT_BACKBONE
+) -> dict[str, torch.Tensor]:
     """Read a weights file safely and check its keys and shapes against `expected`."""
     if not path.is_file():
-        raise UserError(f"{path}: weights file not found (use imagenet, random or a file path)")
+        raise UserError(
+            f"{path}: weights file not found (use imagenet, random, a weights name of "
+            f"{name} or a file path)"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for foreign or damaged files
@@ -88,14 +205,14 @@ def read_state_dict(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, 
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         raise UserError(
-            f"{path}: not a torchvision AlexNet state_dict "
+            f"{path}: not a torchvision {name} state_dict "
             f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
     for key, tensor in expected.items():
         if state[key].shape != tensor.shape:
             raise UserError(
                 f"{path}: {key} has shape {tuple(state[key].shape)}, "
-                f"AlexNet needs {tuple(tensor.shape)}"
+                f"{name} needs {tuple(tensor.shape)}"
             )
     return state
 
@@ -106,19 +223,101 @@ def state_dict_sha256(model: nn.Module) -> str:
     for key, tensor in sorted(model.state_dict().items()):
         tensor = tensor.detach().to("cpu").contiguous()
         digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
-def fc7_extractor(model: nn.Module) -> nn.Sequential:
-    """AlexNet cut after ``classifier.5``: fc7 after its ReLU, 4096 numbers per image.
+def node_names(model: nn.Module) -> list[str]:
+    """Every node `--node` accepts, in the order the network computes them (eval mode)."""
+    from torchvision.models.feature_extraction import get_graph_node_names
 
-    The two dropout layers are kept and stay inactive in eval mode, so the layer indices (and
-    thus the node name) are the same as in torchvision's model.
-    """
-    return nn.Sequential(model.features, model.avgpool, nn.Flatten(1), model.classifier[:6]).eval()
+    return get_graph_node_names(model, suppress_diff_warning=True)[1]
 
 
-def fc8_layer(model: nn.Module) -> nn.Linear:
-    """The pretrained 1000-way ImageNet classifier that the new head replaces."""
-    return model.classifier[6]
+def default_node(model: nn.Module, name: str) -> str:
+    """The node computed just before the last ``nn.Linear``, dropout skipped: the input of the
+    classifier (torchvision's classifiers end in a chain, so that node is what feeds it)."""
+    modules = dict(model.named_modules())
+    nodes = node_names(model.eval())
+    linears = [i for i, node in enumerate(nodes) if isinstance(modules.get(node), nn.Linear)]
+    if not linears:
+        raise UserError(
+            f"--backbone {name} has no Linear classifier to read the input of: name a node "
+            f"with --node (--list-nodes prints them)"
+        )
+    position = linears[-1] - 1
+    while isinstance(modules.get(nodes[position]), nn.modules.dropout._DropoutNd):
+        position -= 1
+    return nodes[position]
+
+
+def imagenet_classifier(model: nn.Module) -> nn.Linear:
+    """The network's last ``nn.Linear``: the pretrained classifier a new head replaces."""
+    linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
+    if not linears:
+        raise UserError(f"{type(model).__name__} has no Linear classifier")
+    return linears[-1]
+
+
+def channels_last_stages(model: nn.Module) -> bool:
+    """Swin keeps its stage outputs as (N, H, W, C); every other network as (N, C, H, W)."""
+    from torchvision.models import SwinTransformer
+
+    return isinstance(model, SwinTransformer)
+
+
+def feature_extractor(
+    model: nn.Module, name: str, node: str, crop_size: int
+) -> tuple[FeatureExtractor, int]:
+    """The network cut at `node`, pooled to vectors, and the length of those vectors; the node's
+    shape is learnt from one blank image."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    known = node_names(model)
+    if node not in known:
+        raise UserError(
+            f"--node {node}: not a node of {name} (python -m extract --backbone {name} "
+            f"--list-nodes prints its {len(known)} nodes)"
+        )
+    graph = create_feature_extractor(
+        model, return_nodes={node: OUTPUT}, suppress_diff_warning=True
+    ).eval()
+    with torch.no_grad():
+        output = graph(torch.zeros(1, 3, crop_size, crop_size))[OUTPUT]
+    if not isinstance(output, torch.Tensor) or output.ndim not in (2, 3, 4):
+        shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        raise UserError(
+            f"--node {node}: gives {shape}, not (N, D), (N, C, H, W) or (N, L, D) features"
+        )
+    if output.ndim == 4:
+        pool_dims = (1, 2) if channels_last_stages(model) else (2, 3)
+    else:
+        pool_dims = (1,) if output.ndim == 3 else ()
+    extractor = FeatureExtractor(graph, pool_dims).eval().requires_grad_(False)
+    return extractor, int(output.mean(pool_dims).shape[1] if pool_dims else output.shape[1])
+
+
+def build(
+    name: str = DEFAULT_BACKBONE, weights: str = IMAGENET, node: str | None = None
+) -> Backbone:
+    """The backbone `name` with `weights`, cut at `node` (default: its classifier's input)."""
+    network = load_network(name, weights)
+    preprocess = preprocess_for(name, weights)
+    node = node or default_node(network, name)
+    extractor, feature_dim = feature_extractor(network, name, node, preprocess.crop_size)
+    return Backbone(
+        name=name,
+        weights=weights,
+        node=node,
+        network=network,
+        extractor=extractor,
+        preprocess=preprocess,
+        weights_sha256=state_dict_sha256(network),
+        feature_dim=feature_dim,
+    )
+
+
+def categories(name: str, weights: str) -> list[str] | None:
+    """The class names of the weights' own classifier (ImageNet's), or None when unnamed."""
+    found = weights_record(name, weights).meta.get("categories")
+    return list(found) if found else None

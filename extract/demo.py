@@ -81,7 +81,7 @@ def pick_weights() -> str:
     try:
         # torch.hub prints "Downloading: ..." on stdout, where only the answer may go.
         with contextlib.redirect_stdout(io.StringIO()):
-            backbone.load_alexnet("imagenet")
+            backbone.load_network(backbone.DEFAULT_BACKBONE, backbone.IMAGENET)
         return "imagenet"
     except UserError as error:
         print(f"demo: {error}; using --weights random", file=sys.stderr)

@@ -1,8 +1,8 @@
 """The extraction loop: manifests in, batches through the frozen network, rows into the store.
 
 Stages per batch: workers decode and resize to uint8 (`extract.images`), the main process moves
-the batch to the device, normalizes it there (`extract.preprocess.normalize`), runs AlexNet to
-fc7, and appends the rows to the HDF5 file (`extract.store`).
+the batch to the device, normalizes it there (`extract.preprocess.normalize`), runs the backbone
+to its feature node (`extract.backbone`), and appends the rows to the HDF5 file (`extract.store`).
 
 The workers of a fresh run start before the network is built and hashed, so their first batches
 are decoded meanwhile: on CUDA, where building the network is most of the start, the first batch
@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from extract import backbone, precisions, store
+from extract.backbone import DEFAULT_BACKBONE, IMAGENET
 from extract.dataset import Classes, Manifest, default_splits, read_classes, read_manifest
 from extract.device import resolve_device
 from extract.errors import UserError, WriteFailed
@@ -40,7 +41,9 @@ class Options:
     data: Path
     out: Path
     splits: list[str] | None = None  # None: train and val where present
-    weights: str = "imagenet"
+    backbone: str = DEFAULT_BACKBONE
+    node: str | None = None  # None: the input of the backbone's classifier
+    weights: str = IMAGENET
     device: str = "auto"
     batch_size: int = 128
     workers: int | None = None  # None: `default_workers` of the device
@@ -206,17 +209,14 @@ def extract_to(
         fresh = not (options.resume and part.exists()) and not options.strict
         # A fresh run starts at row 0: its first loader can start now and decode while the
         # network is built and hashed (a resumed run learns where to start from the file).
-        params = Preprocess()
+        params = backbone.preprocess_for(options.backbone, options.weights)
         first_batches = (
             iter(make_loader(root, manifests[0], 0, options, params, device)) if fresh else None
         )
-        model = backbone.load_alexnet(options.weights)
+        frozen = backbone.build(options.backbone, options.weights, options.node)
         attrs = {
-            "backbone": backbone.BACKBONE,
-            "node": backbone.FC7_NODE,
-            "weights": options.weights,
-            "weights_sha256": backbone.state_dict_sha256(model),
-            "preprocess": params.to_json(),
+            **frozen.provenance(),
+            "feature_dim": frozen.feature_dim,
             "precision": precision,
             "store_dtype": options.store_dtype,
             "torch_version": torch.__version__,
@@ -231,7 +231,15 @@ def extract_to(
         try:
             with tf32(precision == "tf32"):
                 images, failed, seconds, timeline = extract_splits(
-                    file, model, root, manifests, options, params, device, precision, first_batches
+                    file,
+                    frozen.extractor,
+                    root,
+                    manifests,
+                    options,
+                    params,
+                    device,
+                    precision,
+                    first_batches,
                 )
             store.mark_complete(file)
             file.close()
@@ -268,7 +276,7 @@ def close_quietly(file) -> None:
 
 def extract_splits(
     file,
-    model,
+    extractor: torch.nn.Module,
     root: Path,
     manifests: list[Manifest],
     options: Options,
@@ -283,9 +291,7 @@ def extract_splits(
     `first_batches`: the first split's batches from row 0, already started by the caller.
     """
     dtype = precisions.DTYPES[precision]
-    fc7 = backbone.fc7_extractor(model).to(
-        device=device, dtype=dtype, memory_format=torch.channels_last
-    )
+    extractor = extractor.to(device=device, dtype=dtype, memory_format=torch.channels_last)
     remaining = sum(len(m.paths) - int(file[m.split].attrs["next_index"]) for m in manifests)
     written = failed_count = after_first = 0
     first_batch_at = math.nan
@@ -307,7 +313,7 @@ def extract_splits(
             )
             for batch in batches:
                 computed = write_batch(
-                    batch, manifest, group, fc7, writer, options, params, device, dtype
+                    batch, manifest, group, extractor, writer, options, params, device, dtype
                 )
                 if computed and math.isnan(first_batch_at):
                     first_batch_at = time.perf_counter()
@@ -324,7 +330,7 @@ def write_batch(
     batch: Batch,
     manifest: Manifest,
     group,
-    fc7,
+    extractor: torch.nn.Module,
     writer: BackgroundWriter,
     options: Options,
     params: Preprocess,
@@ -343,9 +349,9 @@ def write_batch(
                 if not batch.resized:
                     pixels = resize_crop(pixels, params)
             images = normalize(pixels, params, dtype)
-            features = HostRows(fc7(images), np.dtype(options.store_dtype))
+            features = HostRows(extractor(images), np.dtype(options.store_dtype))
             if options.flip:
-                flipped = HostRows(fc7(images.flip(3)), np.dtype(options.store_dtype))
+                flipped = HostRows(extractor(images.flip(3)), np.dtype(options.store_dtype))
     seen = indices + [i for i, _ in failed]
     writer.submit(
         group,

@@ -4,21 +4,28 @@ Layout (one file per extraction)::
 
     /classes/wnids          (C,)  str    label index -> wnid
     /classes/names          (C,)  str    label index -> first name in words.txt
-    /<split>/features       (N, 4096)    fc7 of each image (float16 by default)
-    /<split>/features_flip  (N, 4096)    fc7 of the horizontally flipped image (--flip only)
+    /<split>/features       (N, D)       the backbone's features of each image (float16 default)
+    /<split>/features_flip  (N, D)       features of the horizontally flipped image (--flip only)
     /<split>/labels         (N,)  int64  label index, -1 when unlabelled
     /<split>/paths          (N,)  str    image path relative to the data folder
     /<split>/failed         (K, 2) str   unreadable files of the split and why
 
 Row i of features, features_flip, labels and paths is the same image. Root attributes record
-the provenance (`PROVENANCE_KEYS` and the run settings) and ``complete``, true only once every
-split is fully written. While a run is in progress the file lives at ``<out>.part``; it is
-renamed to ``<out>`` when complete, so a file under the final name is always complete.
+the provenance (`PROVENANCE_KEYS`: backbone, node, weights, weights_sha256, preprocess), the
+feature dimension D (``feature_dim``; a file written before it was recorded has D only as its
+datasets' width), the run settings and ``complete``, true only once every split is fully
+written. While a run is in progress the file lives at ``<out>.part``; it is renamed to ``<out>``
+when complete, so a file under the final name is always complete.
 
 Crash safety: datasets are chunked and grow batch by batch; each split's ``rows``,
 ``failed_count`` and ``next_index`` attributes are updated after the batch is written, then the
 file is flushed. After a SIGKILL the rows up to ``rows`` are intact; a resumed run copies them
 to a fresh file and continues from ``next_index`` of the split's manifest.
+
+Integrity: features and labels carry HDF5's Fletcher-32 checksum on every chunk, so bytes changed
+on the disk are found when read, and reported as one error naming the file, split and rows.
+Everything that reads the layout goes through the functions below (`read_split`, `read_rows`,
+`read_rows_into`, `read_labels`, `split_info`); nothing else opens the datasets.
 """
 
 from __future__ import annotations
@@ -36,7 +43,6 @@ import h5py
 import numpy as np
 
 from extract.atomic import atomic_write
-from extract.backbone import FEATURE_DIM
 from extract.dataset import Classes, Manifest
 from extract.errors import UserError, first_line
 
@@ -84,13 +90,14 @@ def write_skeleton(
 ) -> None:
     file.attrs["format"] = FORMAT
     for key, value in attrs.items():
-        file.attrs[key] = str(value)
+        file.attrs[key] = int(value) if key == "feature_dim" else str(value)
     file.attrs["flip"] = flip
     file.attrs["splits"] = json.dumps([m.split for m in manifests])
     file.attrs["complete"] = False
     file.create_dataset("classes/wnids", data=classes.wnids, dtype=STRING)
     file.create_dataset("classes/names", data=classes.names, dtype=STRING)
     store_dtype = np.dtype(attrs["store_dtype"])
+    feature_dim = int(attrs["feature_dim"])
     for manifest in manifests:
         group = file.create_group(manifest.split)
         group.attrs["manifest_sha256"] = manifest.sha256()
@@ -102,12 +109,20 @@ def write_skeleton(
         for name in names:
             group.create_dataset(
                 name,
-                shape=(0, FEATURE_DIM),
-                maxshape=(None, FEATURE_DIM),
-                chunks=(CHUNK_ROWS, FEATURE_DIM),
+                shape=(0, feature_dim),
+                maxshape=(None, feature_dim),
+                chunks=(CHUNK_ROWS, feature_dim),
                 dtype=store_dtype,
+                fletcher32=True,
             )
-        group.create_dataset("labels", shape=(0,), maxshape=(None,), chunks=(4096,), dtype=np.int64)
+        group.create_dataset(
+            "labels",
+            shape=(0,),
+            maxshape=(None,),
+            chunks=(4096,),
+            dtype=np.int64,
+            fletcher32=True,
+        )
         group.create_dataset("paths", shape=(0,), maxshape=(None,), chunks=(4096,), dtype=STRING)
         group.create_dataset(
             "failed", shape=(0, 2), maxshape=(None, 2), chunks=(256, 2), dtype=STRING
@@ -187,7 +202,7 @@ def append(
 ) -> None:
     """Write one batch's rows, then move the split's progress counters, then flush."""
     if features is not None:  # a new chunk may be allocated whole, however few rows go in
-        chunk = group["features"].chunks[0] * FEATURE_DIM * features.itemsize
+        chunk = group["features"].chunks[0] * features.shape[1] * features.itemsize
         check_room(
             Path(group.file.filename),
             max(features.nbytes, chunk) * (2 if features_flip is not None else 1),
@@ -325,19 +340,100 @@ def splits(file: h5py.File) -> list[str]:
     return json.loads(file.attrs["splits"])
 
 
+@dataclasses.dataclass(frozen=True)
+class SplitInfo:
+    """What a reader plans with before reading a split: its size, width, dtype and chunking."""
+
+    shape: tuple[int, ...]  # of the features: (rows, D)
+    dtype: np.dtype
+    chunk_rows: int
+    flip: bool  # whether it holds features_flip
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0]
+
+
+def feature_dim(file: h5py.File) -> int:
+    """D, the length of each feature vector (older files record it only as the datasets' width)."""
+    if "feature_dim" in file.attrs:
+        return int(file.attrs["feature_dim"])
+    return int(file[splits(file)[0]]["features"].shape[1])
+
+
+def has_split(file: h5py.File, split: str) -> bool:
+    return split in splits(file) and split in file
+
+
+def check_split(file: h5py.File, split: str) -> h5py.Group:
+    if not has_split(file, split):
+        raise UserError(f"{file.filename}: no {split!r} split (has {', '.join(splits(file))})")
+    return file[split]
+
+
+def split_info(file: h5py.File, split: str) -> SplitInfo:
+    dataset = check_split(file, split)["features"]
+    return SplitInfo(
+        shape=tuple(int(n) for n in dataset.shape),
+        dtype=dataset.dtype,
+        chunk_rows=dataset.chunks[0] if dataset.chunks else CHUNK_ROWS,
+        flip="features_flip" in file[split],
+    )
+
+
+def damaged(file: h5py.File, split: str, name: str, start: int, stop: int) -> UserError:
+    """The error for a read that failed: the first chunk in start..stop whose checksum fails."""
+    dataset = file[split][name]
+    step = dataset.chunks[0] if dataset.chunks else stop - start
+    for first in range(start - start % step, stop, step):
+        last = min(first + step, len(dataset))
+        try:
+            dataset[first:last]
+        except OSError:
+            return UserError(
+                f"{file.filename}: {split}/{name} rows {first}-{last - 1} are damaged "
+                f"(their checksum does not match); extract the features again"
+            )
+    return UserError(f"{file.filename}: {split}/{name} rows {start}-{stop - 1} could not be read")
+
+
+def read_rows(
+    file: h5py.File, split: str, name: str = "features", start: int = 0, stop: int | None = None
+) -> np.ndarray:
+    """Rows start..stop of `features`, `features_flip` or `labels`, checksums verified."""
+    dataset = check_split(file, split)[name]
+    stop = len(dataset) if stop is None else stop
+    try:
+        return dataset[start:stop]
+    except OSError:
+        raise damaged(file, split, name, start, stop) from None
+
+
+def read_rows_into(
+    file: h5py.File, split: str, name: str, out: np.ndarray, start: int, stop: int, at: int
+) -> None:
+    """Rows start..stop of `name` straight into out[at:], with no intermediate copy."""
+    try:
+        file[split][name].read_direct(out, np.s_[start:stop], np.s_[at : at + stop - start])
+    except OSError:
+        raise damaged(file, split, name, start, stop) from None
+
+
+def read_labels(file: h5py.File, split: str) -> np.ndarray:
+    return read_rows(file, split, "labels")
+
+
 def read_split(file: h5py.File, split: str, with_flip: bool = False) -> SplitArrays:
     """Load one split whole; features stay in their stored dtype (float16 by default)."""
-    if split not in file:
-        raise UserError(f"{file.filename}: no {split!r} split (has {', '.join(splits(file))})")
-    group = file[split]
+    group = check_split(file, split)
     flip = None
     if with_flip:
         if "features_flip" not in group:
             raise UserError(f"{file.filename}: no flipped features (extract with --flip)")
-        flip = group["features_flip"][()]
+        flip = read_rows(file, split, "features_flip")
     return SplitArrays(
-        features=group["features"][()],
-        labels=group["labels"][()],
+        features=read_rows(file, split),
+        labels=read_labels(file, split),
         paths=list(group["paths"].asstr()[()]),
         features_flip=flip,
     )
@@ -371,6 +467,7 @@ def merge(
                 "torchvision_version",
             )
         }
+        attrs["feature_dim"] = feature_dim(sources[0])
         file = create(out_part, attrs, classes, manifests, bool(sources[0].attrs["flip"]))
         for manifest in manifests:
             offset = 0

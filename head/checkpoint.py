@@ -3,7 +3,8 @@
 A checkpoint is a dict with the keys users of PyTorch's ImageNet example know (`epoch`,
 `best_accuracy`, `state_dict`, `optimizer`), the per-epoch history lists, the class list, and
 `features`: the provenance of the feature file it was trained on (backbone, node, weights,
-weights_sha256, preprocess), so the exact backbone can be rebuilt. Everything in it is a tensor,
+weights_sha256, preprocess), so the exact backbone can be rebuilt. `check_compatible` is the one
+place that decides whether a checkpoint goes with a feature file. Everything in it is a tensor,
 number, string, list or dict, so it loads with ``torch.load(..., weights_only=True)``.
 """
 
@@ -64,3 +65,39 @@ def load(path: Path) -> dict:
     if missing:
         raise UserError(f"{path}: not a head checkpoint (missing {', '.join(missing[:4])})")
     return state
+
+
+def check_compatible(
+    state: dict,
+    origin: str,
+    features_path: Path,
+    provenance: dict[str, str],
+    wnids: list[str],
+    feature_dim: int,
+) -> None:
+    """Refuse a checkpoint trained on other classes, or on features made another way (another
+    backbone, node, weights or preprocessing) or of another width, than those of the file."""
+    trained_wnids = list(state["numeric_class_names"])
+    if trained_wnids != list(wnids):
+        raise UserError(
+            f"{origin}: trained on {len(trained_wnids)} classes that differ from the "
+            f"{len(wnids)} of {features_path}"
+        )
+    recorded = dict(state["features"])
+    if recorded != provenance:
+        differ = "; ".join(
+            f"{key} {str(recorded.get(key))[:40]!r} in the checkpoint, "
+            f"{str(provenance.get(key))[:40]!r} in the file"
+            for key in provenance
+            if recorded.get(key) != provenance[key]
+        )
+        raise UserError(
+            f"{origin}: trained on features made differently from {features_path} ({differ})"
+        )
+    layer = state["state_dict"]
+    weight = layer.get("weight") if isinstance(layer, dict) else None
+    if isinstance(weight, torch.Tensor) and (weight.ndim != 2 or weight.shape[1] != feature_dim):
+        raise UserError(
+            f"{origin}: the head takes {tuple(weight.shape)[1:]} features, "
+            f"{features_path} holds {feature_dim} per image"
+        )

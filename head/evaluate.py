@@ -32,7 +32,6 @@ from sklearn.metrics import (
 from extract import store
 from extract.errors import UserError, run_cli
 from head import checkpoint
-from head.features import check_backbone
 from head.model import head_from_state
 from head.training import predict
 
@@ -137,24 +136,20 @@ def evaluate(model: Path, features_path: Path, split: str, out: Path) -> dict:
     """Measure the checkpoint on `split` and write the three report files into `out`."""
     state = checkpoint.load(model)
     model_file = model / checkpoint.BEST if model.is_dir() else model
-    head = head_from_state(state["state_dict"], str(model_file))
     with store.open_complete(features_path) as file:
-        check_backbone(file, features_path)
         classes = store.read_classes(file)
-        provenance = store.provenance(file)
+        feature_dim = store.feature_dim(file)
+        checkpoint.check_compatible(
+            state,
+            str(model_file),
+            features_path,
+            store.provenance(file),
+            classes.wnids,
+            feature_dim,
+        )
         arrays = store.read_split(file, split)
+    head = head_from_state(state["state_dict"], str(model_file), feature_dim)
     wnids = list(state["numeric_class_names"])
-    if wnids != classes.wnids:
-        raise UserError(
-            f"{model_file}: trained on {len(wnids)} classes that differ from the "
-            f"{len(classes.wnids)} of {features_path}"
-        )
-    if dict(state["features"]) != provenance:
-        differ = [key for key in provenance if state["features"].get(key) != provenance[key]]
-        raise UserError(
-            f"{model_file}: trained on features made differently from "
-            f"{features_path} ({', '.join(differ)} differ)"
-        )
     labelled = arrays.labels >= 0
     if not labelled.any():
         raise UserError(f"{features_path}: the {split} split has no labels to evaluate against")

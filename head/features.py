@@ -25,7 +25,6 @@ import numpy as np
 import torch
 
 from extract import store
-from extract.backbone import BACKBONE, FC7_NODE, FEATURE_DIM
 from extract.errors import UserError
 
 FINITE_CHECK_ROWS = 8192
@@ -51,7 +50,7 @@ class SplitTensors:
     """One split in memory; row i of every tensor is the same image."""
 
     name: str
-    features: torch.Tensor  # (N, 4096), stored dtype
+    features: torch.Tensor  # (N, D), stored dtype
     labels: torch.Tensor  # (N,) int64
     features_flip: torch.Tensor | None = None
 
@@ -83,11 +82,11 @@ class StreamedSplit:
 
     def chunks(self, device: torch.device = CPU) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(features, labels) block by block in file order: for validation and statistics."""
-        with h5py.File(self.path, "r") as file:
-            dataset = file[self.name]["features"]
+        with store.open_file(self.path) as file:
             for block in range(self.blocks):
                 start, stop = self.block_range(block)
-                features = torch.from_numpy(dataset[start:stop]).to(device)
+                rows = store.read_rows(file, self.name, "features", start, stop)
+                features = torch.from_numpy(rows).to(device)
                 yield features, self.labels[start:stop].to(device)
 
 
@@ -99,6 +98,7 @@ class FeatureSet:
     wnids: list[str]
     names: list[str]
     provenance: dict[str, str]
+    feature_dim: int
     train: SplitTensors | StreamedSplit
     val: SplitTensors | StreamedSplit | None
 
@@ -111,22 +111,18 @@ class FeatureSet:
         return len(self.wnids)
 
 
-def check_backbone(file: h5py.File, path: Path) -> None:
-    """The head is a layer on AlexNet's fc7: features of another network or layer are refused."""
-    made = {"backbone": str(file.attrs.get("backbone")), "node": str(file.attrs.get("node"))}
-    if made != {"backbone": BACKBONE, "node": FC7_NODE}:
-        raise UserError(
-            f"{path}: features of {made['backbone']} {made['node']}, the head trains "
-            f"on {BACKBONE} {FC7_NODE} (fc7); extract them again with extract"
-        )
-
-
 def split_bytes(file: h5py.File, split: str, flip: bool) -> int:
     """Bytes one split takes in memory: features (and flipped features) plus labels."""
-    group = file[split]
-    names = ["features", "features_flip"] if flip else ["features"]
-    total = sum(group[name].size * group[name].dtype.itemsize for name in names)
-    return total + group["labels"].size * 8
+    info = store.split_info(file, split)
+    features = info.rows * store.feature_dim(file) * info.dtype.itemsize
+    return features * (2 if flip else 1) + info.rows * 8
+
+
+def check_shape(file: h5py.File, path: Path, split: str) -> None:
+    """Every split's features are (N, D), D being the file's recorded feature dimension."""
+    shape, dim = store.split_info(file, split).shape, store.feature_dim(file)
+    if len(shape) != 2 or shape[1] != dim:
+        raise UserError(f"{path}: {split}/features has shape {shape}, expected (N, {dim})")
 
 
 def available_memory() -> int:
@@ -167,12 +163,8 @@ def check_finite(path: Path, split: str, name: str, features: np.ndarray, offset
 def read_tensors(
     file: h5py.File, path: Path, split: str, num_classes: int, flip: bool
 ) -> SplitTensors:
+    check_shape(file, path, split)
     arrays = store.read_split(file, split, with_flip=flip)
-    if arrays.features.ndim != 2 or arrays.features.shape[1] != FEATURE_DIM:
-        raise UserError(
-            f"{path}: {split}/features has shape {arrays.features.shape}, "
-            f"expected (N, {FEATURE_DIM})"
-        )
     if len(arrays.labels) == 0:
         raise UserError(f"{path}: the {split} split holds no images")
     check_finite(path, split, "features", arrays.features)
@@ -210,14 +202,14 @@ def stream_buffer_blocks(
     Outside the buffer: the labels, the layer with its gradient, Adam's two moments and the
     exported copy, one validation block with its float32 copy, and room for batch temporaries.
     """
-    dataset = file["train"]["features"]
-    block_rows = (dataset.chunks[0] if dataset.chunks else 128) * BLOCK_CHUNKS
-    block_bytes = block_rows * FEATURE_DIM * dataset.dtype.itemsize
-    labels = sum(file[split]["labels"].size * 8 for split in ("train", "val") if split in file)
+    info, dim = store.split_info(file, "train"), store.feature_dim(file)
+    block_rows = info.chunk_rows * BLOCK_CHUNKS
+    block_bytes = block_rows * dim * info.dtype.itemsize
+    labels = info.rows * 8 + (store.split_info(file, "val").rows * 8 if has_val else 0)
     fixed = (
         labels
-        + 5 * num_classes * (FEATURE_DIM + 1) * 4
-        + (block_bytes + block_rows * FEATURE_DIM * 4 if has_val else 0)
+        + 5 * num_classes * (dim + 1) * 4
+        + (block_bytes + block_rows * dim * 4 if has_val else 0)
         + 32 * MIB
     )
     return block_rows, (max_memory - fixed) // (block_bytes * (2 if flip else 1)), fixed
@@ -233,18 +225,14 @@ def stream_split(
     flip: bool,
 ) -> StreamedSplit:
     """The split as a StreamedSplit, after the checks `read_tensors` makes, block by block."""
-    group = file[split]
-    if group["features"].ndim != 2 or group["features"].shape[1] != FEATURE_DIM:
-        raise UserError(
-            f"{path}: {split}/features has shape {group['features'].shape}, "
-            f"expected (N, {FEATURE_DIM})"
-        )
-    labels = group["labels"][()]
+    check_shape(file, path, split)
+    labels = store.read_labels(file, split)
     if len(labels) == 0:
         raise UserError(f"{path}: the {split} split holds no images")
     for name in ["features", "features_flip"] if flip else ["features"]:
         for start in range(0, len(labels), block_rows):
-            check_finite(path, split, name, group[name][start : start + block_rows], start)
+            rows = store.read_rows(file, split, name, start, start + block_rows)
+            check_finite(path, split, name, rows, start)
     outside = (labels < 0) | (labels >= num_classes)
     if outside.any():
         raise UserError(
@@ -277,27 +265,32 @@ def load(
     estimate and any notes.
     """
     with store.open_complete(path) as file:
-        check_backbone(file, path)
         present = store.splits(file)
-        if "train" not in present or "train" not in file:
+        if not store.has_split(file, "train"):
             raise UserError(
                 f"{path}: no 'train' split (has {', '.join(present) or 'none'}); "
                 f"extract with --splits train,val"
             )
         classes = store.read_classes(file)
-        if flip and "features_flip" not in file["train"]:
+        feature_dim = store.feature_dim(file)
+        info = {
+            split: store.split_info(file, split)
+            for split in present
+            if store.has_split(file, split)
+        }
+        if flip and not info["train"].flip:
             report(
                 f"note: {path} has no flipped features (extract with --flip); "
                 f"training on the plain view only"
             )
             flip = False
-        has_val = "val" in present and "val" in file
+        has_val = "val" in info
         needed = split_bytes(file, "train", flip) + (
             split_bytes(file, "val", False) if has_val else 0
         )
         shapes = ", ".join(
-            f"{split} {file[split]['features'].shape[0]} x {FEATURE_DIM} "
-            f"{file[split]['features'].dtype}{' (+ flipped)' if split == 'train' and flip else ''}"
+            f"{split} {info[split].rows} x {feature_dim} "
+            f"{info[split].dtype}{' (+ flipped)' if split == 'train' and flip else ''}"
             for split in (["train", "val"] if has_val else ["train"])
         )
         available, where = available_memory(), "host"
@@ -325,7 +318,7 @@ def load(
             block_rows, buffer_blocks, fixed = stream_buffer_blocks(
                 file, flip, has_val, num_classes, limit
             )
-            minimum = fixed + block_rows * FEATURE_DIM * file["train"]["features"].dtype.itemsize
+            minimum = fixed + block_rows * feature_dim * info["train"].dtype.itemsize
             if buffer_blocks < 1:
                 report(
                     f"features: {shapes}: {needed / MIB:,.1f} MiB in memory, "
@@ -338,7 +331,7 @@ def load(
                     path,
                     "--max-memory" if max_memory is not None and max_memory < available else None,
                 )
-            buffer_blocks = min(buffer_blocks, math.ceil(len(file["train"]["labels"]) / block_rows))
+            buffer_blocks = min(buffer_blocks, math.ceil(info["train"].rows / block_rows))
             why = (
                 "--stream"
                 if stream
@@ -348,8 +341,8 @@ def load(
             buffer = (
                 buffer_blocks
                 * block_rows
-                * FEATURE_DIM
-                * file["train"]["features"].dtype.itemsize
+                * feature_dim
+                * info["train"].dtype.itemsize
                 * (2 if flip else 1)
             )
             report(
@@ -375,6 +368,7 @@ def load(
         wnids=classes.wnids,
         names=classes.names,
         provenance=provenance,
+        feature_dim=feature_dim,
         train=train,
         val=val,
     )
@@ -402,18 +396,16 @@ def stream_batches(
     names = ["features", "features_flip"] if split.flip else ["features"]
     capacity = split.buffer_blocks * split.block_rows
     carry: tuple[torch.Tensor, torch.Tensor] | None = None
-    with h5py.File(split.path, "r") as file:
-        group = file[split.name]
-        buffers = {name: np.empty((capacity, FEATURE_DIM), group[name].dtype) for name in names}
+    with store.open_file(split.path) as file:
+        info = store.split_info(file, split.name)
+        buffers = {name: np.empty((capacity, info.shape[1]), info.dtype) for name in names}
         order = torch.randperm(split.blocks, generator=generator)
         for first in range(0, split.blocks, split.buffer_blocks):
             filled, rows = 0, []
             for block in order[first : first + split.buffer_blocks].sort().values.tolist():
                 start, stop = split.block_range(block)
                 for name in names:
-                    group[name].read_direct(
-                        buffers[name], np.s_[start:stop], np.s_[filled : filled + stop - start]
-                    )
+                    store.read_rows_into(file, split.name, name, buffers[name], start, stop, filled)
                 rows.append(torch.arange(start, stop))
                 filled += stop - start
             labels = split.labels[torch.cat(rows)].to(device)
@@ -448,7 +440,7 @@ def stream_batches(
 def standardization(chunks: Iterable[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-dimension mean and std of the rows of `chunks`, accumulated in float64.
 
-    Dimensions that never vary (fc7 units that are always 0 after the ReLU) get std 1, so
+    Dimensions that never vary (units that are always 0 after a ReLU) get std 1, so
     standardising leaves them at 0 instead of dividing by zero.
     """
     total = squares = None

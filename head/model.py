@@ -1,4 +1,5 @@
-"""The head: one linear layer from fc7 (4096) to the dataset's classes, replacing AlexNet's fc8."""
+"""The head: one linear layer from the backbone's features (D of them) to the dataset's classes,
+replacing the backbone's own ImageNet classifier (AlexNet's fc8)."""
 
 from __future__ import annotations
 
@@ -7,74 +8,97 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from extract.backbone import FEATURE_DIM, fc8_layer, load_alexnet, state_dict_sha256
+from extract import backbone
 from extract.errors import UserError
 
 IMAGENET_WNIDS_FILE = Path(__file__).with_name("imagenet_wnids.txt")
 
 
-def new_head(num_classes: int) -> nn.Linear:
-    return nn.Linear(FEATURE_DIM, num_classes)
+def new_head(feature_dim: int, num_classes: int) -> nn.Linear:
+    return nn.Linear(feature_dim, num_classes)
 
 
-def head_from_state(state_dict: dict[str, torch.Tensor], origin: str = "checkpoint") -> nn.Linear:
-    """Rebuild the head from a checkpoint's ``state_dict`` (exactly ``weight`` and ``bias``)."""
+def head_from_state(
+    state_dict: dict[str, torch.Tensor], origin: str = "checkpoint", feature_dim: int | None = None
+) -> nn.Linear:
+    """Rebuild the head from a checkpoint's ``state_dict`` (exactly ``weight`` and ``bias``);
+    with `feature_dim`, refuse a layer that does not take that many features."""
     if set(state_dict) != {"weight", "bias"}:
         raise UserError(f"{origin}: state_dict must hold exactly 'weight' and 'bias'")
     weight, bias = state_dict["weight"], state_dict["bias"]
-    if weight.ndim != 2 or weight.shape[1] != FEATURE_DIM or bias.shape != weight.shape[:1]:
+    if weight.ndim != 2 or bias.shape != weight.shape[:1]:
         raise UserError(
             f"{origin}: head weight {tuple(weight.shape)} / bias "
-            f"{tuple(bias.shape)} do not fit a 4096 -> C linear layer"
+            f"{tuple(bias.shape)} do not fit a D -> C linear layer"
         )
-    head = new_head(weight.shape[0])
+    if feature_dim is not None and weight.shape[1] != feature_dim:
+        raise UserError(
+            f"{origin}: the head takes {weight.shape[1]} features, the backbone gives {feature_dim}"
+        )
+    head = new_head(weight.shape[1], weight.shape[0])
     head.load_state_dict({"weight": weight.float(), "bias": bias.float()})
     return head.eval()
 
 
-def initial_head(num_classes: int, seed: int) -> nn.Linear:
+def initial_head(feature_dim: int, num_classes: int, seed: int) -> nn.Linear:
     """A new head initialised from `seed`, leaving the global random state as it was."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return new_head(num_classes)
+        return new_head(feature_dim, num_classes)
 
 
 def imagenet_wnids() -> list[str]:
-    """The ImageNet-1k wnids in class-index order (index i is output i of AlexNet's fc8)."""
+    """The ImageNet-1k wnids in torchvision's class-index order (index i is output i of every
+    torchvision ImageNet-1k classifier)."""
     return IMAGENET_WNIDS_FILE.read_text().split()
 
 
-def fc8_head(fc8: nn.Linear, wnids: list[str]) -> nn.Linear:
-    """A head made of the rows of ImageNet's fc8 that belong to `wnids`, in their order."""
+def classifier_head(classifier: nn.Linear, wnids: list[str], init: str = "classifier") -> nn.Linear:
+    """A head made of the rows of an ImageNet classifier that belong to `wnids`, in their order."""
     index = {wnid: position for position, wnid in enumerate(imagenet_wnids())}
     unknown = [wnid for wnid in wnids if wnid not in index]
     if unknown:
         raise UserError(
-            f"--init fc8: {len(unknown)} of the dataset's classes are not "
+            f"--init {init}: {len(unknown)} of the dataset's classes are not "
             f"ImageNet-1k classes (first: {unknown[0]!r}); use --init random"
         )
     rows = torch.tensor([index[wnid] for wnid in wnids])
-    head = new_head(len(wnids))
+    head = new_head(classifier.in_features, len(wnids))
     with torch.no_grad():
-        head.weight.copy_(fc8.weight[rows])
-        head.bias.copy_(fc8.bias[rows])
+        head.weight.copy_(classifier.weight[rows])
+        head.bias.copy_(classifier.bias[rows])
     return head
 
 
-def pretrained_fc8_head(provenance: dict[str, str], wnids: list[str], origin: str) -> nn.Linear:
-    """fc8 rows of the very backbone the features came from; refused for other weights."""
-    if provenance.get("weights") != "imagenet":
+def pretrained_classifier_head(
+    provenance: dict[str, str], wnids: list[str], origin: str, init: str = "classifier"
+) -> nn.Linear:
+    """The ImageNet classifier rows of the very backbone the features came from: refused for
+    weights that are not torchvision's ImageNet-1k ones, and for a node other than the
+    classifier's input."""
+    name, weights, node = provenance["backbone"], provenance["weights"], provenance["node"]
+    if init == "fc8" and name != "alexnet":
+        raise UserError(f"--init fc8 is AlexNet's name; for {name} use --init classifier")
+    if not backbone.is_torchvision_weights(name, weights):
         raise UserError(
-            f"{origin}: --init fc8 needs features from pretrained ImageNet weights, "
-            f"these were extracted with --weights {provenance.get('weights')}"
+            f"{origin}: --init {init} needs features from pretrained ImageNet weights, "
+            f"these were extracted with --weights {weights}"
         )
-    model = load_alexnet("imagenet")
-    if state_dict_sha256(model) != provenance.get("weights_sha256"):
+    if len(backbone.categories(name, weights) or []) != len(imagenet_wnids()):
+        raise UserError(f"{origin}: the {name} weights {weights} have no ImageNet-1k classifier")
+    network = backbone.load_network(name, weights)
+    if backbone.state_dict_sha256(network) != provenance["weights_sha256"]:
         raise UserError(
             f"{origin}: the ImageNet weights found here are not the ones the features "
             f"were extracted with (weights_sha256 differs)"
         )
-    return fc8_head(fc8_layer(model), wnids)
+    expected = backbone.default_node(network, name)
+    if node != expected:
+        raise UserError(
+            f"{origin}: --init {init} needs the features the classifier reads ({name} "
+            f"{expected}), these are of {node}"
+        )
+    return classifier_head(backbone.imagenet_classifier(network), wnids, init)
 
 
 def fold_standardization(

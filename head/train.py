@@ -1,10 +1,11 @@
-"""python -m head.train: train the new classification layer on cached fc7 features.
+"""python -m head.train: train the new classification layer on cached backbone features.
 
 Examples:
     python -m head.train --features features.h5 --save model
     python -m head.train --features features.h5 --save model --epochs 25 --device cuda
     python -m head.train --features features.h5 --save model --resume --epochs 50
     python -m head.train --features features.h5 --save model --init fc8 --standardize
+    python -m head.train --features resnet50.h5 --save model --init classifier
     python -m head.train --features features.h5 --save model --flip   # features from --flip
     python -m head.train --features features.h5 --save model --stream --max-memory 2GB
     python -m head.train --features features.h5 --save model --precision bf16   # faster on CPU
@@ -20,15 +21,16 @@ from extract.device import resolve_device
 from extract.errors import run_cli
 from extract.precisions import HEAD_CHOICES
 from head import features
-from head.training import INITS, Settings, check_save_dir, train
+from head.training import INITS, PRETRAINED_INITS, Settings, check_save_dir, train
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     defaults = Settings()
     parser = argparse.ArgumentParser(
         prog="python -m head.train",
-        description="Train one linear layer (4096 -> classes) with Adam on the cross-entropy of "
-        "its logits, from the fc7 features cached by `python -m extract`. Writes last.pt every "
+        description="Train one linear layer (D features -> classes, D as recorded in the file) "
+        "with Adam on the cross-entropy of its logits, from the features cached by "
+        "`python -m extract` (AlexNet's fc7 by default). Writes last.pt every "
         "epoch, best.pt at the best val top-1, history.csv and loss/accuracy/time plots.",
         epilog=__doc__.split("\n", 2)[2],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -77,8 +79,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--init",
         default="random",
         choices=INITS,
-        help="random, or fc8: the rows of pretrained AlexNet's ImageNet fc8 for "
-        "the dataset's wnids, measured as epoch 0 (default: random)",
+        help="random, or classifier: the rows of the backbone's own pretrained ImageNet "
+        "classifier for the dataset's wnids (features of its default --node and "
+        "torchvision's ImageNet weights), measured as epoch 0; fc8 is AlexNet's name "
+        "for it (default: random)",
     )
     parser.add_argument(
         "--standardize",
@@ -118,8 +122,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.lr <= 0 or args.weight_decay < 0:
         parser.error("--batch-size must be >= 1, --lr > 0 and --weight-decay >= 0")
-    if args.epochs < (0 if args.init == "fc8" else 1):
-        parser.error("--epochs must be >= 1 (0 is allowed with --init fc8: measure only)")
+    if args.epochs < (0 if args.init in PRETRAINED_INITS else 1):
+        parser.error(
+            "--epochs must be >= 1 (0 is allowed with --init classifier or fc8: measure only)"
+        )
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite contradict each other; pick one")
     return args

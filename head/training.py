@@ -39,13 +39,14 @@ from head.features import FeatureSet, SplitTensors, StreamedSplit, standardizati
 from head.model import (
     fold_standardization,
     initial_head,
-    pretrained_fc8_head,
+    pretrained_classifier_head,
     unfold_standardization,
 )
 
 EVAL_BATCH = 1024  # rows cast to float32 at a time while scoring: 16 MB, as fast as more
 MAX_STEPS_PER_GRAPH = 32  # steps captured in one CUDA graph (a divisor of the epoch's steps)
-INITS = ("random", "fc8")
+INITS = ("random", "classifier", "fc8")  # fc8: AlexNet's name for its classifier
+PRETRAINED_INITS = ("classifier", "fc8")
 # Settings a resumed run must share with the run it continues (--epochs may grow).
 SAME_ON_RESUME = (
     "batch_size",
@@ -478,15 +479,17 @@ def new_run(data: FeatureSet, settings: Settings, device: torch.device) -> Run:
             else data.train.features.split(8192)
         )
         mean, std = standardization(chunks)
-    if settings.init == "fc8":
-        head = pretrained_fc8_head(data.provenance, data.wnids, str(data.path))
+    if settings.init in PRETRAINED_INITS:
+        head = pretrained_classifier_head(
+            data.provenance, data.wnids, str(data.path), settings.init
+        )
         if mean is not None:
             with torch.no_grad():
                 head.load_state_dict(
                     unfold_standardization(head.weight, head.bias, mean.cpu(), std.cpu())
                 )
     else:
-        head = initial_head(data.num_classes, settings.seed)
+        head = initial_head(data.feature_dim, data.num_classes, settings.seed)
     head = head.to(device)
     optimizer = adam(head, settings)
     generator = torch.Generator().manual_seed(settings.seed)
@@ -498,19 +501,9 @@ def resumed_run(path: Path, data: FeatureSet, settings: Settings, device: torch.
     state = checkpoint.load(path)
     if "args" not in state or "trainable" not in state or "generator" not in state:
         raise UserError(f"{path}: not written by head.train (no training state); cannot resume")
-    saved_classes = list(state["numeric_class_names"])
-    if len(saved_classes) != data.num_classes:
-        raise UserError(
-            f"{path}: checkpoint has {len(saved_classes)} classes, {data.path} has "
-            f"{data.num_classes}; cannot resume (use another --save folder)"
-        )
-    if saved_classes != list(data.wnids):
-        raise UserError(f"{path}: checkpoint classes differ from those of {data.path}")
-    if dict(state["features"]) != dict(data.provenance):
-        raise UserError(
-            f"{path}: trained on features from another backbone or preprocessing "
-            f"than {data.path}; cannot resume"
-        )
+    checkpoint.check_compatible(
+        state, str(path), data.path, data.provenance, data.wnids, data.feature_dim
+    )
     saved = {**Settings().recorded(), **state["args"]}  # a setting added later: its default
     changed = [
         f"--{key.replace('_', '-')} {saved[key]} -> {getattr(settings, key)}"
@@ -519,7 +512,7 @@ def resumed_run(path: Path, data: FeatureSet, settings: Settings, device: torch.
     ]
     if changed:
         raise UserError(f"{path}: cannot resume with other settings ({'; '.join(changed)})")
-    head = initial_head(data.num_classes, settings.seed)
+    head = initial_head(data.feature_dim, data.num_classes, settings.seed)
     head.load_state_dict(state["trainable"])
     head = head.to(device)
     optimizer = adam(head, settings)
@@ -596,7 +589,7 @@ def train(
         else new_run(data, settings, device)
     )
     state = None
-    if run.epoch == 0 and settings.init == "fc8" and not run.history["history_epochs"]:
+    if run.epoch == 0 and settings.init in PRETRAINED_INITS and not run.history["history_epochs"]:
         # Before any step: how well ImageNet's own classifier rows already do, as epoch 0.
         started = time.perf_counter()
         train_scores = split_scores(run.exported(), data.train, device)

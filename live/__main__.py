@@ -2,6 +2,7 @@
 
 Examples:
     python -m live --imagenet                  # webcam 0, ImageNet's own labels: camera check
+    python -m live --imagenet --backbone resnet50 --source clip.mp4
     python -m live --model build/demo/model    # webcam 0 with the trained head, in a window
     python -m live --model build/demo/model --source 1 --smooth 0.8 --threshold 0.5
     python -m live --model build/demo/model --source clip.mp4 --output labelled.mp4
@@ -45,6 +46,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--imagenet",
         action="store_true",
         help="no head: the pretrained network's own 1000 ImageNet classes",
+    )
+    parser.add_argument(
+        "--backbone",
+        default="alexnet",
+        help="with --imagenet: the torchvision network (default: alexnet); with --model the "
+        "checkpoint names it",
     )
     parser.add_argument(
         "--source",
@@ -132,7 +139,9 @@ def classify(args: argparse.Namespace) -> session.Summary:
         # The source first: a camera that is not there should not cost the model's loading time.
         with open_source(args.source, loop=args.loop) as source:
             if args.imagenet:
-                classifier = model.imagenet(args.weights or "imagenet", args.device, args.precision)
+                classifier = model.imagenet(
+                    args.weights or "imagenet", args.device, args.precision, args.backbone
+                )
             else:
                 classifier = model.from_checkpoint(
                     args.model, args.weights, args.device, args.precision

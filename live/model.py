@@ -1,7 +1,9 @@
-"""The stitched classifier: `extract`'s backbone up to fc7 and `head`'s trained layer, one module.
+"""The stitched classifier: `extract`'s backbone up to its feature node and `head`'s trained layer,
+one module.
 
-The backbone is rebuilt from the provenance the checkpoint carries (weights, their SHA-256, the
-preprocessing parameters), so a frame is fed to the network exactly as the training images were.
+The backbone is rebuilt from the provenance the checkpoint carries (architecture, node, weights,
+their SHA-256, the preprocessing parameters), so a frame is fed to the network exactly as the
+training images were.
 Weights whose digest differs from the recorded one are refused: the head would be reading
 features it never saw.
 
@@ -38,15 +40,16 @@ WARM_UP_RUNS = 2
 
 
 class Stitched(nn.Module):
-    """Normalized (N, 3, H, W) images in, class logits out: fc7 extractor, then the head."""
+    """Normalized (N, 3, H, W) images in, class logits out: the backbone cut at its feature
+    node, then the head."""
 
-    def __init__(self, fc7: nn.Module, head: nn.Linear):
+    def __init__(self, features: nn.Module, head: nn.Linear):
         super().__init__()
-        self.fc7 = fc7
+        self.features = features
         self.head = head
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.fc7(images))
+        return self.head(self.features(images))
 
 
 @dataclasses.dataclass
@@ -110,9 +113,7 @@ def checked_metadata(
 ) -> tuple[dict[str, str], Preprocess, list[str], list[str]]:
     """The provenance, preprocessing, wnids and names a checkpoint carries, checked for type.
 
-    The preprocessing is JSON text, parsed with `json.loads`; nothing is evaluated. A model
-    made on another backbone or layer is refused: this backbone would feed the head features
-    it never saw.
+    The preprocessing is JSON text, parsed with `json.loads`; nothing is evaluated.
     """
     features = state["features"]
     if not isinstance(features, dict) or not all(
@@ -120,11 +121,6 @@ def checked_metadata(
     ):
         raise UserError(
             f"{origin}: 'features' must record {', '.join(store.PROVENANCE_KEYS)} as strings"
-        )
-    if features["backbone"] != backbone.BACKBONE or features["node"] != backbone.FC7_NODE:
-        raise UserError(
-            f"{origin}: trained on features of {features['backbone']} "
-            f"{features['node']}, live runs {backbone.BACKBONE} {backbone.FC7_NODE}"
         )
     try:
         params = Preprocess.from_json(features["preprocess"])
@@ -162,48 +158,60 @@ def from_checkpoint(
     dtype = DTYPES[checked(precision, LIVE_CHOICES)]
     state = checkpoint.load(model)
     features, params, wnids, names = checked_metadata(state, str(model))
-    head = head_from_state(state["state_dict"], origin=str(model))
+    if features["backbone"] not in backbone.architectures():
+        raise UserError(
+            f"{model}: trained on features of {features['backbone']}, which is not a "
+            f"torchvision network here"
+        )
+    frozen = backbone.build(features["backbone"], weights or features["weights"], features["node"])
+    if frozen.weights_sha256 != features["weights_sha256"]:
+        raise UserError(
+            f"--weights {weights or features['weights']}: sha256 {frozen.weights_sha256[:12]}... "
+            f"differs from {features['weights_sha256'][:12]}... of the weights the head was "
+            f"trained on (extracted with --weights {features['weights']})"
+        )
+    head = head_from_state(state["state_dict"], str(model), frozen.feature_dim)
     if head.out_features != len(wnids):
         raise UserError(
             f"{model}: the head has {head.out_features} outputs but the checkpoint "
             f"names {len(wnids)} classes"
         )
-    alexnet = backbone.load_alexnet(weights or features["weights"])
-    digest = backbone.state_dict_sha256(alexnet)
-    if digest != features["weights_sha256"]:
-        raise UserError(
-            f"--weights {weights or features['weights']}: sha256 {digest[:12]}... differs from "
-            f"{features['weights_sha256'][:12]}... of the weights the head was trained on "
-            f"(extracted with --weights {features['weights']})"
-        )
     resolved = resolve_device(device)
     return Classifier(
-        network=prepare(Stitched(backbone.fc7_extractor(alexnet), head), resolved, dtype),
+        network=prepare(Stitched(frozen.extractor, head), resolved, dtype),
         params=params,
         wnids=wnids,
         names=names,
         device=resolved,
-        weights_sha256=digest,
+        weights_sha256=frozen.weights_sha256,
         dtype=dtype,
     )
 
 
-def imagenet(weights: str = "imagenet", device: str = "cpu", precision: str = "fp32") -> Classifier:
-    """The pretrained network's own 1000-way ImageNet classifier (fc8), to check the camera and
-    the preprocessing before any training."""
+def imagenet(
+    weights: str = backbone.IMAGENET,
+    device: str = "cpu",
+    precision: str = "fp32",
+    architecture: str = backbone.DEFAULT_BACKBONE,
+) -> Classifier:
+    """The pretrained network's own 1000-way ImageNet classifier (AlexNet's fc8), to check the
+    camera and the preprocessing before any training."""
     dtype = DTYPES[checked(precision, LIVE_CHOICES)]
-    alexnet = backbone.load_alexnet(weights)
+    frozen = backbone.build(architecture, weights)
+    categories = backbone.categories(architecture, weights)
+    if categories is None:
+        raise UserError(f"--weights {weights}: {architecture} has no named ImageNet classes")
     resolved = resolve_device(device)
     return Classifier(
         network=prepare(
-            Stitched(backbone.fc7_extractor(alexnet), backbone.fc8_layer(alexnet)),
+            Stitched(frozen.extractor, backbone.imagenet_classifier(frozen.network)),
             resolved,
             dtype,
         ),
-        params=Preprocess(),
+        params=frozen.preprocess,
         wnids=imagenet_wnids(),
-        names=list(backbone.imagenet_weights().meta["categories"]),
+        names=categories,
         device=resolved,
-        weights_sha256=backbone.state_dict_sha256(alexnet),
+        weights_sha256=frozen.weights_sha256,
         dtype=dtype,
     )

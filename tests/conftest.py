@@ -17,8 +17,7 @@ import torch
 from PIL import Image
 from torchvision.models import alexnet
 
-from extract import runner, store
-from extract.backbone import imagenet_cache_file
+from extract import backbone, runner, store
 from head.checkpoint import KEYS, save_atomic
 
 WNIDS = ("n01443537", "n01629819", "n01641577")
@@ -84,15 +83,22 @@ def weights_file(tmp_path_factory) -> Path:
     return path
 
 
+def cache_weights(name: str, weights: Path) -> Path:
+    """Link `weights` where torchvision's loader looks for `name`'s default ImageNet weights
+    (under $TORCH_HOME), so ``--weights imagenet`` loads through torchvision's real loader."""
+    cached = backbone.cache_file(name)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached.symlink_to(weights)
+    return cached
+
+
 @pytest.fixture
 def torch_home(tmp_path: Path, weights_file: Path, monkeypatch) -> Path:
-    """A TORCH_HOME whose hub cache holds weights under torchvision's own file name, so that
-    ``--weights imagenet`` loads through torchvision's real loader, offline."""
+    """A TORCH_HOME whose hub cache holds AlexNet weights under torchvision's own file name, so
+    that ``--weights imagenet`` loads through torchvision's real loader, offline."""
     home = tmp_path / "torch-home"
     monkeypatch.setenv("TORCH_HOME", str(home))
-    cached = imagenet_cache_file()
-    cached.parent.mkdir(parents=True)
-    cached.write_bytes(weights_file.read_bytes())
+    cache_weights("alexnet", weights_file)
     return home
 
 

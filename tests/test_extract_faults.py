@@ -108,7 +108,7 @@ def test_a_run_killed_while_creating_its_file_leaves_nothing_half_made(tmp_path,
     part = tmp_path / "f.h5.part"
     manifest = Manifest(split="train", paths=["a.JPEG"], labels=[0])
     classes = Classes(wnids=["n0"], names=["zero"])
-    attrs = {"store_dtype": "float16"}
+    attrs = {"store_dtype": "float16", "feature_dim": 4096}
 
     def crash(file, *args):
         file.attrs["format"] = store.FORMAT
@@ -273,7 +273,11 @@ def test_store_round_trips_what_was_appended(tmp_path_factory, rows, failed, nam
     )
     path = tmp_path_factory.mktemp("store") / "f.h5"
     with store.create(
-        path, {**attrs, "store_dtype": "float16"}, Classes([name], [name]), [manifest], flip=False
+        path,
+        {**attrs, "store_dtype": "float16", "feature_dim": 4096},
+        Classes([name], [name]),
+        [manifest],
+        flip=False,
     ) as file:
         for start in range(0, rows, 128):
             stop = min(start + 128, rows)

@@ -17,10 +17,10 @@ import torch
 
 from conftest import WNIDS, extract_features, write_tiny_imagenet
 from extract import store
-from extract.backbone import load_alexnet
+from extract.backbone import load_network
 from extract.errors import UserError, run_cli
 from head import checkpoint, evaluate, features, train
-from head.model import fc8_head, imagenet_wnids, pretrained_fc8_head
+from head.model import classifier_head, imagenet_wnids, pretrained_classifier_head
 from head.training import epoch_order
 
 REPO = Path(__file__).resolve().parents[1]
@@ -218,11 +218,11 @@ def test_init_fc8_starts_from_the_imagenet_rows_of_the_dataset_wnids(
     dataset, tmp_path, torch_home, capsys
 ):
     imagenet = extract_features(dataset, tmp_path / "imagenet.h5", weights="imagenet")
-    fc8 = load_alexnet("imagenet").classifier[6]
+    fc8 = load_network("alexnet", "imagenet").classifier[6]
     rows = [imagenet_wnids().index(wnid) for wnid in WNIDS]
     assert rows == [1, 25, 30]
     with store.open_complete(imagenet) as file:
-        head = pretrained_fc8_head(store.provenance(file), list(WNIDS), "test")
+        head = pretrained_classifier_head(store.provenance(file), list(WNIDS), "test", "fc8")
     torch.testing.assert_close(head.weight, fc8.weight[rows], rtol=0, atol=0)
     torch.testing.assert_close(head.bias, fc8.bias[rows], rtol=0, atol=0)
 
@@ -262,7 +262,7 @@ def test_init_fc8_is_refused_for_features_from_other_weights(cached, tmp_path, c
 
 def test_fc8_rows_need_imagenet_wnids():
     with pytest.raises(UserError, match="not ImageNet-1k classes"):
-        fc8_head(torch.nn.Linear(4096, 1000), ["digit0"])
+        classifier_head(torch.nn.Linear(4096, 1000), ["digit0"])
 
 
 def test_imagenet_wnid_list_is_the_1000_class_order():
@@ -326,7 +326,7 @@ def test_resume_with_another_class_count_is_refused(cached, tmp_path, weights_fi
     )
     two_classes = extract_features(two, tmp_path / "two.h5", weights=str(weights_file))
     status, _, err = train_cli(two_classes, tmp_path / "model", capsys, "--epochs", "2", "--resume")
-    assert_one_line_error(status, err, "has 3 classes", "has 2")
+    assert_one_line_error(status, err, "trained on 3 classes", "from the 2 of")
 
 
 def test_resume_with_other_settings_is_refused(cached, tmp_path, capsys):

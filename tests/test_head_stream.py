@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from extract import store
-from extract.backbone import FEATURE_DIM
 from extract.dataset import Classes, Manifest
 from extract.preprocess import Preprocess
 from head import features
@@ -20,6 +19,7 @@ from head.training import Settings, train
 
 REPO = Path(__file__).resolve().parents[1]
 MB = 10**6
+FEATURE_DIM = 4096  # AlexNet fc7, the default features
 NONE = lambda line: None  # noqa: E731
 
 
@@ -40,6 +40,7 @@ def write_features(
     attrs = {
         "backbone": "alexnet",
         "node": "classifier.5",
+        "feature_dim": FEATURE_DIM,
         "weights": "random",
         "weights_sha256": "0" * 64,
         "preprocess": Preprocess().to_json(),

@@ -46,7 +46,10 @@ def test_pure_red_bgr_frame_lands_in_the_red_channel():
 def test_stitched_model_gives_the_logits_of_fc7_then_head(model_dir, weights_file):
     classifier = model.from_checkpoint(model_dir)
     assert not classifier.network.training
-    reference_fc7 = backbone.fc7_extractor(backbone.load_alexnet(str(weights_file)))
+    network = backbone.load_network("alexnet", str(weights_file))
+    reference_fc7 = torch.nn.Sequential(
+        network.features, network.avgpool, torch.nn.Flatten(1), network.classifier[:6]
+    )
     head = torch.load(model_dir / "best.pt", weights_only=True)["state_dict"]
     images = torch.randn(2, 3, 224, 224)
     with torch.inference_mode():
@@ -381,7 +384,7 @@ def test_imagenet_mode_predicts_the_1000_imagenet_classes(tmp_path, torch_home, 
         ]
     )
     assert status == 0
-    categories = backbone.imagenet_weights().meta["categories"]
+    categories = backbone.categories("alexnet", "imagenet")
     log = read_log(tmp_path / "imagenet.jsonl")
     assert len(log) == 2 and len(log[0]["topk"]) == 5
     for entry in log[0]["topk"]:
