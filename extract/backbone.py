@@ -158,7 +158,7 @@ def cache_file(name: str, weights: str = IMAGENET) -> Path:
 
 def load_network(name: str, weights: str) -> nn.Module:
     """Build the whole classifier network with the named weights, in eval mode, on the CPU."""
-    from torchvision.models import get_model
+    from torchvision.models import get_model, get_model_weights
 
     check_architecture(name)
     with warnings.catch_warnings():
@@ -178,6 +178,12 @@ def load_network(name: str, weights: str) -> nn.Module:
                 torch.manual_seed(RANDOM_SEED)
                 model = get_model(name, weights=None)
         else:
+            if not Path(weights).is_file():
+                known = ", ".join(get_model_weights(name).__members__)
+                raise UserError(
+                    f"--weights {weights}: no such file, and not imagenet, random or one of "
+                    f"the {name} weights ({known})"
+                )
             model = get_model(name, weights=None)
             state = read_state_dict(Path(weights), model.state_dict(), name)
             model.load_state_dict(state)
@@ -188,11 +194,6 @@ def read_state_dict(
     path: Path, expected: dict[str, torch.Tensor], name: str = DEFAULT_BACKBONE
 ) -> dict[str, torch.Tensor]:
     """Read a weights file safely and check its keys and shapes against `expected`."""
-    if not path.is_file():
-        raise UserError(
-            f"{path}: weights file not found (use imagenet, random, a weights name of "
-            f"{name} or a file path)"
-        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for foreign or damaged files

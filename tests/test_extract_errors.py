@@ -31,7 +31,7 @@ hooks = (sys.excepthook, sys.unraisablehook)
 file = h5py.File(Path(sys.argv[1]) / "features.h5.part", "w")
 group = file.create_group("train")
 for name, shape, dtype in [
-    ("features", (0, store.FEATURE_DIM), "float16"),
+    ("features", (0, 4096), "float16"),
     ("labels", (0,), "int64"),
     ("paths", (0,), store.STRING),
     ("failed", (0, 2), store.STRING),
@@ -39,7 +39,7 @@ for name, shape, dtype in [
     chunks = (store.CHUNK_ROWS,) + shape[1:]
     group.create_dataset(name, shape, maxshape=(None,) + shape[1:], chunks=chunks, dtype=dtype)
 group.attrs.update(rows=0, failed_count=0, next_index=0)
-rows = np.ones((store.CHUNK_ROWS, store.FEATURE_DIM), np.float16)
+rows = np.ones((store.CHUNK_ROWS, 4096), np.float16)
 try:
     for batch in range(1000):
         store.append(group, rows, None, [0] * len(rows), ["a.JPEG"] * len(rows), [], batch)
