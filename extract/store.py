@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import resource
 import shutil
 import sys
@@ -44,13 +45,18 @@ import numpy as np
 
 from extract.atomic import atomic_write
 from extract.dataset import Classes, Manifest
-from extract.errors import UserError, first_line
+from extract.errors import UserError, WriteFailed, first_line
 
 FORMAT = "fc7cache/1"
 CHUNK_ROWS = 128
 PROVENANCE_KEYS = ("backbone", "node", "weights", "weights_sha256", "preprocess")
 RUN_KEYS = ("precision", "store_dtype", "flip", "splits")
 STRING = h5py.string_dtype("utf-8")
+
+
+class NoRoom(OSError):
+    """No room on the disk, or under the file-size limit, for the next write; nothing of it
+    was written, so the file is as consistent as after the batch before."""
 
 
 @dataclasses.dataclass
@@ -80,8 +86,12 @@ def create(
     The empty file is built under a temporary name and renamed into place once written, so
     `path` never holds a half-made skeleton, whenever the process is killed.
     """
-    with atomic_write(path) as skeleton, h5py.File(skeleton, "w") as file:
-        write_skeleton(file, attrs, classes, manifests, flip)
+    try:
+        with atomic_write(path) as skeleton, h5py.File(skeleton, "w") as file:
+            write_skeleton(file, attrs, classes, manifests, flip)
+    except (OSError, RuntimeError) as error:  # a full disk, most likely
+        reason = os.strerror(error.errno) if getattr(error, "errno", None) else first_line(error)
+        raise WriteFailed(f"{path}: cannot be created ({reason})") from None
     return h5py.File(path, "r+")
 
 
@@ -162,9 +172,14 @@ def open_for_resume(
             ):
                 for manifest in manifests:
                     copy_split(old[manifest.split], file[manifest.split], index_offset=0)
+        except (NoRoom, WriteFailed) as error:  # the disk is still full
+            raise WriteFailed(
+                f"{path}: cannot resume yet ({error}); its rows are kept, free some space "
+                f"and rerun with --resume"
+            ) from None
         except OSError as error:
             raise UserError(
-                f"{path}: the interrupted run's file is damaged ({error}); "
+                f"{path}: the interrupted run's file is damaged ({first_line(error)}); "
                 f"start again with --overwrite"
             ) from None
     return h5py.File(path, "r+")
@@ -204,8 +219,7 @@ def append(
     if features is not None:  # a new chunk may be allocated whole, however few rows go in
         chunk = group["features"].chunks[0] * features.shape[1] * features.itemsize
         check_room(
-            Path(group.file.filename),
-            max(features.nbytes, chunk) * (2 if features_flip is not None else 1),
+            group.file, max(features.nbytes, chunk) * (2 if features_flip is not None else 1)
         )
     reason = None
     with handle_release_errors_silenced():
@@ -244,20 +258,33 @@ def handle_release_errors_silenced() -> Iterator[None]:
         sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
 
 
-def check_room(path: Path, needed: int) -> None:
-    """Refuse a write that would not fit, before HDF5 starts it.
+def check_room(file: h5py.File, needed: int) -> None:
+    """Make sure the next write fits, before HDF5 starts it.
 
     HDF5 cannot recover from a write that fails half-way (its bookkeeping in the file goes
-    stale), so room on the disk and under the process's file-size limit is checked first;
-    the file then stays consistent and --resume continues it once there is space.
+    stale), so room under the process's file-size limit is checked, and the disk blocks the
+    write may use are reserved (`posix_fallocate`): from the end of HDF5's allocated space,
+    where it allocates next, back over its recent allocations, whose unwritten tails it may
+    fill, and on by a margin. Another program filling the disk meanwhile cannot take them.
+    When they cannot be had nothing has been written, and --resume continues once there is
+    space. Where `posix_fallocate` is missing, the free space is read instead.
     """
     margin = needed * 2 + 2**20
-    free = shutil.disk_usage(path.parent).free
+    path = Path(file.filename)
+    end = file.id.get_filesize()  # HDF5's end of allocated space; the file may be longer
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-    size = path.stat().st_size
-    if free < margin or (limit != resource.RLIM_INFINITY and size + margin > limit):
-        reason = "disk full" if free < margin else f"file size limit of {limit} bytes"
-        raise OSError(f"no room for the next {needed} bytes: {reason}")
+    if limit != resource.RLIM_INFINITY and end + margin > limit:
+        raise NoRoom(f"no room for the next {needed} bytes: file size limit of {limit} bytes")
+    if not hasattr(os, "posix_fallocate"):
+        if shutil.disk_usage(path.parent).free < margin:
+            raise NoRoom(f"no room for the next {needed} bytes: disk full")
+        return
+    start = max(0, end - margin)
+    with open(path, "r+b") as stream:
+        try:
+            os.posix_fallocate(stream.fileno(), start, end + margin - start)
+        except OSError as error:
+            raise NoRoom(f"no room for the next {needed} bytes: {error.strerror}") from None
 
 
 def write_rows(group, features, features_flip, labels, paths, failed, next_index) -> None:
@@ -289,8 +316,10 @@ def write_rows(group, features, features_flip, labels, paths, failed, next_index
 
 
 def mark_complete(file: h5py.File) -> None:
+    """Mark the file complete, and cut off the room reserved past HDF5's last allocation."""
     file.attrs["complete"] = True
     file.flush()
+    os.truncate(file.filename, file.id.get_filesize())
 
 
 def open_file(path: Path, mode: str = "r") -> h5py.File:
