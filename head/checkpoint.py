@@ -38,8 +38,8 @@ KEYS = (
 
 def save_atomic(state: dict, path: Path) -> None:
     """Save so that a crash at any moment leaves either the previous file or the new one."""
-    with atomic_write(path) as temporary:
-        torch.save(state, temporary)
+    with atomic_write(path) as temporary, open(temporary, "wb") as stream:
+        torch.save(state, stream)  # through Python's file: a full disk is an OSError (ENOSPC)
 
 
 def load(path: Path) -> dict:

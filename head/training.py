@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from extract.errors import UserError
+from extract.errors import UserError, first_line
 from head import checkpoint, history
 from head.adam import Adam
 from head.features import FeatureSet, SplitTensors, StreamedSplit, standardization, stream_batches
@@ -543,11 +543,20 @@ def resumed_run(path: Path, data: FeatureSet, settings: Settings, device: torch.
 def save(
     run: Run, data: FeatureSet, settings: Settings, save_dir: Path, has_val: bool, is_best: bool
 ) -> dict:
+    """best.pt (when this epoch is the best), then last.pt, then history.csv, each replaced
+    whole. A write that fails (a full disk) stops the run with one line and leaves the files of
+    the epoch before, or a best.pt one epoch ahead of last.pt, which --resume then redoes."""
     state = to_checkpoint(run, data, settings, has_val)
-    checkpoint.save_atomic(state, save_dir / checkpoint.LAST)
-    if is_best:
-        checkpoint.save_atomic(state, save_dir / checkpoint.BEST)
-    history.write_csv(state, save_dir / history.CSV)
+    try:
+        if is_best:
+            checkpoint.save_atomic(state, save_dir / checkpoint.BEST)
+        checkpoint.save_atomic(state, save_dir / checkpoint.LAST)
+        history.write_csv(state, save_dir / history.CSV)
+    except OSError as error:
+        raise UserError(
+            f"{save_dir}: cannot save epoch {run.epoch} ({error.strerror or first_line(error)}); "
+            f"last.pt and best.pt hold the epochs before, free some space and rerun with --resume"
+        ) from None
     return state
 
 
@@ -627,5 +636,11 @@ def train(
         state = save(run, data, settings, save_dir, has_val, is_best)
     if state is None:
         state = to_checkpoint(run, data, settings, has_val)
-    history.write_plots(state, save_dir)
+    try:
+        history.write_plots(state, save_dir)
+    except OSError as error:
+        raise UserError(
+            f"{save_dir}: cannot write the plots ({error.strerror or first_line(error)}); "
+            f"the checkpoints of all {run.epoch} epochs are saved"
+        ) from None
     return state
