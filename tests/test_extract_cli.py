@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -244,6 +245,31 @@ def test_resume_refuses_other_weights_or_images(tiny_imagenet, tmp_path, weights
     assert_one_line_error(code, err, "cannot resume", "train images differ")
 
 
+def test_resume_refuses_other_preprocessing(tiny_imagenet, tmp_path, weights_file, capsys):
+    """An interrupted file made with another resize is refused; the same file with the
+    preprocessing of this run resumes (so the refusal is the preprocessing's alone)."""
+    out = tmp_path / "f.h5"
+    part = store.part_path(out)
+    extract_features(tiny_imagenet, part.with_name("seed.h5"), weights=str(weights_file))
+    part.with_name("seed.h5").rename(part)  # a stand-in for an interrupted run
+    with h5py.File(part, "r+") as file:
+        file.attrs["complete"] = False
+        recorded = str(file.attrs["preprocess"])
+        other = json.loads(recorded)
+        other["resize_size"] = 224
+        file.attrs["preprocess"] = json.dumps(other, sort_keys=True)
+    argv = ["--data", str(tiny_imagenet), "--out", str(out), "--resume", "--no-progress"]
+    argv += ["--weights", str(weights_file), "--workers", "0"]
+    code, _, err = run_main(argv, capsys)
+    assert_one_line_error(code, err, "cannot resume", "preprocess", "224")
+    assert part.exists() and not out.exists()
+
+    with h5py.File(part, "r+") as file:
+        file.attrs["preprocess"] = recorded
+    code, stdout, _ = run_main(argv, capsys)
+    assert code == 0 and "extracted 0 images" in stdout and out.exists()
+
+
 def test_interrupted_run_needs_resume_or_overwrite(tiny_imagenet, tmp_path, capsys):
     out = tmp_path / "f.h5"
     store.part_path(out).write_bytes(b"partial")
@@ -270,12 +296,16 @@ def test_cli_exit_status_and_help():
 
 @pytest.mark.slow
 def test_repeated_sigkill_at_random_moments_then_resume_matches(tmp_path, weights_file):
-    """Kill at random moments (start-up, model loading, mid-batch, mid-flush), resume each time."""
+    """Kill at random moments, resume each time: rounds alternate between a random time after
+    the start (start-up, model loading or mid-run) and a random moment after the run has
+    committed a few more rows (mid-batch or mid-flush). At least 3 rounds must land mid-run
+    with rows committed in that round, or the test would compare two clean runs."""
     import random
 
     from conftest import write_tiny_imagenet
 
     data = write_tiny_imagenet(tmp_path / "data", train_per_class=16, val_per_class=4)
+    total = 60
     common = [
         "--data",
         str(data),
@@ -289,17 +319,32 @@ def test_repeated_sigkill_at_random_moments_then_resume_matches(tmp_path, weight
         "--resume",
     ]
     out = tmp_path / "killed.h5"
+    part = store.part_path(out)
     moments = random.Random(7)
-    kills = 0
-    while kills < 5:
+    mid_run_kills = 0
+    for round_number in range(8):
+        before = rows_written_so_far(part)
         process = start_cli([*common, "--out", str(out)])
-        try:
-            process.wait(timeout=moments.uniform(1.0, 7.0))
+        if round_number % 2 == 0:
+            wait_until = time.monotonic() + moments.uniform(0.5, 6.0)
+        else:
+            target = min(before + moments.randint(2, 8), total - 16)
+            deadline = time.monotonic() + 120
+            while rows_written_so_far(part) < target and process.poll() is None:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            wait_until = time.monotonic() + moments.uniform(0.0, 0.2)
+        while time.monotonic() < wait_until and process.poll() is None:
+            time.sleep(0.01)
+        if process.poll() is not None:
+            assert process.returncode == 0, process.stderr.read().decode()
             break  # finished before the kill
-        except subprocess.TimeoutExpired:
-            process.send_signal(signal.SIGKILL)
-            process.wait()
-            kills += 1
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        assert not out.exists(), "a killed run never appears under the final name"
+        if rows_written_so_far(part) > before:
+            mid_run_kills += 1
+    assert mid_run_kills >= 3, f"only {mid_run_kills} kills landed mid-run with rows committed"
     final = start_cli([*common, "--out", str(out)])
     _, stderr = final.communicate(timeout=300)
     assert final.returncode == 0, stderr.decode()
