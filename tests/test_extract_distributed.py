@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import extract_features, write_tiny_imagenet
+from extract import store
 from extract.dataset import Classes, Manifest
 from extract.distributed import rank_path, shard
 from extract.errors import UserError
@@ -30,10 +32,26 @@ def test_shards_are_contiguous_batch_aligned_and_cover_everything():
         assert all(size % 4 == 0 for size in sizes[:-1])
 
 
-def test_merge_refuses_a_missing_or_incomplete_part(tmp_path):
-    classes = Classes(["a"], ["a"])
-    with pytest.raises(UserError, match="not found"):
-        merge([tmp_path / "missing.h5"], tmp_path / "out.h5.part", classes, [])
+def test_merge_refuses_a_missing_or_incomplete_part(tmp_path, features_file):
+    out = tmp_path / "out.h5.part"
+    with pytest.raises(UserError, match="missing.h5: feature file not found"):
+        merge([tmp_path / "missing.h5"], out, Classes(["a"], ["a"]), [])
+    incomplete = tmp_path / "rank1.h5"
+    shutil.copy(features_file, incomplete)
+    with h5py.File(incomplete, "r+") as file:
+        file.attrs["complete"] = False
+    with store.open_complete(features_file) as file:
+        classes = store.read_classes(file)
+        manifests = []
+        for split in store.splits(file):
+            arrays = store.read_split(file, split)
+            manifests.append(Manifest(split, arrays.paths, arrays.labels.tolist()))
+    with pytest.raises(UserError, match=re.escape(f"{incomplete}: incomplete feature file")):
+        merge([features_file, incomplete], out, classes, manifests)
+    assert not out.exists()
+    # The control: the same two parts, both complete, merge.
+    with merge([features_file, features_file], out, classes, manifests) as merged:
+        assert merged["train"].attrs["rows"] == 2 * len(manifests[0].paths)
 
 
 @pytest.mark.slow
