@@ -80,22 +80,32 @@ def test_float16_storage_stays_close_to_float32(tiny_imagenet, tmp_path, weights
         assert error <= 1e-3
 
 
+# CPU bf16 against CPU fp32, per row ||bf16 - fp32|| / ||fp32||: at most 0.0041 measured on a
+# 2-core CPU; two images of the same class differ by 0.046 or more.
+CPU_BF16_ROW_TOLERANCE = 0.015
+
+
 def test_bf16_compute_stays_within_stated_tolerance(tiny_imagenet, tmp_path, weights_file):
-    """README states: bf16 features are within 5% relative (per row) of fp32."""
-    bf16 = extract_features(
-        tiny_imagenet,
-        tmp_path / "b.h5",
-        weights=str(weights_file),
-        precision="bf16",
-        store_dtype="float32",
-    )
-    fp32 = extract_features(
-        tiny_imagenet, tmp_path / "f.h5", weights=str(weights_file), store_dtype="float32"
+    """On the CPU, bf16 features are within 1.5% (per row) of fp32, and the same comparison
+    refuses the features of the neighbouring image."""
+    bf16, fp32 = (
+        extract_features(
+            tiny_imagenet,
+            tmp_path / f"{precision}.h5",
+            weights=str(weights_file),
+            device="cpu",
+            precision=precision,
+            store_dtype="float32",
+        )
+        for precision in ("bf16", "fp32")
     )
     with h5py.File(bf16) as a, h5py.File(fp32) as b:
         assert a.attrs["precision"] == "bf16"
-        error = max_relative_row_error(a["train/features"][()], b["train/features"][()])
-        assert 0 < error <= 0.05
+        for split in ("train", "val"):
+            got, expected = a[split]["features"][()], b[split]["features"][()]
+            assert 0 < max_relative_row_error(got, expected) <= CPU_BF16_ROW_TOLERANCE
+            neighbour = np.roll(got, 1, axis=0)
+            assert max_relative_row_error(neighbour, expected) > CPU_BF16_ROW_TOLERANCE
 
 
 def test_labels_paths_classes_and_provenance(tiny_imagenet, tmp_path, weights_file):
