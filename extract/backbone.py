@@ -21,7 +21,9 @@ records it and `head` and `live` check it.
 The node (``--node``) is where the features are read. By default it is the input of the network's
 last ``nn.Linear`` (dropout skipped, it does nothing in eval mode): the features its ImageNet
 classifier sees, AlexNet's fc7 (``classifier.5``). Any node of torchvision's graph of the network
-can be named (`node_names` lists them); what it gives becomes one vector per image:
+can be named (`node_names` lists them; a module's name such as ``layer3`` stands for the last
+node inside it, as torchvision's `create_feature_extractor` reads it); what it gives becomes one
+vector per image:
 
 * ``(N, D)``: kept as it is;
 * ``(N, C, H, W)``: averaged over H and W (Swin's stages are ``(N, H, W, C)``: averaged over H, W);
@@ -275,7 +277,7 @@ def feature_extractor(
     from torchvision.models.feature_extraction import create_feature_extractor
 
     known = node_names(model)
-    if node not in known:
+    if node not in known and not any(k.startswith(node + ".") for k in known):
         raise UserError(
             f"--node {node}: not a node of {name} (python -m extract --backbone {name} "
             f"--list-nodes prints its {len(known)} nodes)"

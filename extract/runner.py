@@ -213,7 +213,12 @@ def extract_to(
         first_batches = (
             iter(make_loader(root, manifests[0], 0, options, params, device)) if fresh else None
         )
-        frozen = backbone.build(options.backbone, options.weights, options.node)
+        try:
+            frozen = backbone.build(options.backbone, options.weights, options.node)
+        except BaseException:
+            # The workers inherited the lock's file: stop them now, or the lock outlives the run.
+            del first_batches
+            raise
         attrs = {
             **frozen.provenance(),
             "feature_dim": frozen.feature_dim,
