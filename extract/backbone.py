@@ -39,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import warnings
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -167,6 +168,7 @@ def load_network(name: str, weights: str) -> nn.Module:
         # GoogLeNet and Inception warn that their default initialisation will change.
         warnings.simplefilter("ignore", FutureWarning)
         if is_torchvision_weights(name, weights):
+            check_cached_weights(cache_file(name, weights))
             try:
                 model = get_model(name, weights=weights_record(name, weights), progress=False)
             except (OSError, RuntimeError) as error:
@@ -190,6 +192,18 @@ def load_network(name: str, weights: str) -> nn.Module:
             state = read_state_dict(Path(weights), model.state_dict(), name)
             model.load_state_dict(state)
     return model.eval().requires_grad_(False)
+
+
+def check_cached_weights(cached: Path) -> None:
+    """torchvision reads its cache with ``weights_only=False``; a file there is read safely
+    first (memory-mapped: the tensors' bytes are not read), so one carrying pickled code is
+    refused before torchvision unpickles it. A download is checked by its hash instead."""
+    if not cached.is_file():
+        return
+    try:  # only zip files map (files saved before torch 1.6 are not)
+        torch.load(cached, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(cached))
+    except Exception as error:  # torch raises many types for foreign or damaged files
+        raise UserError(f"{cached}: not a readable weights file ({first_line(error)})") from None
 
 
 def read_state_dict(

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import extract_features, pattern_image
+from conftest import cache_weights, extract_features, pattern_image
 from extract import store
 from extract.dataset import (
     Classes,
@@ -186,6 +186,24 @@ def test_weights_file_with_pickled_code_is_refused_and_runs_nothing(tiny_imagene
     with pytest.raises(UserError, match="not a readable weights file"):
         extract_features(tiny_imagenet, tmp_path / "f.h5", weights=str(weights))
     assert not marker.exists()
+
+
+def test_pretrained_weights_in_the_torch_cache_with_pickled_code_run_nothing(
+    tiny_imagenet, tmp_path, weights_file, monkeypatch
+):
+    """torchvision reads its own cache with weights_only=False; a file planted there under the
+    pretrained weights' name is read safely first and refused. The genuine one still loads."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    marker = tmp_path / "code-ran"
+    cached = cache_weights("alexnet", tmp_path / "evil.pth")
+    torch.save({"features.0.weight": Payload(marker)}, tmp_path / "evil.pth")
+    with pytest.raises(UserError, match=f"{cached}: not a readable weights file"):
+        extract_features(tiny_imagenet, tmp_path / "f.h5", weights="imagenet")
+    assert not marker.exists()
+    # The control: the same place holding plain weights.
+    cached.unlink()
+    cache_weights("alexnet", weights_file)
+    extract_features(tiny_imagenet, tmp_path / "f.h5", weights="imagenet", splits=["val"])
 
 
 LOADERS = ("torch.load", "torch.hub.load_state_dict_from_url")
