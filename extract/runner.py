@@ -31,7 +31,7 @@ from extract.backbone import DEFAULT_BACKBONE, IMAGENET
 from extract.dataset import Classes, Manifest, default_splits, read_classes, read_manifest
 from extract.device import resolve_device
 from extract.errors import UserError, WriteFailed
-from extract.images import DECODERS, Batch, Collate, ManifestImages, decode_on_device
+from extract.images import DECODERS, Batch, Collate, ManifestImages, crops_on_device
 from extract.preprocess import Preprocess, normalize, resize_crop
 from extract.writer import BackgroundWriter, HostRows
 
@@ -347,8 +347,8 @@ def write_batch(
     features = flipped = None
     if indices:
         with torch.inference_mode():
-            if batch.undecoded is not None:
-                pixels = decode_on_device(batch.undecoded, params, device)
+            if batch.unstacked is not None:
+                pixels = crops_on_device(batch.unstacked, params, device)
             else:
                 pixels = batch.pixels.to(device, non_blocking=True)
                 if not batch.resized:

@@ -19,7 +19,7 @@ from conftest import (
     write_lossless_video,
 )
 from extract import store
-from extract.images import Collate, ManifestImages, decode_on_device
+from extract.images import Collate, ManifestImages, crops_on_device
 from extract.preprocess import Preprocess, decode, resize_crop
 from head import features
 from head.training import Settings, train
@@ -86,6 +86,28 @@ def test_resize_on_the_device_equals_resizing_each_image_on_the_cpu():
     assert difference.float().mean() < 0.05
 
 
+def test_photos_of_mixed_sizes_resized_on_the_device_match_cpu_fp32(tmp_path, weights_file):
+    root = tmp_path / "photos"
+    for label, name in enumerate(("cats", "dogs")):
+        (root / name).mkdir(parents=True)
+        for index, size in enumerate(((400, 300), (300, 400), (500, 333))):
+            pattern_image(label, index, size=500).resize(size).save(root / name / f"{index}.jpg")
+    expected = extract_features(
+        root, tmp_path / "cpu.h5", weights=str(weights_file), store_dtype="float32"
+    )
+    got = extract_features(
+        root,
+        tmp_path / "cuda.h5",
+        device="cuda",
+        precision="fp32",
+        weights=str(weights_file),
+        store_dtype="float32",
+    )
+    with h5py.File(expected) as cpu, h5py.File(got) as cuda:
+        error = max_relative_row_error(cuda["train/features"][()], cpu["train/features"][()])
+    assert error <= TOLERANCES["fp32"]
+
+
 def test_device_decoding_reads_every_file_and_stays_within_tolerance(
     tiny_imagenet, tmp_path, weights_file
 ):
@@ -121,7 +143,7 @@ def test_device_decoded_pixels_are_close_to_the_workers_pixels(tmp_path):
         paths.append(path.name)
     files = ManifestImages(tmp_path, paths, range(len(paths)), decode="device")
     batch = Collate(Preprocess(), defer_resize=True, decode="device")([files[i] for i in range(4)])
-    on_device = decode_on_device(batch.undecoded, Preprocess(), torch.device("cuda")).cpu()
+    on_device = crops_on_device(batch.unstacked, Preprocess(), torch.device("cuda")).cpu()
     workers = Collate(Preprocess(), defer_resize=False)(
         [ManifestImages(tmp_path, paths, range(4))[i] for i in range(4)]
     )

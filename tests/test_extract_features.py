@@ -213,7 +213,7 @@ def test_large_images_shrunk_match_torchvision_reference(tmp_path, weights_file)
 
 def test_batched_resize_on_the_device_equals_resizing_each_image():
     from conftest import pattern_image
-    from extract.images import Collate
+    from extract.images import Collate, crops_on_device
     from extract.preprocess import decode, resize_crop
 
     items = [(i, decode(pattern_image(i % 3, i)), "") for i in range(5)] + [(5, None, "bad")]
@@ -223,4 +223,15 @@ def test_batched_resize_on_the_device_equals_resizing_each_image():
     assert eager.resized and eager.failed == deferred.failed == [(5, "bad")]
     torch.testing.assert_close(resize_crop(deferred.pixels), eager.pixels, rtol=0, atol=0)
     mixed = items[:2] + [(9, decode(pattern_image(0, 9, size=80)), "")]
-    assert Collate(Preprocess(), defer_resize=True)(mixed).resized
+    handed_over = Collate(Preprocess(), defer_resize=True)(mixed)
+    assert handed_over.pixels is None
+    assert [tuple(image.shape) for image in handed_over.unstacked] == [(3, 64, 64)] * 2 + [
+        (3, 80, 80)
+    ]
+    cpu = torch.device("cpu")
+    torch.testing.assert_close(
+        crops_on_device(handed_over.unstacked, Preprocess(), cpu),
+        Collate(Preprocess(), defer_resize=False)(mixed).pixels,
+        rtol=0,
+        atol=0,
+    )
