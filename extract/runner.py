@@ -198,6 +198,7 @@ def extract_to(
 
     part = store.part_path(out)
     lock = acquire_lock(out)
+    first_batches = None
     try:
         if out.exists() and not options.overwrite:
             if options.resume:
@@ -213,12 +214,7 @@ def extract_to(
         first_batches = (
             iter(make_loader(root, manifests[0], 0, options, params, device)) if fresh else None
         )
-        try:
-            frozen = backbone.build(options.backbone, options.weights, options.node)
-        except BaseException:
-            # The workers inherited the lock's file: stop them now, or the lock outlives the run.
-            del first_batches
-            raise
+        frozen = backbone.build(options.backbone, options.weights, options.node)
         attrs = {
             **frozen.provenance(),
             "feature_dim": frozen.feature_dim,
@@ -268,6 +264,9 @@ def extract_to(
             steady_rate=after_first / (finished - first_batch_at) if after_first else math.nan,
         )
     finally:
+        # The early workers inherited the lock's file: on any failure (the network's build,
+        # the file's creation) they are stopped here, or the lock would outlive the run.
+        first_batches = None
         lock.close()
 
 

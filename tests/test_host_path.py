@@ -126,3 +126,24 @@ def test_device_decoding_without_cuda_is_a_clear_error(tiny_imagenet, tmp_path):
 
     with pytest.raises(UserError, match="--decode device"):
         extract_features(tiny_imagenet, tmp_path / "f.h5", decode="device", device="auto")
+
+
+def test_a_failed_start_stops_the_early_workers_and_frees_the_lock(tiny_imagenet, tmp_path):
+    """The first loader's workers start before the network is built and inherit the lock's
+    file; when the build fails they must be gone, even while the caller keeps the error (and
+    with it the frames of the failed run), or the lock would outlive the run."""
+    import fcntl
+    import sys
+
+    from extract.errors import UserError
+
+    out = tmp_path / "f.h5"
+    (tmp_path / "broken.pth").write_bytes(b"not a state_dict")
+    kept = None
+    try:
+        extract_features(tiny_imagenet, out, workers=2, weights=str(tmp_path / "broken.pth"))
+    except UserError:
+        kept = sys.exc_info()
+    assert kept is not None and "broken.pth" in str(kept[1])
+    with open(out.with_name("f.h5.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if a worker still holds it
