@@ -1,1 +1,30 @@
-"""Run a frozen, pretrained AlexNet once over an image folder and cache its fc7 features in HDF5."""
+"""Run a frozen, pretrained torchvision network once over an image folder; cache its features.
+
+Python API (``python -m extract`` is a thin wrapper around ``run``):
+
+    extract.run(data, out, **options) -> Summary
+        Extract the features of an image folder into one HDF5 file; the options and their
+        defaults are those of ``python -m extract`` (``weights``, ``splits``, ``device``,
+        ``precision``, ``batch_size``, ``workers``, ``resume``, ``overwrite``, ``flip``, ...).
+    extract.load(path, lazy=None) -> FeatureFile
+        Per split: ``features`` (N x D NumPy array in the stored dtype, or lazily read from the
+        file when larger than memory), ``labels``, ``paths``; and ``wnids``, ``names``,
+        ``provenance``.
+    extract.UserError
+        An expected problem (bad input, missing or incomplete file); its message is the line
+        the command prints.
+
+Example::
+
+    import extract
+
+    extract.run("tiny-imagenet-200", "features.h5", weights="imagenet", splits="train,val")
+    cache = extract.load("features.h5")
+    train = cache["train"]
+    print(train.features.shape, train.features.dtype, cache.names[train.labels[0]])
+"""
+
+from extract.api import load, run
+from extract.errors import UserError
+
+__all__ = ["run", "load", "UserError"]

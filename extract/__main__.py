@@ -23,12 +23,13 @@ import dataclasses
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from extract import backbone, distributed
+from extract.api import run
 from extract.errors import UserError, run_cli
 from extract.images import DECODERS
 from extract.precisions import EXTRACT_CHOICES
-from extract.runner import Options, run
 
 
 @dataclasses.dataclass
@@ -39,7 +40,7 @@ class Listing:
     nodes: bool
 
 
-def parse_args(argv: list[str] | None) -> Options | Listing:
+def parse_args(argv: list[str] | None) -> argparse.Namespace | Listing:
     parser = argparse.ArgumentParser(
         prog="python -m extract",
         description="Run a frozen torchvision network (by default pretrained AlexNet up to fc7: "
@@ -133,28 +134,16 @@ def parse_args(argv: list[str] | None) -> Options | Listing:
         return Listing(args.backbone, nodes=args.list_nodes)
     if args.data is None or args.out is None:
         parser.error("--data and --out are required")
-    if args.batch_size < 1 or (args.workers is not None and args.workers < 0):
-        parser.error("--batch-size must be >= 1 and --workers >= 0")
-    splits = [s.strip() for s in args.splits.split(",") if s.strip()] if args.splits else None
-    return Options(
-        data=args.data,
-        out=args.out,
-        splits=splits,
-        backbone=args.backbone,
-        node=args.node,
-        weights=args.weights,
-        device=args.device,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        decode=args.decode,
-        precision=args.precision,
-        store_dtype=args.store_dtype,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        strict=args.strict,
-        flip=args.flip,
-        progress=not args.no_progress,
-    )
+    return args
+
+
+def options(args: argparse.Namespace) -> dict[str, Any]:
+    """The parsed arguments as `extract.run`'s keyword options."""
+    given = dict(vars(args))
+    for key in ("data", "out", "list_backbones", "list_nodes"):
+        del given[key]
+    given["progress"] = not given.pop("no_progress")
+    return given
 
 
 def print_listing(listing: Listing) -> None:
@@ -172,16 +161,14 @@ def print_listing(listing: Listing) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    options = parse_args(argv)
-    if isinstance(options, Listing):
-        print_listing(options)
+    args = parse_args(argv)
+    if isinstance(args, Listing):
+        print_listing(args)
         return 0
-    if options.resume and options.overwrite:
-        raise UserError("--resume and --overwrite contradict each other; pick one")
-    summary = distributed.run(options) if distributed.launched() else run(options)
+    summary = run(args.data, args.out, **options(args))
     if not distributed.launched() or int(os.environ["RANK"]) == 0:
         stream = sys.stderr if summary.already_complete else sys.stdout
-        print(summary.line(options.out), file=stream)
+        print(summary.line(args.out), file=stream)
     return 0
 
 

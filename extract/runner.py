@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torchvision
 from torch.utils.data import DataLoader
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from extract import backbone, precisions, store
 from extract.backbone import DEFAULT_BACKBONE, IMAGENET

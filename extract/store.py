@@ -61,12 +61,13 @@ class NoRoom(OSError):
 
 @dataclasses.dataclass
 class SplitArrays:
-    """One split loaded into memory; `features` keeps the stored dtype."""
+    """One split loaded into memory (or its features left in the file: `read_split`'s `lazy`);
+    `features` keeps the stored dtype."""
 
-    features: np.ndarray
+    features: np.ndarray | h5py.Dataset
     labels: np.ndarray
     paths: list[str]
-    features_flip: np.ndarray | None = None
+    features_flip: np.ndarray | h5py.Dataset | None = None
 
 
 def printable(path: str) -> str:
@@ -452,16 +453,23 @@ def read_labels(file: h5py.File, split: str) -> np.ndarray:
     return read_rows(file, split, "labels")
 
 
-def read_split(file: h5py.File, split: str, with_flip: bool = False) -> SplitArrays:
-    """Load one split whole; features stay in their stored dtype (float16 by default)."""
+def read_split(
+    file: h5py.File, split: str, with_flip: bool = False, lazy: bool = False
+) -> SplitArrays:
+    """Load one split whole; features stay in their stored dtype (float16 by default).
+
+    `lazy`: the features stay in the file, as h5py datasets that read the rows they are sliced
+    with (for splits larger than memory), while `file` is open; a damaged chunk then raises
+    h5py's OSError when its rows are read.
+    """
     group = check_split(file, split)
     flip = None
     if with_flip:
         if "features_flip" not in group:
             raise UserError(f"{file.filename}: no flipped features (extract with --flip)")
-        flip = read_rows(file, split, "features_flip")
+        flip = group["features_flip"] if lazy else read_rows(file, split, "features_flip")
     return SplitArrays(
-        features=read_rows(file, split),
+        features=group["features"] if lazy else read_rows(file, split),
         labels=read_labels(file, split),
         paths=list(group["paths"].asstr()[()]),
         features_flip=flip,

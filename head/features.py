@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 from extract import store
+from extract.device import available_memory
 from extract.errors import UserError
 
 FINITE_CHECK_ROWS = 8192
@@ -123,18 +123,6 @@ def check_shape(file: h5py.File, path: Path, split: str) -> None:
     shape, dim = store.split_info(file, split).shape, store.feature_dim(file)
     if len(shape) != 2 or shape[1] != dim:
         raise UserError(f"{path}: {split}/features has shape {shape}, expected (N, {dim})")
-
-
-def available_memory() -> int:
-    """Host memory that can be allocated without swapping (MemAvailable on Linux)."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def check_fits(
