@@ -17,11 +17,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from extract.device import resolve_device
 from extract.errors import run_cli
 from extract.precisions import HEAD_CHOICES
 from head import features
-from head.training import INITS, PRETRAINED_INITS, Settings, check_save_dir, train
+from head.api import fit
+from head.training import INITS, Settings
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -119,16 +119,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "they are streamed (default: the memory available)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.lr <= 0 or args.weight_decay < 0:
-        parser.error("--batch-size must be >= 1, --lr > 0 and --weight-decay >= 0")
-    if args.epochs < (0 if args.init in PRETRAINED_INITS else 1):
-        parser.error(
-            "--epochs must be >= 1 (0 is allowed with --init classifier or fc8: measure only)"
-        )
-    if args.resume and args.overwrite:
-        parser.error("--resume and --overwrite contradict each other; pick one")
-    return args
+    return parser.parse_args(argv)
 
 
 def size(text: str) -> int:
@@ -140,34 +131,19 @@ def size(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    settings = Settings(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        seed=args.seed,
-        init=args.init,
-        standardize=args.standardize,
-        flip=args.flip,
-        precision=args.precision,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
+    given = dict(vars(args))
+    state = fit(
+        given.pop("features"),
+        given.pop("save"),
+        device=given.pop("device"),
+        stream=True if given.pop("stream") else None,
+        max_memory=given.pop("max_memory"),
+        log=note,
+        progress=not given.pop("no_progress"),
+        **given,
     )
-    device = resolve_device(args.device)
-    check_save_dir(args.save, settings)
-    data = features.load(
-        args.features,
-        flip=args.flip,
-        device=device,
-        report=note,
-        stream=True if args.stream else None,
-        max_memory=args.max_memory,
-    )
-    state = train(data, args.save, settings, device, report=note)
-    selection = state["selection"]
     print(
-        f"best.pt: epoch {state['best_epoch']}, {selection} selection, "
+        f"best.pt: epoch {state['best_epoch']}, {state['selection']} selection, "
         f"top-1 {state['best_accuracy']:.2f}%; saved in {args.save}"
     )
     return 0

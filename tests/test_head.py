@@ -19,7 +19,7 @@ from conftest import WNIDS, extract_features, write_tiny_imagenet
 from extract import store
 from extract.backbone import load_network
 from extract.errors import UserError, run_cli
-from head import checkpoint, evaluate, features, train
+from head import checkpoint, evaluate, evaluation, features, train
 from head.model import classifier_head, imagenet_wnids, pretrained_classifier_head
 from head.training import epoch_order
 
@@ -167,7 +167,7 @@ def test_evaluate_metrics_match_a_direct_computation():
     logits = np.random.default_rng(0).normal(size=(8, 7))
     probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
     predicted = probabilities.argmax(axis=1)
-    result = evaluate.metrics(probabilities, predicted, labels)
+    result = evaluation.metrics(probabilities, predicted, labels)
     assert result["top1"] == pytest.approx(100 * np.mean(predicted == labels))
     top5 = np.argsort(-probabilities, axis=1)[:, :5]
     assert result["top5"] == pytest.approx(100 * np.mean((top5 == labels[:, None]).any(1)))
@@ -179,9 +179,9 @@ def test_expected_calibration_error_of_known_cases():
     # Confident (0.9) and right 9 times out of 10: perfectly calibrated.
     calibrated = np.tile([0.9, 0.1], (10, 1))
     labels = np.array([0] * 9 + [1])
-    assert evaluate.expected_calibration_error(calibrated, labels) == pytest.approx(0.0)
+    assert evaluation.expected_calibration_error(calibrated, labels) == pytest.approx(0.0)
     # Always 0.8 confident, always wrong: the error is the confidence.
-    assert evaluate.expected_calibration_error(
+    assert evaluation.expected_calibration_error(
         np.tile([0.8, 0.2], (4, 1)), np.ones(4, int)
     ) == pytest.approx(0.8)
 
