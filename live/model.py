@@ -70,10 +70,14 @@ class Classifier:
 
     def probabilities(self, pixels: torch.Tensor) -> np.ndarray:
         """Class probabilities (C,) for one (3, crop, crop) uint8 image from `frame_pixels`."""
+        return self.batch_probabilities(pixels.unsqueeze(0))[0]
+
+    def batch_probabilities(self, pixels: torch.Tensor) -> np.ndarray:
+        """Class probabilities (N, C) for (N, 3, crop, crop) uint8 images."""
         with torch.inference_mode():
-            images = normalize(pixels.unsqueeze(0).to(self.device), self.params, self.dtype)
+            images = normalize(pixels.to(self.device), self.params, self.dtype)
             logits = self.network(images)
-            return torch.softmax(logits.float(), dim=1)[0].cpu().numpy()
+            return torch.softmax(logits.float(), dim=1).cpu().numpy()
 
     def warm_up(self) -> None:
         """Run the network before the first frame, so that frame's latency is not the slowest."""

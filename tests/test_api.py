@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import pydoc
 import subprocess
 import sys
@@ -11,12 +12,17 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 import extract
-from conftest import REPO
+import head
+import live
+from conftest import REPO, pattern_image
 from extract import __main__ as extract_cli
 from extract.errors import UserError, run_cli
 from extract.runner import Options
+from head import evaluate as head_evaluate
 from head import train as head_train
 
 QUIET = {"workers": 0, "batch_size": 8, "progress": False}
@@ -126,22 +132,134 @@ def test_load_refuses_incomplete_and_foreign_files_with_the_line_the_commands_pr
 
 
 def test_importing_the_packages_leaves_out_the_image_pipeline():
-    code = "import sys, extract, head; print('torchvision' in sys.modules)"
+    code = (
+        "import sys, extract, head; "
+        "print([m for m in ('torchvision', 'sklearn', 'matplotlib') if m in sys.modules])"
+    )
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
     )
-    assert result.stdout.strip() == "False", result.stderr
+    assert result.stdout.strip() == "[]", result.stderr
 
 
-def test_help_lists_the_api_first():
-    text = pydoc.render_doc(extract, renderer=pydoc.plaintext)
-    assert text.index("extract.run(data, out, **options)") < text.index("PACKAGE CONTENTS")
-    assert extract.__all__ == ["run", "load", "UserError"]
-    for function in (extract.run, extract.load):
-        assert function.__doc__ and function.__annotations__
+@pytest.mark.parametrize(
+    "package, first",
+    [
+        (extract, "extract.run(data, out, **options)"),
+        (head, "head.fit(features, save, **settings)"),
+        (live, "live.load(model, device="),
+    ],
+)
+def test_help_lists_the_api_first_and_each_public_function_is_typed_and_documented(package, first):
+    text = pydoc.render_doc(package, renderer=pydoc.plaintext)
+    assert text.index(first) < text.index("PACKAGE CONTENTS")
+    for name in package.__all__:
+        public = getattr(package, name)
+        assert public.__doc__
+        if callable(public) and not isinstance(public, type):
+            assert "return" in public.__annotations__
 
 
 def test_user_error_is_one_type_importable_from_each_package(tmp_path):
-    assert extract.UserError is UserError
+    assert extract.UserError is UserError and head.UserError is UserError
+    assert live.UserError is UserError
     with pytest.raises(extract.UserError):
         extract.load(Path(tmp_path / "missing.h5"))
+
+
+def test_fit_trains_what_the_command_trains_and_returns_the_last_checkpoint(
+    features_file, tmp_path, capfd
+):
+    argv = ["--features", features_file, "--save", tmp_path / "command", "--epochs", "3"]
+    with pytest.raises(SystemExit):
+        run_cli(head_train.main, [*map(str, argv), "--batch-size", "5", "--no-progress"])
+    capfd.readouterr()
+    with pytest.warns(UserWarning, match="no flipped features"):
+        state = head.fit(
+            str(features_file), tmp_path / "api", epochs=3, batch_size=5, flip=True, progress=False
+        )
+    assert capfd.readouterr() == ("", ""), "progress off: nothing printed"
+    command = torch.load(tmp_path / "command" / "last.pt", weights_only=True)
+    saved = torch.load(tmp_path / "api" / "last.pt", weights_only=True)
+    torch.testing.assert_close(state["state_dict"], saved["state_dict"], rtol=0, atol=0)
+    torch.testing.assert_close(state["state_dict"], command["state_dict"], rtol=0, atol=0)
+    assert state["epoch"] == 3 and state["train_loss"] == command["train_loss"]
+    assert state["best_accuracy"] == command["best_accuracy"]
+    with pytest.raises(UserError, match="--resume and --overwrite"):
+        head.fit(features_file, tmp_path / "api", resume=True, overwrite=True)
+    with pytest.raises(TypeError, match="epoch"):
+        head.fit(features_file, tmp_path / "api", epoch=3)
+
+
+def test_report_is_what_the_command_writes_to_report_json(features_file, tmp_path, capsys):
+    head.fit(features_file, tmp_path / "model", epochs=2, batch_size=5, progress=False)
+    with pytest.raises(SystemExit):
+        run_cli(
+            head_evaluate.main,
+            ["--model", str(tmp_path / "model"), "--features", str(features_file)],
+        )
+    written = json.loads((tmp_path / "model" / "report.json").read_text())
+    assert head.report(tmp_path / "model", features_file) == written
+    assert written["split"] == "val" and written["images"] == 6
+    printed = command_error(
+        head_evaluate.main,
+        ["--model", tmp_path / "model", "--features", features_file, "--split", "test"],
+        capsys,
+    )
+    with pytest.raises(UserError) as raised:
+        head.report(tmp_path / "model", features_file, split="test")
+    assert str(raised.value) == printed and "no labels" in printed
+
+
+def test_predict_on_image_files_gives_what_extract_and_the_head_give(
+    tiny_imagenet, tmp_path, weights_file, model_dir
+):
+    """Independent of live's code path: the stored fc7 rows times the checkpoint's layer."""
+    out = extract.run(
+        tiny_imagenet,
+        tmp_path / "f.h5",
+        weights=weights_file,
+        splits="test,val",
+        store_dtype="float32",
+        **QUIET,
+    )
+    assert out.images == 8
+    cache = extract.load(tmp_path / "f.h5")
+    layer = torch.load(model_dir / "best.pt", weights_only=True)["state_dict"]
+    model = live.load(model_dir, device="cpu")
+    for split in ("test", "val"):
+        features = torch.from_numpy(cache[split].features).double()
+        logits = features @ layer["weight"].double().T + layer["bias"].double()
+        expected = torch.softmax(logits, dim=1).numpy()
+        paths = [tiny_imagenet / path for path in cache[split].paths]
+        predicted = model.predict(paths, topk=3)
+        assert len(predicted) == len(paths)
+        for row, top in zip(expected, predicted):
+            assert [entry["index"] for entry in top] == np.argsort(-row).tolist()
+            # fp32 on the CPU: extraction and live batch the same images differently.
+            np.testing.assert_allclose([e["prob"] for e in top], np.sort(row)[::-1], atol=1e-5)
+            assert top[0]["name"] == cache.names[top[0]["index"]]
+            assert top[0]["wnid"] == cache.wnids[top[0]["index"]]
+
+
+def test_predict_takes_paths_pil_images_rgb_arrays_and_bgr_frames_alike(tmp_path, model_dir):
+    path = tmp_path / "image.png"
+    pattern_image(1, 7, size=80).save(path)
+    image = Image.open(path)
+    rgb = np.asarray(image.convert("RGB"))
+    model = live.load(model_dir, device="cpu")
+    by_path = model.predict(path)
+    assert len(by_path) == 3 and [e["prob"] for e in by_path] == sorted(
+        (e["prob"] for e in by_path), reverse=True
+    )
+    assert model.predict(str(path)) == by_path
+    assert model.predict(image) == by_path
+    assert model.predict(rgb) == by_path
+    assert model.predict_bgr(np.ascontiguousarray(rgb[..., ::-1])) == by_path
+    assert model.predict([path, image], topk=1) == [by_path[:1], by_path[:1]]
+    assert model.predict_bgr(np.stack([rgb[..., ::-1]] * 2), topk=2) == [by_path[:2]] * 2
+    with pytest.raises(UserError, match="H x W x 3 uint8"):
+        model.predict(rgb.astype(np.float32))
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    with pytest.raises(UserError, match="broken.jpg: unreadable image"):
+        model.predict(tmp_path / "broken.jpg")

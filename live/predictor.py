@@ -1,0 +1,150 @@
+"""live from Python: a trained head stitched to its backbone, classifying the images a script holds.
+
+Every image goes through `extract`'s own preprocessing: a file is decoded as extraction decodes
+it (`extract.images.read_pixels`), a PIL image or an RGB array is converted and resized by
+`extract.preprocess`, so `predict` on an image file gives what extraction and the head give for
+it. OpenCV frames are BGR; they have their own call, `predict_bgr`, which converts them
+explicitly (`live.model.frame_pixels`), so an RGB array is never taken for a BGR one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from extract.errors import UserError
+from extract.images import failure_reason, read_pixels
+from extract.preprocess import Preprocess, decode, resize_crop, rgb_array_to_uint8
+from live.model import PRECISIONS, Classifier, frame_pixels, from_checkpoint
+
+BATCH = 32  # images through the network at once (32 normalized 224 x 224 images: 19 MB)
+ImageInput = Image.Image | np.ndarray | str | os.PathLike
+
+
+@dataclasses.dataclass
+class Predictor:
+    """The stitched classifier with `predict` for RGB images and `predict_bgr` for OpenCV frames."""
+
+    classifier: Classifier
+
+    @property
+    def wnids(self) -> list[str | None]:
+        return self.classifier.wnids
+
+    @property
+    def names(self) -> list[str]:
+        return self.classifier.names
+
+    @property
+    def params(self) -> Preprocess:
+        """The preprocessing the backbone's features were made with."""
+        return self.classifier.params
+
+    def predict(
+        self, images: ImageInput | Sequence[ImageInput], topk: int = 5
+    ) -> list[dict] | list[list[dict]]:
+        """The `topk` most probable classes of each image, most probable first, as dicts
+        ``{"index", "wnid", "name", "prob"}``.
+
+        `images`: a PIL image (any mode), an H x W x 3 uint8 RGB NumPy array, an image file's
+        path, or a list of them (or an N x H x W x 3 array). One image gives one list of dicts,
+        several give one such list per image.
+        """
+        return self.top(images, topk, self.rgb_pixels)
+
+    def predict_bgr(
+        self, frames: np.ndarray | Sequence[np.ndarray], topk: int = 5
+    ) -> list[dict] | list[list[dict]]:
+        """`predict` for OpenCV frames: H x W x 3 uint8 arrays in BGR order, as
+        ``cv2.imread`` and ``cv2.VideoCapture.read`` give them."""
+        return self.top(frames, topk, lambda frame: frame_pixels(frame, self.params))
+
+    def top(
+        self, images, topk: int, pixels_of: Callable[[object], torch.Tensor]
+    ) -> list[dict] | list[list[dict]]:
+        """Preprocess, classify in batches and name the `topk` classes of each image."""
+        if topk < 1:
+            raise UserError(f"topk={topk}: must be >= 1")
+        many = isinstance(images, (list, tuple)) or (
+            isinstance(images, np.ndarray) and images.ndim == 4
+        )
+        batch = list(images) if many else [images]
+        results = []
+        for start in range(0, len(batch), BATCH):
+            pixels = torch.stack([pixels_of(image) for image in batch[start : start + BATCH]])
+            for row in self.classifier.batch_probabilities(pixels):
+                best = np.argsort(-row, kind="stable")[:topk]
+                results.append(
+                    [
+                        {
+                            "index": int(index),
+                            "wnid": self.wnids[index],
+                            "name": self.names[index],
+                            "prob": float(row[index]),
+                        }
+                        for index in best
+                    ]
+                )
+        return results if many else results[0]
+
+    def rgb_pixels(self, image: ImageInput) -> torch.Tensor:
+        """One RGB image of any accepted kind, resized and cropped: (3, crop, crop) uint8."""
+        if isinstance(image, Image.Image):
+            return resize_crop(decode(image), self.params)
+        if isinstance(image, np.ndarray):
+            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+                raise UserError(
+                    f"an image array must be H x W x 3 uint8 RGB, not {image.dtype} "
+                    f"{'x'.join(map(str, image.shape))}"
+                )
+            # np.asarray(PIL image) is read-only, which torch.from_numpy warns about.
+            return rgb_array_to_uint8(np.require(image, requirements="CW"), self.params)
+        if isinstance(image, (str, os.PathLike)):
+            path = Path(image)
+            try:
+                return resize_crop(read_pixels(path), self.params)
+            except Exception as error:  # every decoder error is a property of the file
+                raise UserError(f"{path}: unreadable image, {failure_reason(error)}") from None
+        raise UserError(
+            f"cannot classify a {type(image).__name__}: give a PIL image, an RGB array or a path"
+        )
+
+    def export(self, out: str | os.PathLike, torchscript: bool = False) -> list[Path]:
+        """Write the stitched network as a ``torch.export`` program (`out`, a .pt2 file) with
+        its preprocessing and classes, as ``python -m live.export`` does; see `live.exporter`.
+        Returns the files written."""
+        from live import exporter
+
+        return exporter.export(self.classifier, Path(out), torchscript=torchscript)
+
+
+def load(
+    model: str | os.PathLike,
+    device: str = "auto",
+    weights: str | os.PathLike | None = None,
+    precision: str = "fp32",
+) -> Predictor:
+    """Rebuild the backbone and the head from a checkpoint (a file, or the folder `head.fit`
+    saved into: its best.pt), ready to `predict`.
+
+    `weights` are the backbone's, as ``--weights`` of ``python -m live``: by default those the
+    checkpoint records; weights kept elsewhere (a state_dict file) are accepted when their
+    SHA-256 is the recorded one. `device` is "auto", "cpu" or "cuda"; `precision` "fp32" or
+    "bf16".
+    """
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision {precision}: choose {' or '.join(PRECISIONS)}")
+    return Predictor(
+        from_checkpoint(
+            Path(model),
+            None if weights is None else os.fspath(weights),
+            device,
+            precision,
+        )
+    )
