@@ -21,7 +21,7 @@ from PIL import Image
 from extract.errors import UserError
 from extract.images import failure_reason, read_pixels
 from extract.preprocess import Preprocess, decode, resize_crop, rgb_array_to_uint8
-from live.model import PRECISIONS, Classifier, frame_pixels, from_checkpoint
+from live.model import Classifier, frame_pixels, from_checkpoint
 
 BATCH = 32  # images through the network at once (32 normalized 224 x 224 images: 19 MB)
 ImageInput = Image.Image | np.ndarray | str | os.PathLike
@@ -138,8 +138,6 @@ def load(
     SHA-256 is the recorded one. `device` is "auto", "cpu" or "cuda"; `precision` "fp32" or
     "bf16".
     """
-    if precision not in PRECISIONS:
-        raise UserError(f"--precision {precision}: choose {' or '.join(PRECISIONS)}")
     return Predictor(
         from_checkpoint(
             Path(model),
