@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import os
 import socket
 import sys
 from pathlib import Path
@@ -43,10 +44,17 @@ def digit_image(pixels: np.ndarray, rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), mode="RGB")
 
 
-def write_dataset(out: Path, seed: int = 0) -> int:
-    """Write the digits in Tiny ImageNet layout under `out`; returns the number of images."""
+def write_dataset(
+    out: str | os.PathLike, seed: int = 0, train_per_class: int | None = None
+) -> int:
+    """Write the digits in Tiny ImageNet layout under `out`; returns the number of images.
+
+    Each class gives its first 20 images to val and the next 10 to test; the rest (about 150)
+    are train, or only the first `train_per_class` of them, for a demo that runs in seconds.
+    """
     from sklearn.datasets import load_digits
 
+    out = Path(out)
     digits = load_digits()
     rng = np.random.default_rng(seed)
     wnids = [f"digit{label}" for label in range(10)]
@@ -57,6 +65,8 @@ def write_dataset(out: Path, seed: int = 0) -> int:
         "".join(f"{w}\t{name}, {label}\n" for label, (w, name) in enumerate(zip(wnids, NAMES)))
     )
     annotations = []
+    first_train = VAL_PER_CLASS + TEST_PER_CLASS
+    written = 0
     for label, wnid in enumerate(wnids):
         (out / "train" / wnid / "images").mkdir(parents=True, exist_ok=True)
         members = np.flatnonzero(digits.target == label)
@@ -66,12 +76,15 @@ def write_dataset(out: Path, seed: int = 0) -> int:
                 name = f"val_{index}.JPEG"
                 image.save(out / "val" / "images" / name, quality=90)
                 annotations.append(f"{name}\t{wnid}\t0\t0\t{IMAGE_SIZE - 1}\t{IMAGE_SIZE - 1}\n")
-            elif position < VAL_PER_CLASS + TEST_PER_CLASS:
+            elif position < first_train:
                 image.save(out / "test" / "images" / f"test_{index}.JPEG", quality=90)
-            else:
+            elif train_per_class is None or position < first_train + train_per_class:
                 image.save(out / "train" / wnid / "images" / f"{wnid}_{index}.JPEG", quality=90)
+            else:
+                continue
+            written += 1
     (out / "val" / "val_annotations.txt").write_text("".join(annotations))
-    return len(digits.target)
+    return written
 
 
 def pick_weights() -> str:

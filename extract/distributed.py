@@ -79,7 +79,8 @@ def run(options: runner.Options) -> runner.Summary:
             for path in parts:
                 path.unlink()
                 path.with_name(path.name + ".lock").unlink(missing_ok=True)
-            print(f"merged {world} rank files into {out}", file=sys.stderr)
+            if options.progress:
+                print(f"merged {world} rank files into {out}", file=sys.stderr)
         dist.barrier()
         return runner.Summary(
             int(counts[0]), int(counts[1]), time.perf_counter() - started, out.stat().st_size

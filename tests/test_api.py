@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pydoc
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +22,7 @@ import head
 import live
 from conftest import REPO, pattern_image
 from extract import __main__ as extract_cli
+from extract import demo
 from extract.errors import UserError, run_cli
 from extract.runner import Options
 from head import evaluate as head_evaluate
@@ -263,3 +266,30 @@ def test_predict_takes_paths_pil_images_rgb_arrays_and_bgr_frames_alike(tmp_path
     (tmp_path / "broken.jpg").write_bytes(b"not an image")
     with pytest.raises(UserError, match="broken.jpg: unreadable image"):
         model.predict(tmp_path / "broken.jpg")
+
+
+@pytest.mark.slow
+def test_readme_python_example_runs_as_written(tmp_path):
+    """The first python block under "## From Python", in a fresh process in an empty folder:
+    the digits demo data, random backbone weights."""
+    section = (REPO / "README.md").read_text().split("\n## From Python\n", 1)[1].split("\n## ")[0]
+    block = section.split("```python\n", 1)[1].split("\n```", 1)[0]
+    result = subprocess.run(
+        [sys.executable, "-c", block],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "train features: (300, 4096) float16"
+    assert lines[1].startswith("scikit-learn: val accuracy ")
+    assert lines[2].startswith("head.fit: val top-1 ")
+    assert len(lines) == 6
+    for line in lines[3:]:
+        name, predictions = line.split(" ", 1)
+        assert name.startswith("test_") and predictions.count("(") == 2
+        assert all(digit in demo.NAMES for digit in re.findall(r"\('(\w+)'", predictions))
+    assert (tmp_path / "digits-model" / "best.pt").is_file()

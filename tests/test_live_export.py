@@ -57,6 +57,15 @@ def write_images(folder: Path, count: int) -> list[Path]:
     return paths
 
 
+def probabilities(model, images) -> np.ndarray:
+    """`predict`'s answer for every class, by class index."""
+    table = np.zeros((len(images), len(model.names)))
+    for row, top in enumerate(model.predict(images, topk=len(model.names))):
+        for entry in top:
+            table[row, entry["index"]] = entry["prob"]
+    return table
+
+
 @pytest.mark.filterwarnings("error::DeprecationWarning", "error::FutureWarning")
 def test_program_gives_the_probabilities_of_predict_in_a_process_without_the_project(
     tmp_path, model_dir
@@ -66,10 +75,7 @@ def test_program_gives_the_probabilities_of_predict_in_a_process_without_the_pro
     assert written[:2] == [tmp_path / "live.pt2", tmp_path / "live.json"]
     assert not (tmp_path / "live.pt").exists(), "TorchScript only when asked for"
     images = write_images(tmp_path / "images", 4)
-    expected = np.zeros((len(images), len(model.names)))
-    for row, top in enumerate(model.predict(images, topk=len(model.names))):
-        for entry in top:
-            expected[row, entry["index"]] = entry["prob"]
+    expected = probabilities(model, images)
 
     served = subprocess.run(
         [
@@ -133,6 +139,21 @@ def test_onnx_file_computes_what_the_program_computes_for_any_batch(tmp_path, mo
     )
     with torch.no_grad():
         np.testing.assert_allclose(logits, program(images).numpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_model_on_cuda_predicts_as_on_the_cpu_and_exports_a_cpu_program(tmp_path, model_dir):
+    images = write_images(tmp_path / "images", 3)
+    on_cuda = live.load(model_dir, device="cuda")
+    on_cpu = live.load(model_dir, device="cpu")
+    expected = probabilities(on_cpu, images)
+    # cuDNN may run the convolutions in TF32 (10-bit mantissa): 1e-3 on probabilities.
+    np.testing.assert_allclose(probabilities(on_cuda, images), expected, rtol=0, atol=1e-3)
+    on_cuda.export(tmp_path / "live.pt2")
+    assert next(on_cuda.classifier.network.parameters()).is_cuda, "the model in use stays"
+    program = torch.export.load(tmp_path / "live.pt2").module()
+    assert all(not tensor.is_cuda for tensor in program.state_dict().values())
 
 
 def test_export_refuses_an_out_name_that_the_side_car_files_would_take(tmp_path, model_dir):
