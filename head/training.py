@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.nn import functional as F
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from extract.errors import UserError, first_line
 from head import checkpoint, history
