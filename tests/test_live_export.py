@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -66,16 +67,18 @@ def probabilities(model, images) -> np.ndarray:
     return table
 
 
-@pytest.mark.filterwarnings("error::DeprecationWarning", "error::FutureWarning")
 def test_program_gives_the_probabilities_of_predict_in_a_process_without_the_project(
     tmp_path, model_dir
 ):
-    model = live.load(model_dir, device="cpu")
-    written = model.export(tmp_path / "live.pt2")
+    images = write_images(tmp_path / "images", 4)
+    with warnings.catch_warnings():  # here, not around the fixtures: they extract JPEG files
+        warnings.simplefilter("error", DeprecationWarning)
+        warnings.simplefilter("error", FutureWarning)
+        model = live.load(model_dir, device="cpu")
+        written = model.export(tmp_path / "live.pt2")
+        expected = probabilities(model, images)
     assert written[:2] == [tmp_path / "live.pt2", tmp_path / "live.json"]
     assert not (tmp_path / "live.pt").exists(), "TorchScript only when asked for"
-    images = write_images(tmp_path / "images", 4)
-    expected = probabilities(model, images)
 
     served = subprocess.run(
         [
