@@ -98,11 +98,13 @@ class FeatureFile:
     file: h5py.File | None = dataclasses.field(default=None, repr=False)
 
     def __getitem__(self, split: str) -> Split:
+        """The split of that name; a missing one is the error head.evaluate --split gives."""
         if split not in self.splits:
             raise UserError(f"{self.path}: no {split!r} split (has {', '.join(self.splits)})")
         return self.splits[split]
 
     def close(self) -> None:
+        """Close the file a lazily loaded cache reads from; its features then read no more."""
         if self.file is not None:
             self.file.close()
             self.file = None

@@ -44,9 +44,7 @@ def digit_image(pixels: np.ndarray, rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), mode="RGB")
 
 
-def write_dataset(
-    out: str | os.PathLike, seed: int = 0, train_per_class: int | None = None
-) -> int:
+def write_dataset(out: str | os.PathLike, seed: int = 0, train_per_class: int | None = None) -> int:
     """Write the digits in Tiny ImageNet layout under `out`; returns the number of images.
 
     Each class gives its first 20 images to val and the next 10 to test; the rest (about 150)

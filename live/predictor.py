@@ -35,10 +35,12 @@ class Predictor:
 
     @property
     def wnids(self) -> list[str | None]:
+        """Class index -> wnid (or folder name), as the feature file lists them."""
         return self.classifier.wnids
 
     @property
     def names(self) -> list[str]:
+        """Class index -> human-readable name."""
         return self.classifier.names
 
     @property
@@ -56,16 +58,16 @@ class Predictor:
         path, or a list of them (or an N x H x W x 3 array). One image gives one list of dicts,
         several give one such list per image.
         """
-        return self.top(images, topk, self.rgb_pixels)
+        return self._classify(images, topk, self._rgb_pixels)
 
     def predict_bgr(
         self, frames: np.ndarray | Sequence[np.ndarray], topk: int = 5
     ) -> list[dict] | list[list[dict]]:
         """`predict` for OpenCV frames: H x W x 3 uint8 arrays in BGR order, as
         ``cv2.imread`` and ``cv2.VideoCapture.read`` give them."""
-        return self.top(frames, topk, lambda frame: frame_pixels(frame, self.params))
+        return self._classify(frames, topk, lambda frame: frame_pixels(frame, self.params))
 
-    def top(
+    def _classify(
         self, images, topk: int, pixels_of: Callable[[object], torch.Tensor]
     ) -> list[dict] | list[list[dict]]:
         """Preprocess, classify in batches and name the `topk` classes of each image."""
@@ -93,7 +95,7 @@ class Predictor:
                 )
         return results if many else results[0]
 
-    def rgb_pixels(self, image: ImageInput) -> torch.Tensor:
+    def _rgb_pixels(self, image: ImageInput) -> torch.Tensor:
         """One RGB image of any accepted kind, resized and cropped: (3, crop, crop) uint8."""
         if isinstance(image, Image.Image):
             return resize_crop(decode(image), self.params)
