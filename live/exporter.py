@@ -55,8 +55,12 @@ def export(classifier: Classifier, out: Path, torchscript: bool = False) -> list
         )
     # A float32 copy on the CPU in the default layout: the program's weights are saved as
     # plain tensors, and the classifier in use keeps its device, dtype and channels_last.
-    network = copy.deepcopy(classifier.network).to(
-        "cpu", torch.float32, memory_format=torch.contiguous_format
+    # eval() again: a deep copy of torchvision's feature-extractor graph comes back in
+    # training mode, its dropout active.
+    network = (
+        copy.deepcopy(classifier.network)
+        .eval()
+        .to("cpu", torch.float32, memory_format=torch.contiguous_format)
     )
     crop = classifier.params.crop_size
     example = torch.zeros(2, 3, crop, crop)  # two: an example batch of one fixes the batch at 1
