@@ -4,8 +4,9 @@ Python API (``python -m extract`` is a thin wrapper around ``run``):
 
     extract.run(data, out, **options) -> Summary
         Extract the features of an image folder into one HDF5 file; the options and their
-        defaults are those of ``python -m extract`` (``weights``, ``splits``, ``device``,
-        ``precision``, ``batch_size``, ``workers``, ``resume``, ``overwrite``, ``flip``, ...).
+        defaults are those of ``python -m extract`` (``backbone``, ``node``, ``weights``,
+        ``splits``, ``device``, ``precision``, ``batch_size``, ``workers``, ``resume``,
+        ``overwrite``, ``flip``, ...).
     extract.load(path, lazy=None) -> FeatureFile
         Per split: ``features`` (N x D NumPy array in the stored dtype, or lazily read from the
         file when larger than memory), ``labels``, ``paths``; and ``wnids``, ``names``,
@@ -18,8 +19,8 @@ Example::
 
     import extract
 
-    extract.run("tiny-imagenet-200", "features.h5", weights="imagenet", splits="train,val")
-    cache = extract.load("features.h5")
+    extract.run("tiny-imagenet-200", "resnet50.h5", backbone="resnet50", splits="train,val")
+    cache = extract.load("resnet50.h5")
     train = cache["train"]
     print(train.features.shape, train.features.dtype, cache.names[train.labels[0]])
 """

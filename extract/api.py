@@ -31,7 +31,9 @@ def run(data: str | os.PathLike, out: str | os.PathLike, **options: Any) -> Summ
 
     `options` are the options of ``python -m extract``, spelled with underscores and with the
     same defaults: ``splits`` (a list or "train,val"; default: train and val where present),
-    ``weights`` ("imagenet", "random" or a state_dict file), ``device`` ("auto"),
+    ``backbone`` ("alexnet", or any torchvision classification network), ``node`` (None: the
+    input of the network's ImageNet classifier, fc7 for AlexNet), ``weights`` ("imagenet",
+    a torchvision weights name, "random" or a state_dict file), ``device`` ("auto"),
     ``batch_size`` (128), ``workers`` (decoding processes; None: one per core with CUDA, at
     most 8 on the CPU; 0 decodes in this process), ``decode`` ("workers", or "device": JPEG
     files decoded on the GPU), ``precision`` ("auto"), ``store_dtype`` ("float16"),

@@ -257,12 +257,13 @@ def test_live_and_export_rebuild_the_resnet_from_the_checkpoint(resnet_run, tmp_
     status, out, _ = cli(live_main, argv, capsys)
     assert status == 0 and len(log.read_text().splitlines()) == 3
 
-    assert export.main(["--model", str(tmp_path / "model"), "--out", str(tmp_path / "r.pt")]) == 0
-    scripted, described = export.load(tmp_path / "r.pt")
-    assert described["weights_sha256"] == classifier.weights_sha256
+    assert export.main(["--model", str(tmp_path / "model"), "--out", str(tmp_path / "r.pt2")]) == 0
+    extra = {"live.json": ""}
+    program = torch.export.load(tmp_path / "r.pt2", extra_files=extra).module()
+    assert json.loads(extra["live.json"])["weights_sha256"] == classifier.weights_sha256
     images = normalize(pixels, classifier.params)
-    with torch.inference_mode():
-        torch.testing.assert_close(scripted(images), logits, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(program(images), logits, rtol=1e-5, atol=1e-5)
 
 
 def test_init_classifier_starts_from_the_backbones_imagenet_rows(
