@@ -29,6 +29,8 @@ SUFFIX = ".pt2"
 
 
 def metadata(classifier: Classifier) -> dict:
+    """What a program's user needs besides the program: its input, its output, the
+    preprocessing, the classes and the backbone weights' digest."""
     crop = classifier.params.crop_size
     return {
         "input": f"normalized float32 RGB images (N, 3, {crop}, {crop}); see preprocess",

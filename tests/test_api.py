@@ -303,3 +303,15 @@ def test_readme_python_example_runs_as_written(tmp_path):
         assert name.startswith("test_") and predictions.count("(") == 2
         assert all(digit in demo.NAMES for digit in re.findall(r"\('(\w+)'", predictions))
     assert (tmp_path / "digits-model" / "best.pt").is_file()
+
+
+def test_load_takes_backbone_weights_kept_elsewhere_when_their_digest_is_the_recorded_one(
+    tmp_path, model_dir, weights_file
+):
+    moved = tmp_path / "elsewhere.pth"
+    moved.write_bytes(weights_file.read_bytes())
+    image = pattern_image(2, 5)
+    recorded = live.load(model_dir, device="cpu").predict(image)
+    assert live.load(model_dir, device="cpu", weights=moved).predict(image) == recorded
+    with pytest.raises(UserError, match="--weights random: sha256 .* differs"):
+        live.load(model_dir, device="cpu", weights="random")
