@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     written = predictor.export(args.out, torchscript=args.torchscript)
     print("wrote " + ", ".join(str(path) for path in written))
     if not exporter.onnx_available():
-        print("onnx is not installed: no ONNX file (pip install onnx onnxscript for one)")
+        print("onnx or onnxscript is not installed: no ONNX file (pip install onnx onnxscript)")
     return 0
 
 

@@ -83,8 +83,11 @@ def export(classifier: Classifier, out: Path, torchscript: bool = False) -> list
             input_names=["images"],
             output_names=["logits"],
             dynamo=True,
+            verbose=False,
         )
-        written.append(onnx_path)
+        # The weights go to FILE.onnx.data beside it (protobuf files stop at 2 GB).
+        weights = onnx_path.with_name(onnx_path.name + ".data")
+        written.extend([onnx_path, weights] if weights.exists() else [onnx_path])
     if torchscript:
         script_path = out.with_suffix(".pt")
         with torch.no_grad():
