@@ -7,9 +7,10 @@ its outputs travels inside it as the extra file ``live.json`` (read back with
 preprocessing parameters (`extract.preprocess.Preprocess`), the class wnids and names, and the
 backbone weights' SHA-256.
 
-From the same program, ``FILE.onnx`` is written by torch's current ONNX exporter when the onnx and
-onnxscript packages are installed. TorchScript (``FILE.pt``), which torch has deprecated in favour
-of ``torch.export``, is written only when asked for.
+From the same program, ``FILE.onnx`` (its weights in ``FILE.onnx.data``) is written by torch's
+current ONNX exporter when the onnx and onnxscript packages are installed. TorchScript
+(``FILE.pt``), which torch has deprecated in favour of ``torch.export``, is written only when
+asked for.
 """
 
 from __future__ import annotations
