@@ -22,6 +22,7 @@ import head
 import live
 from conftest import REPO, pattern_image
 from extract import __main__ as extract_cli
+from extract import api as extract_api
 from extract import demo
 from extract.errors import UserError, run_cli
 from extract.runner import Options
@@ -42,7 +43,7 @@ def command_error(main, argv: list[str], capsys) -> str:
 
 
 def test_run_extracts_as_the_command_does_and_load_gives_the_stored_arrays(
-    tiny_imagenet, tmp_path, weights_file, capfd
+    tiny_imagenet, tmp_path, weights_file, capfd, monkeypatch
 ):
     out = tmp_path / "features.h5"
     summary = extract.run(
@@ -83,6 +84,10 @@ def test_run_extracts_as_the_command_does_and_load_gives_the_stored_arrays(
         assert isinstance(rows, h5py.Dataset) and rows.shape == (12, 4096)
         np.testing.assert_array_equal(rows[3:7], cache["train"].features[3:7])
     assert not rows.id.valid, "closed with the with block"
+    monkeypatch.setattr(extract_api, "available_memory", lambda: 100_000)  # < 20 x 4096 x 4
+    with extract.load(out) as larger_than_memory:
+        assert larger_than_memory.lazy
+        assert isinstance(larger_than_memory["val"].features, h5py.Dataset)
 
 
 def test_run_takes_each_option_of_the_command_with_its_default(tmp_path):
