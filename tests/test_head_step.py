@@ -6,9 +6,21 @@ import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
+from tqdm import tqdm
 
 from head.adam import Adam
-from head.training import closed_form_step
+from head.features import SplitTensors
+from head.model import initial_head
+from head.training import (
+    EpochGraph,
+    Run,
+    Settings,
+    adam,
+    closed_form_step,
+    graphed_epoch,
+    graphed_step,
+    train_epoch,
+)
 
 
 def batch(seed: int, rows: int = 37, dim: int = 64, classes: int = 11):
@@ -58,3 +70,54 @@ def test_closed_form_adam_steps_follow_autograd_adam_steps():
         ours_adam.step()
     torch.testing.assert_close(ours.weight, reference.weight, rtol=0, atol=1e-6)
     torch.testing.assert_close(ours.bias, reference.bias, rtol=0, atol=1e-6)
+
+
+class EagerReplay:
+    """Stands in for the CUDA graph on the CPU: each replay runs the captured steps eagerly."""
+
+    def __init__(self, run, train, settings):
+        self.arguments = run, train, settings
+
+    def replay(self) -> None:
+        run, train, settings = self.arguments
+        for _ in range(run.graph.steps):
+            graphed_step(run, train, settings.batch_size, settings.precision == "bf16", run.graph)
+
+
+def new_test_run(settings: Settings, standardized: bool) -> Run:
+    head = initial_head(64, 11, seed=0)
+    generator = torch.Generator().manual_seed(settings.seed)
+    mean = std = None
+    if standardized:
+        mean, std = torch.full((64,), 0.5), torch.full((64,), 2.0)
+    return Run(head=head, optimizer=adam(head, settings), generator=generator, mean=mean, std=std)
+
+
+@pytest.mark.parametrize("batch_size", [8, 7])  # 56 rows: full batches only, and a short one
+@pytest.mark.parametrize("flip", [False, True])
+def test_the_steps_a_graph_captures_walk_the_epoch_as_the_eager_loop(batch_size, flip):
+    """The captured step reads its rows through a device-side offset into the epoch's order;
+    run eagerly here, three epochs of it equal three epochs of the eager loop."""
+    features, labels = batch(5, rows=56)
+    train = SplitTensors("train", features.half(), labels, features.flip(1).half())
+    settings = Settings(batch_size=batch_size, flip=flip, weight_decay=0.01, progress=False)
+    eager, graphed = new_test_run(settings, True), new_test_run(settings, True)
+    full_steps = len(train) // batch_size
+    graphed.graph = EpochGraph(
+        graph=EagerReplay(graphed, train, settings),
+        steps=max(d for d in range(1, 5) if full_steps % d == 0),
+        order=torch.zeros(len(train), dtype=torch.int64),
+        flipped=torch.zeros(len(train), dtype=torch.bool) if flip else None,
+        offset=torch.zeros((), dtype=torch.int64),
+        loss_sum=torch.zeros((), dtype=torch.float64),
+        correct=torch.zeros((), dtype=torch.int64),
+    )
+    with tqdm(disable=True) as bar:
+        for _ in range(3):
+            expected = train_epoch(eager, train, settings, bar)
+            got = graphed_epoch(graphed, train, settings, bar)
+            assert got.loss == pytest.approx(expected.loss, abs=1e-6)
+            assert got.top1 == expected.top1
+    torch.testing.assert_close(graphed.head.weight, eager.head.weight, rtol=0, atol=1e-6)
+    torch.testing.assert_close(graphed.head.bias, eager.head.bias, rtol=0, atol=1e-6)
+    assert torch.equal(graphed.generator.get_state(), eager.generator.get_state())
