@@ -17,10 +17,10 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 { nvidia-smi; nproc; $PY -c 'import torch, torchvision; print(torch.__version__,
   torchvision.__version__, torch.cuda.get_device_name(0))'; } > "$OUT/machine.txt" 2>&1
 started=$(date +%s)
-timeout 180 $PY -m pytest -q -m cuda -p no:cacheprovider 2>&1 | tee "$OUT/pytest-cuda.log"
+timeout 150 $PY -m pytest -q -m cuda -p no:cacheprovider 2>&1 | tee "$OUT/pytest-cuda.log"
 tests=${PIPESTATUS[0]}
 echo "cuda tests: exit $tests in $(( $(date +%s) - started )) s" | tee -a "$OUT/pytest-cuda.log"
-BENCHMARK_RESULTS="$OUT/RESULTS.md" timeout 480 $PY -m benchmarks.all --preset h100 \
+BENCHMARK_RESULTS="$OUT/RESULTS.md" timeout 440 $PY -m benchmarks.all --preset h100 \
   --data "$DATA/tiny" 2>&1 | tee "$OUT/benchmarks.log"
 benchmarks=${PIPESTATUS[0]}
 echo "benchmarks: exit $benchmarks; all done in $(( $(date +%s) - started )) s" \
