@@ -89,6 +89,7 @@ def one_pass(data: Path, batch_size: int, workers: int, options: list[str], out:
     classes, manifests = runner.read_dataset(settings)
     attrs = {key: "" for key in store.PROVENANCE_KEYS}
     attrs.update(precision="", torch_version="", torchvision_version="", store_dtype="float16")
+    attrs["feature_dim"] = FEATURE_DIM
     count = 0
     with (
         store.create(out, attrs, classes, manifests, flip=False) as file,
