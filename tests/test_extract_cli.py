@@ -189,6 +189,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_imagenet, tmp_path,
         "0",
         "--store-dtype",
         "float32",
+        "--device",
+        "cpu",  # as the reference it is compared with, bit for bit
     ]
     reference = tmp_path / "reference.h5"
     extract_features(
@@ -317,6 +319,8 @@ def test_repeated_sigkill_at_random_moments_then_resume_matches(tmp_path, weight
         "0",
         "--no-progress",
         "--resume",
+        "--device",
+        "cpu",  # as the reference it is compared with, bit for bit
     ]
     out = tmp_path / "killed.h5"
     part = store.part_path(out)

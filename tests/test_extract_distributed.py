@@ -79,6 +79,8 @@ def test_torchrun_two_ranks_equal_single_process(tmp_path, weights_file):
             "4",
             "--workers",
             "0",
+            "--device",
+            "cpu",  # as the single run; two ranks cannot share one GPU under NCCL
             "--no-progress",
         ],
         cwd=REPO,

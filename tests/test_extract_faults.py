@@ -146,6 +146,8 @@ def test_full_disk_gives_clear_error_and_resume_completes(tiny_imagenet, tmp_pat
         "--batch-size",
         "2",
         "--no-progress",
+        "--device",
+        "cpu",  # as the reference it is compared with, bit for bit
     ]
     full = subprocess.run(
         args, cwd=REPO, capture_output=True, text=True, preexec_fn=limit_file_size

@@ -123,7 +123,7 @@ def test_extract_on_a_disk_that_fills_keeps_its_rows_and_resume_completes(
     )
     out, filler = small_disk / "f.h5", small_disk / "filler"
     common = ["--data", str(data), "--out", str(out), "--weights", str(weights_file)]
-    common += ["--workers", "0", "--batch-size", "2", "--no-progress"]
+    common += ["--workers", "0", "--batch-size", "2", "--no-progress", "--device", "cpu"]
 
     full = python("-c", EXTRACT_THEN_FILL, str(filler), *common)
     assert_one_line(full, f"{store.part_path(out)}: writing failed", "No space left on device")
