@@ -155,6 +155,8 @@ def test_full_disk_gives_clear_error_and_resume_completes(tiny_imagenet, tmp_pat
     assert full.returncode == 2, full.stderr
     assert "Traceback" not in full.stderr
     assert full.stderr.startswith(f"error: {store.part_path(out)}: writing failed")
+    assert len(full.stderr.strip().splitlines()) == 1, full.stderr
+    assert "file size limit" in full.stderr
     assert not out.exists(), "nothing may claim to be complete"
     with h5py.File(store.part_path(out)) as part:
         assert not part.attrs["complete"]

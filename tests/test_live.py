@@ -7,6 +7,7 @@ import json
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -69,6 +70,39 @@ def test_smoothing_is_an_exponential_moving_average_and_zero_is_off():
     assert np.array_equal(session.smoothed(first, second, 0.0), second)
     np.testing.assert_allclose(session.smoothed(first, second, 0.75), [0.75, 0.25])
     assert np.array_equal(session.smoothed(None, second, 0.75), second)
+
+
+def test_log_record_holds_the_raw_top_k_and_the_top_1_of_the_average():
+    """The JSONL line, field by field: top-k of this frame's probabilities (ties in class
+    order), the top-1 of the moving average, the latency in ms to the microsecond."""
+    classes = SimpleNamespace(wnids=["n1", "n2", "n3", "n4"], names=["a", "b", "c", "d"])
+    probs = np.array([0.1, 0.6, 0.05, 0.25], np.float32)
+    average = np.array([0.5, 0.2, 0.1, 0.2], np.float32)
+    before = time.time()
+    record = session.log_record(
+        Frame(7, np.zeros((2, 2, 3), np.uint8), 0.0, "x/y.png"),
+        12.34567,
+        probs,
+        average,
+        classes,
+        3,
+    )
+    assert before - 1e-6 <= record["time"] <= time.time() + 1e-6
+    assert record == {
+        "frame": 7,
+        "time": record["time"],
+        "latency_ms": 12.346,
+        "topk": [
+            {"index": 1, "wnid": "n2", "name": "b", "prob": 0.6},
+            {"index": 3, "wnid": "n4", "name": "d", "prob": 0.25},
+            {"index": 0, "wnid": "n1", "name": "a", "prob": 0.1},
+        ],
+        "smoothed_top1": {"index": 0, "wnid": "n1", "name": "a", "prob": 0.5},
+        "path": "x/y.png",
+    }
+    frame = Frame(8, np.zeros((2, 2, 3), np.uint8), 0.0)
+    assert "path" not in session.log_record(frame, 1.0, probs, average, classes, 1)
+    assert session.top_indices(np.array([0.2, 0.4, 0.4, 0.0]), 3).tolist() == [1, 2, 0]
 
 
 def test_video_file_gives_every_frame_in_order_and_loops(tmp_path):
