@@ -34,6 +34,20 @@ def mode_cases() -> dict[str, tuple[Image.Image, np.ndarray]]:
     # conversion that clips at 255 instead of scaling gives white almost everywhere.
     noise = rng.integers(0, 128, shape) * (gray < 255)
     sixteen = (gray.astype(np.uint16) * 257 + noise).astype(np.uint16)
+
+    def mapped(values: dict[float, int], dtype) -> tuple[np.ndarray, np.ndarray]:
+        """Pixels drawn from `values` and the 8-bit level each stands for."""
+        chosen = rng.choice(list(values), shape).astype(dtype)
+        expected = np.vectorize(lambda v: values[float(v)])(chosen)
+        return chosen, np.stack([expected] * 3, axis=-1)
+
+    # Whole-range images: at most 255 is read as 8 bits, anything above as 16 bits.
+    eight_bit, eight_bit_rgb = mapped({0: 0, 128: 128, 200: 200, 255: 255}, np.int32)
+    dark, dark_rgb = mapped({0: 0, 100: 0, 200: 1, 256: 1}, np.uint16)
+    # Float pixels are rounded to the nearest level, and clipped below at 0.
+    floats, floats_rgb = mapped(
+        {-20.0: 0, 10.25: 10, 10.75: 11, 127.5: 128, 255.0: 255}, np.float32
+    )
     return {
         "L": (Image.fromarray(gray, mode="L"), np.stack([gray] * 3, axis=-1)),
         "RGBA": (Image.fromarray(rgba, mode="RGBA"), rgba[..., :3]),  # alpha dropped
@@ -46,6 +60,16 @@ def mode_cases() -> dict[str, tuple[Image.Image, np.ndarray]]:
         "1": (Image.fromarray(bits).convert("1"), np.stack([bits * 255] * 3, axis=-1)),
         "I;16": (Image.fromarray(sixteen), np.stack([gray] * 3, axis=-1)),
         "I": (Image.fromarray(sixteen.astype(np.int32)), np.stack([gray] * 3, axis=-1)),
+        "I+8-bit range": (Image.fromarray(eight_bit), eight_bit_rgb),
+        "I;16+max 256": (Image.fromarray(dark), dark_rgb),
+        "F": (Image.fromarray(floats), floats_rgb),
+        **{
+            mode: (
+                Image.frombytes(mode, shape[::-1], sixteen.astype(order).tobytes()),
+                np.stack([gray] * 3, axis=-1),
+            )
+            for mode, order in (("I;16B", ">u2"), ("I;16L", "<u2"), ("I;16N", "=u2"))
+        },
     }
 
 

@@ -77,7 +77,7 @@ def test_log_record_holds_the_raw_top_k_and_the_top_1_of_the_average():
     order), the top-1 of the moving average, the latency in ms to the microsecond."""
     classes = SimpleNamespace(wnids=["n1", "n2", "n3", "n4"], names=["a", "b", "c", "d"])
     probs = np.array([0.1, 0.6, 0.05, 0.25], np.float32)
-    average = np.array([0.5, 0.2, 0.1, 0.2], np.float32)
+    average = np.array([0.2, 0.1, 0.5, 0.2], np.float32)
     before = time.time()
     record = session.log_record(
         Frame(7, np.zeros((2, 2, 3), np.uint8), 0.0, "x/y.png"),
@@ -97,12 +97,15 @@ def test_log_record_holds_the_raw_top_k_and_the_top_1_of_the_average():
             {"index": 3, "wnid": "n4", "name": "d", "prob": 0.25},
             {"index": 0, "wnid": "n1", "name": "a", "prob": 0.1},
         ],
-        "smoothed_top1": {"index": 0, "wnid": "n1", "name": "a", "prob": 0.5},
+        "smoothed_top1": {"index": 2, "wnid": "n3", "name": "c", "prob": 0.5},
         "path": "x/y.png",
     }
     frame = Frame(8, np.zeros((2, 2, 3), np.uint8), 0.0)
     assert "path" not in session.log_record(frame, 1.0, probs, average, classes, 1)
     assert session.top_indices(np.array([0.2, 0.4, 0.4, 0.0]), 3).tolist() == [1, 2, 0]
+    tied = np.zeros(1000)  # ImageNet's 1000 classes, four of them tied
+    tied[[900, 5, 700, 300]] = 0.25
+    assert session.top_indices(tied, 5).tolist() == [5, 300, 700, 900, 0]
 
 
 def test_video_file_gives_every_frame_in_order_and_loops(tmp_path):
