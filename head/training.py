@@ -201,7 +201,6 @@ def memory_batches(
         yield features, train.labels.index_select(0, rows)
 
 
-@torch.no_grad()
 def closed_form_step(
     weight: torch.Tensor,
     bias: torch.Tensor,
@@ -215,23 +214,25 @@ def closed_form_step(
     in bfloat16 as under autocast (the logits, G, dW and db in bfloat16, cast to float32), so
     the steps are those autograd takes with ``torch.autocast(dtype=torch.bfloat16)``.
     """
-    if bf16:
-        logits = torch.addmm(bias.bfloat16(), features.bfloat16(), weight.bfloat16().t())
-    else:
-        logits = torch.addmm(bias, features, weight.t())
-    log_probs = logits.float().log_softmax(1)
-    loss = -log_probs.gather(1, labels[:, None]).mean()
-    gradient = log_probs.exp_()  # softmax
-    gradient.scatter_add_(1, labels[:, None], torch.full_like(log_probs[:, :1], -1.0))
-    gradient.div_(len(labels))
-    if bf16:
-        gradient = gradient.bfloat16()
-        weight.grad = torch.mm(gradient.t(), features.bfloat16()).float()
-        bias.grad = gradient.sum(0).float()
-    else:
-        weight.grad = torch.mm(gradient.t(), features)
-        bias.grad = gradient.sum(0)
-    return loss, logits
+    # A context, not a decorator, so that the mutation run (make mutation) can reach the body.
+    with torch.no_grad():
+        if bf16:
+            logits = torch.addmm(bias.bfloat16(), features.bfloat16(), weight.bfloat16().t())
+        else:
+            logits = torch.addmm(bias, features, weight.t())
+        log_probs = logits.float().log_softmax(1)
+        loss = -log_probs.gather(1, labels[:, None]).mean()
+        gradient = log_probs.exp_()  # softmax
+        gradient.scatter_add_(1, labels[:, None], torch.full_like(log_probs[:, :1], -1.0))
+        gradient.div_(len(labels))
+        if bf16:
+            gradient = gradient.bfloat16()
+            weight.grad = torch.mm(gradient.t(), features.bfloat16()).float()
+            bias.grad = gradient.sum(0).float()
+        else:
+            weight.grad = torch.mm(gradient.t(), features)
+            bias.grad = gradient.sum(0)
+        return loss, logits
 
 
 def train_step(
