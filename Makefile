@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO := build/demo
 
-.PHONY: env demo test test-all test-cuda lint bench clean
+.PHONY: env demo test test-all test-cuda lint mutation bench clean
 
 env: $(STAMP)
 
@@ -35,9 +35,23 @@ test-all: $(STAMP)
 test-cuda: $(STAMP)
 	$(PY) -m pytest -q -m cuda
 
+# Mutation testing (tests/MUTATION.md): mutants of the preprocessing, the head's training step
+# and live's frame path, each run against the fast tests that cover it ([tool.mutmut] in
+# pyproject.toml lists them). `mutmut show NAME` prints a mutant's diff.
+MUTANTS := 'extract.preprocess.*' 'head.training.x_closed_form_step*' \
+	'head.training.x_train_step*' 'head.training.x_train_epoch*' \
+	'head.training.x_memory_batches*' 'live.model.x_frame_pixels*' \
+	'live.model.xǁClassifierǁprobabilities*' 'live.session.x_smoothed*' \
+	'live.session.x_top_indices*' 'live.session.x_class_entry*' 'live.session.x_log_record*'
+
+mutation: $(STAMP)
+	rm -rf mutants
+	OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children 2 $(MUTANTS)
+	$(VENV)/bin/mutmut results
+
 lint: $(STAMP)
 	$(PY) -m ruff format --check .
 	$(PY) -m ruff check .
 
 clean:
-	rm -rf $(DEMO) build .pytest_cache
+	rm -rf $(DEMO) build .pytest_cache mutants
