@@ -1,13 +1,16 @@
 """Extraction speed: ours (`python -m extract`) against the plain torchvision way, same files.
 
-The plain way is what users write: `ImageFolder` with the evaluation transforms, a `DataLoader`,
-AlexNet cut at fc7 in fp32 under `no_grad`, features collected and saved with `np.save`.
+The plain way is what users write: `ImageFolder` with the weights' own evaluation transforms
+(`weights.transforms()` on PIL images), a `DataLoader`, the network cut at the same node by
+`create_feature_extractor` (AlexNet: fc7) in fp32 under `no_grad`, features collected and saved
+with `np.save`. Both sides use the same seeded random weights, so their features are compared.
 
 Ours is timed as the user sees it (the call to the complete file), and also from the call to
 its first batch on the device and, in steady state, from that batch to the last one written.
 
 Examples:
     python -m benchmarks.extract --images 2000
+    python -m benchmarks.extract --images 200 --backbone resnet50 --precisions auto
     python -m benchmarks.extract --images 110000 --data /tmp/bench-data --batch-size 512 \
         --workers 16 --precisions auto,bf16
     python -m benchmarks.extract --photos --images 20000 --precisions auto --decodes workers,device
@@ -27,30 +30,25 @@ import torch
 from benchmarks import report, synthetic
 
 
-def plain(data: Path, out: Path, batch_size: int, workers: int, device: str) -> dict:
-    from torchvision import datasets, transforms
-    from torchvision.models import alexnet
+def plain(
+    data: Path, out: Path, batch_size: int, workers: int, device: str, name: str, node: str
+) -> dict:
+    from torchvision import datasets
+    from torchvision.models import get_model, get_model_weights
+    from torchvision.models.feature_extraction import create_feature_extractor
 
     started = time.perf_counter()
-    transform = transforms.Compose(
-        [
-            transforms.Resize(256),
-            transforms.CenterCrop(224),
-            transforms.ToTensor(),
-            transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-        ]
-    )
+    transform = get_model_weights(name).DEFAULT.transforms()
     dataset = datasets.ImageFolder(data / "train", transform=transform)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, num_workers=workers, pin_memory=device == "cuda"
     )
-    model = alexnet(weights=None)
-    model.classifier = model.classifier[:6]
-    model = model.eval().to(device)
+    model = get_model(name, weights=None).eval()
+    model = create_feature_extractor(model, return_nodes={node: "features"}).to(device)
     features = []
     with torch.no_grad():
         for images, _ in loader:
-            features.append(model(images.to(device)).cpu())
+            features.append(model(images.to(device))["features"].cpu())
     np.save(out, torch.cat(features).numpy())
     seconds = time.perf_counter() - started
     paths = [Path(p).relative_to(data).as_posix() for p, _ in dataset.samples]
@@ -65,6 +63,7 @@ def ours(
     device: str,
     precision: str,
     decode: str = "workers",
+    backbone: str = "alexnet",
 ) -> dict:
     from extract import runner
 
@@ -72,6 +71,7 @@ def ours(
         data=data,
         out=out,
         splits=["train"],
+        backbone=backbone,
         weights="random",
         device=device,
         batch_size=batch_size,
@@ -93,9 +93,18 @@ def ours(
 
 def variant_main(args) -> None:
     """One side of the comparison, in its own process; prints a JSON line."""
-    torch.manual_seed(0)
+    node = default_node(args.backbone) if args.variant == "plain" else None
+    torch.manual_seed(0)  # the seed of `--weights random`: both sides get the same weights
     if args.variant == "plain":
-        result = plain(args.data, args.out, args.batch_size, args.workers, args.device)
+        result = plain(
+            args.data,
+            args.out,
+            args.batch_size,
+            args.workers,
+            args.device,
+            args.backbone,
+            node,
+        )
     else:
         result = ours(
             args.data,
@@ -104,9 +113,20 @@ def variant_main(args) -> None:
             args.workers,
             args.device,
             *args.variant.split(":")[1:],
+            backbone=args.backbone,
         )
     result.update(peak_rss_mb=report.peak_rss_mb(), peak_gpu_mb=report.peak_gpu_mb())
     print(json.dumps(result))
+
+
+def default_node(name: str) -> str:
+    """The node ours reads by default: the input of the network's ImageNet classifier."""
+    from torchvision.models import get_model
+
+    from extract import backbone
+
+    with torch.random.fork_rng(devices=[]):  # the seeded weights stay those of ours
+        return backbone.default_node(get_model(name, weights=None), name)
 
 
 def max_relative_difference(ours_file: Path, plain_file: Path, plain_paths: list[str]) -> float:
@@ -141,6 +161,9 @@ def main() -> None:
         "--decodes", default="workers", help="where ours decodes JPEG files: workers,device"
     )
     parser.add_argument("--photos", action="store_true", help="photo-sized files, not 64x64")
+    parser.add_argument(
+        "--backbone", default="alexnet", help="torchvision network to compare (default: alexnet)"
+    )
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -165,6 +188,8 @@ def main() -> None:
         str(args.workers),
         "--device",
         args.device,
+        "--backbone",
+        args.backbone,
     ]
     plain_result = report.run_variant(
         "benchmarks.extract", [*common, "--variant", "plain", "--out", str(scratch / "p.npy")]
@@ -210,7 +235,8 @@ def main() -> None:
         )
     sizes = "about 500x375 (4 sizes mixed)" if args.photos else "64x64"
     report.publish(
-        f"extract: {plain_result['images']} JPEG files {sizes}, batch {args.batch_size}, "
+        f"extract {args.backbone}: {plain_result['images']} JPEG files {sizes}, "
+        f"batch {args.batch_size}, "
         f"{args.workers} workers, {args.device}",
         [
             "pipeline",
