@@ -1,8 +1,9 @@
 """The one image preprocessing of the project: extraction and live inference both use it.
 
-It is torchvision's ImageNet evaluation transform (resize the shorter side to 256, bilinear with
-antialiasing, center-crop 224, scale to [0, 1], normalize with ImageNet mean and std), split in
-two halves so that the expensive part can run where it is cheapest:
+It is the evaluation transform of the backbone's weights, with the parameters of their own
+``transforms()`` (`extract.backbone.preprocess_of`; for AlexNet: resize the shorter side to 256,
+bilinear with antialiasing, center-crop 224, scale to [0, 1], normalize with ImageNet mean and
+std), split in two halves so that the expensive part can run where it is cheapest:
 
 * `decode` then `resize_crop` (`to_uint8` does both): RGB -> resize -> crop -> uint8 CHW
   tensor, per image in DataLoader workers, or batched on the GPU. Staying in uint8 keeps
@@ -80,9 +81,11 @@ def decode(image: Image.Image) -> torch.Tensor:
 def resize_crop(pixels: torch.Tensor, params: Preprocess = Preprocess()) -> torch.Tensor:
     """Resize the shorter side and center-crop (3, H, W) or same-size (N, 3, H, W) uint8 pixels.
 
-    torchvision's uint8 tensor resize: on the CPU it gives exactly PIL's pixels when enlarging
-    (Tiny ImageNet's 64 -> 256) and at most one level off when shrinking (fc7 within 5e-4);
-    on CUDA it runs batched on the GPU, where decoding workers would otherwise be the limit.
+    torchvision's uint8 tensor resize: on the CPU, bilinear gives exactly PIL's pixels when
+    enlarging (Tiny ImageNet's 64 -> 256) and at most one level off when shrinking (fc7 within
+    5e-4); bicubic (EfficientNet, Swin) at most two levels off, on a few pixels in a thousand,
+    both ways (features within 1e-3, tests/test_backbones.py). On CUDA it runs batched on the
+    GPU, where decoding workers would otherwise be the limit.
     """
     pixels = TF.resize(
         pixels,
