@@ -14,6 +14,7 @@ PIL's decoder followed by `extract.preprocess.to_rgb`); every other file, and an
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import warnings
 from pathlib import Path
@@ -38,7 +39,7 @@ warnings.filterwarnings(
 )
 
 
-def read_pixels_with_pil(path: str | Path) -> torch.Tensor:
+def read_pixels_with_pil(path: str | Path | io.BytesIO) -> torch.Tensor:
     """Read one file fully with PIL as (3, H, W) uint8 RGB; raises for anything unreadable."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -203,26 +204,52 @@ class Collate:
 
 def crops_on_device(
     unstacked: list[torch.Tensor], params: Preprocess, device: torch.device
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, list[tuple[int, str]]]:
     """JPEG bytes decoded by the GPU in one batched call, pixels copied over; then each group
-    of same-sized images resized and cropped together. Returns (N, 3, crop, crop) uint8."""
-    encoded = [position for position, data in enumerate(unstacked) if data.dim() == 1]
+    of same-sized images resized and cropped together.
+
+    Returns the (N, 3, crop, crop) uint8 crops of the images that could be read, in order, and
+    (position, reason) for those that could not: a file the GPU's decoder refuses is decoded
+    by PIL instead, and a file PIL cannot read either is a failure with PIL's reason, as when
+    the workers decode.
+    """
     images: list[torch.Tensor | None] = [None] * len(unstacked)
+    failed: list[tuple[int, str]] = []
+    encoded = [position for position, data in enumerate(unstacked) if data.dim() == 1]
     if encoded:
-        decoded = decode_jpeg(
-            [unstacked[position] for position in encoded], mode=ImageReadMode.RGB, device=device
-        )
-        for position, pixels in zip(encoded, decoded):
+        for position, pixels in zip(encoded, decode_on(device, [unstacked[p] for p in encoded])):
             images[position] = pixels
     for position, data in enumerate(unstacked):
         if data.dim() == 3:
             images[position] = data.to(device, non_blocking=True)
+        elif images[position] is None:  # refused by the GPU's decoder
+            try:
+                pixels = read_pixels_with_pil(io.BytesIO(data.numpy().tobytes()))
+                images[position] = pixels.to(device)
+            except Exception as error:  # a property of the file, as in the workers
+                failed.append((position, failure_reason(error)))
+    kept = [position for position, pixels in enumerate(images) if pixels is not None]
     crops = torch.empty(
-        (len(images), 3, params.crop_size, params.crop_size), dtype=torch.uint8, device=device
+        (len(kept), 3, params.crop_size, params.crop_size), dtype=torch.uint8, device=device
     )
     by_size: dict[tuple[int, ...], list[int]] = {}
-    for position, pixels in enumerate(images):
-        by_size.setdefault(tuple(pixels.shape), []).append(position)
-    for positions in by_size.values():
-        crops[positions] = resize_crop(torch.stack([images[p] for p in positions]), params)
-    return crops
+    for row, position in enumerate(kept):
+        by_size.setdefault(tuple(images[position].shape), []).append(row)
+    for rows in by_size.values():
+        crops[rows] = resize_crop(torch.stack([images[kept[row]] for row in rows]), params)
+    return crops, failed
+
+
+def decode_on(device: torch.device, encoded: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """`decode_jpeg` of a batch on the device; one file it refuses fails the batched call, so
+    then each file is tried alone, and those refused are None."""
+    try:
+        return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        decoded: list[torch.Tensor | None] = []
+        for data in encoded:
+            try:
+                decoded.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+            except RuntimeError:
+                decoded.append(None)
+        return decoded

@@ -341,21 +341,32 @@ def write_batch(
     device: torch.device,
     dtype: torch.dtype,
 ) -> int:
-    """Run one batch through the network and queue its rows; returns how many it computed."""
-    indices, failed = batch.indices, batch.failed
+    """Run one batch through the network and queue its rows; returns how many it computed.
+
+    Files the device could not decode move from `batch.indices` to `batch.failed`.
+    """
     features = flipped = None
-    if indices:
+    if batch.indices:
         with torch.inference_mode():
             if batch.unstacked is not None:
-                pixels = crops_on_device(batch.unstacked, params, device)
+                pixels, refused = crops_on_device(batch.unstacked, params, device)
+                refused_positions = {position for position, _ in refused}
+                batch.failed += [(batch.indices[position], reason) for position, reason in refused]
+                batch.indices = [
+                    index
+                    for position, index in enumerate(batch.indices)
+                    if position not in refused_positions
+                ]
             else:
                 pixels = batch.pixels.to(device, non_blocking=True)
                 if not batch.resized:
                     pixels = resize_crop(pixels, params)
-            images = normalize(pixels, params, dtype)
-            features = HostRows(extractor(images), np.dtype(options.store_dtype))
-            if options.flip:
-                flipped = HostRows(extractor(images.flip(3)), np.dtype(options.store_dtype))
+            if len(pixels):
+                images = normalize(pixels, params, dtype)
+                features = HostRows(extractor(images), np.dtype(options.store_dtype))
+                if options.flip:
+                    flipped = HostRows(extractor(images.flip(3)), np.dtype(options.store_dtype))
+    indices, failed = batch.indices, batch.failed
     seen = indices + [i for i, _ in failed]
     writer.submit(
         group,
