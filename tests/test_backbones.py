@@ -362,3 +362,26 @@ def test_old_checkpoints_and_files_agree_with_new_ones_on_alexnet(features_file)
         '{"antialias": true, "crop_size": 224, "interpolation": "bilinear", "mean": '
         '[0.485, 0.456, 0.406], "resize_size": 256, "std": [0.229, 0.224, 0.225]}'
     )
+
+
+def test_imagenet_mode_with_another_backbone_is_torchvisions_whole_network(
+    architecture_weights, tmp_path, capsys
+):
+    """`live --imagenet --backbone NAME`: the cut network and the classifier it reads, stitched,
+    give the logits of torchvision's own network, named by the weights' categories."""
+    weights = architecture_weights("resnet18")
+    classifier = model.imagenet(str(weights), architecture="resnet18")
+    network = get_model("resnet18", weights=None)
+    network.load_state_dict(torch.load(weights, weights_only=True))
+    images = torch.randn(2, 3, 224, 224)
+    with torch.inference_mode():
+        expected = network.eval()(images)
+        actual = classifier.network(images.to(memory_format=torch.channels_last))
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+    assert classifier.names == get_model_weights("resnet18").DEFAULT.meta["categories"]
+    video = write_lossless_video(tmp_path / "clip.avi", video_frames(2))
+    log = tmp_path / "imagenet.jsonl"
+    argv = ["--imagenet", "--backbone", "resnet18", "--weights", weights]
+    argv += ["--source", video, "--no-display", "--log", log]
+    status, _, _ = cli(live_main, argv, capsys)
+    assert status == 0 and len(log.read_text().splitlines()) == 2
