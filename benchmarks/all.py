@@ -54,7 +54,7 @@ PRESETS = {
         "images": 100_000,
         "val_images": 10_000,
         "device": "cuda",
-        # The targets first; the seed's pipeline, the longest, last.
+        # The GPU targets first; the seed's pipeline, the longest, last.
         "steps": [
             (
                 "extract",

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The whole check for a machine with one CUDA GPU, in one go (about 8 minutes on one H100 or
-# H200 with 16 cores): the CUDA tests, then every benchmark at the h100 preset, data included.
+# The whole check for a machine with one CUDA GPU, in one go (sized for 8 minutes on one H100
+# or H200 with 16 cores): the CUDA tests, then every benchmark at the h100 preset, data included.
 #
 #   bash benchmarks/gpu_check.sh                 # logs and tables under build/gpu-check
 #   OUT=/somewhere bash benchmarks/gpu_check.sh  # or under $OUT
