@@ -185,7 +185,8 @@ def test_head_on_cuda_follows_the_cpu_and_resumes_exactly(cached, tmp_path, prec
         torch.testing.assert_close(
             straight["state_dict"][name], cpu["state_dict"][name], rtol=0, atol=tolerance
         )
-    assert straight["train_loss"] == pytest.approx(cpu["train_loss"], rel=1e-3)
+    rel = 1e-3 if precision == "fp32" else 2e-2  # bf16 products round differently per device
+    assert straight["train_loss"] == pytest.approx(cpu["train_loss"], rel=rel)
 
 
 @pytest.mark.parametrize("batch_size", [4, 5])  # 12 rows: full batches only, and a short one
