@@ -34,9 +34,18 @@ SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 BARE_MARKERS = frozenset(range(0xD0, 0xDA)) | {0x01}
 # torchvision 0.29 deprecates its decoders in favour of TorchCodec and warns on every call; the
 # decoder is still libjpeg-turbo, held to PIL's pixels by tests/test_host_path.py.
-warnings.filterwarnings(
-    "ignore", message="The image decoding and encoding capabilities", category=DeprecationWarning
-)
+DECODER_DEPRECATION = "The image decoding and encoding capabilities"
+
+
+def jpeg_to_rgb(
+    encoded: torch.Tensor | list[torch.Tensor], device: torch.device | str = "cpu"
+) -> torch.Tensor | list[torch.Tensor]:
+    """torchvision's `decode_jpeg` to RGB, its deprecation warning silenced here and only here:
+    a filter set once at import would leave the caller's own filters changed, and a caller who
+    turns warnings into errors would see every JPEG file recorded as failed."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", DECODER_DEPRECATION, DeprecationWarning)
+        return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
 
 
 def read_pixels_with_pil(path: str | Path | io.BytesIO) -> torch.Tensor:
@@ -105,7 +114,7 @@ def read_pixels(path: str | Path) -> torch.Tensor:
     data = read_bytes(path)
     if decodes_like_pil(data):
         try:
-            return decode_jpeg(as_tensor(data), mode=ImageReadMode.RGB)
+            return jpeg_to_rgb(as_tensor(data))
         except RuntimeError:  # libjpeg refused it: PIL says why, or reads what it can
             pass
     return read_pixels_with_pil(path)
@@ -244,12 +253,12 @@ def decode_on(device: torch.device, encoded: list[torch.Tensor]) -> list[torch.T
     """`decode_jpeg` of a batch on the device; one file it refuses fails the batched call, so
     then each file is tried alone, and those refused are None."""
     try:
-        return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+        return jpeg_to_rgb(encoded, device)
     except RuntimeError:
         decoded: list[torch.Tensor | None] = []
         for data in encoded:
             try:
-                decoded.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+                decoded.append(jpeg_to_rgb(data, device))
             except RuntimeError:
                 decoded.append(None)
         return decoded

@@ -172,3 +172,19 @@ def test_files_the_device_decoder_refuses_go_to_pil_or_fail_with_pils_reason(tmp
     workers = ManifestImages(tmp_path / "corpus", names, range(len(names)))
     good = Collate(Preprocess(), defer_resize=False)([workers[i] for i in (0, 2, 3)])
     torch.testing.assert_close(crops, good.pixels, rtol=0, atol=0)
+
+
+def test_jpeg_files_extract_when_the_caller_turns_warnings_into_errors(tiny_imagenet, tmp_path):
+    """CPU, workers=0: torchvision's decoder warns that it is deprecated on every call; with
+    warnings as errors (a notebook's or pytest's filter) no file may be recorded as failed, and
+    the caller's filters are left as they were."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        filters = list(warnings.filters)
+        out = extract_features(tiny_imagenet, tmp_path / "features.h5", splits=["train"])
+        assert warnings.filters == filters
+    with store.open_complete(out) as file:
+        assert store.read_failed(file, "train") == []
+        assert store.read_split(file, "train").features.shape[0] == 12
