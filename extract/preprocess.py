@@ -66,8 +66,6 @@ def to_rgb(image: Image.Image) -> Image.Image:
         top = 65535.0 if pixels.max() > 255 else 255.0
         pixels = np.clip(pixels / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(pixels, mode="L").convert("RGB")
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return image.convert("RGB")

@@ -44,6 +44,8 @@ def mode_cases() -> dict[str, tuple[Image.Image, np.ndarray]]:
     # Whole-range images: at most 255 is read as 8 bits, anything above as 16 bits.
     eight_bit, eight_bit_rgb = mapped({0: 0, 128: 128, 200: 200, 255: 255}, np.int32)
     dark, dark_rgb = mapped({0: 0, 100: 0, 200: 1, 256: 1}, np.uint16)
+    # 16-bit levels go to the nearest 8-bit level: 257 * n + 128 is just below n + 1/2.
+    halves, halves_rgb = mapped({0: 0, 51528: 200, 51529: 201, 65535: 255}, np.uint16)
     # Float pixels are rounded to the nearest level, and clipped below at 0.
     floats, floats_rgb = mapped(
         {-20.0: 0, 10.25: 10, 10.75: 11, 127.5: 128, 255.0: 255}, np.float32
@@ -62,6 +64,7 @@ def mode_cases() -> dict[str, tuple[Image.Image, np.ndarray]]:
         "I": (Image.fromarray(sixteen.astype(np.int32)), np.stack([gray] * 3, axis=-1)),
         "I+8-bit range": (Image.fromarray(eight_bit), eight_bit_rgb),
         "I;16+max 256": (Image.fromarray(dark), dark_rgb),
+        "I;16+rounding": (Image.fromarray(halves), halves_rgb),
         "F": (Image.fromarray(floats), floats_rgb),
         **{
             mode: (

@@ -14,13 +14,14 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from tqdm import tqdm
 
 from conftest import WNIDS, extract_features, write_tiny_imagenet
 from extract import store
 from extract.backbone import load_network
 from extract.errors import UserError, run_cli
-from head import checkpoint, evaluate, evaluation, features, train
-from head.model import classifier_head, imagenet_wnids, pretrained_classifier_head
+from head import checkpoint, evaluate, evaluation, features, train, training
+from head.model import classifier_head, imagenet_wnids, initial_head, pretrained_classifier_head
 from head.training import epoch_order
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,6 +116,34 @@ def test_resume_after_three_epochs_matches_six_straight(cached, tmp_path, capsys
         assert resumed[key] == pytest.approx(straight[key], abs=1e-6)
     assert resumed["best_epoch"] == straight["best_epoch"]
     assert resumed["best_accuracy"] == straight["best_accuracy"]
+
+
+@pytest.mark.parametrize("standardized", [False, True])
+def test_an_epoch_reports_the_loss_and_top1_of_its_head_over_every_row(standardized):
+    """With lr 0 the head stays as it is, so an epoch's loss and top-1 are that head's over all
+    rows: 30 rows in batches of 7 (a short last one), weighted by size, standardised when the
+    run is. The bf16 epoch takes the bf16 path: near, but not equal."""
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randn(30, 16, generator=generator).relu() * 3
+    labels = torch.randint(0, 5, (30,), generator=generator)
+    train_split = features.SplitTensors("train", rows.half(), labels)
+    mean, std = (rows.mean(0), rows.std(0) + 0.5) if standardized else (None, None)
+    epoch = {}
+    for precision in ("fp32", "bf16"):
+        settings = training.Settings(batch_size=7, lr=0.0, precision=precision, progress=False)
+        head = initial_head(16, 5, seed=0)
+        run = training.Run(head, training.adam(head, settings), torch.Generator(), mean, std)
+        with tqdm(disable=True) as bar:
+            epoch[precision] = training.train_epoch(run, train_split, settings, bar)
+    inputs = rows.half().float()
+    if standardized:
+        inputs = (inputs - mean) / std
+    logits = torch.nn.functional.linear(inputs, head.weight.detach(), head.bias.detach())
+    loss = torch.nn.functional.cross_entropy(logits, labels).item()
+    assert epoch["fp32"].loss == pytest.approx(loss, rel=1e-6)
+    assert epoch["fp32"].top1 == pytest.approx(100 * (logits.argmax(1) == labels).sum() / 30)
+    assert epoch["bf16"].loss != epoch["fp32"].loss
+    assert epoch["bf16"].loss == pytest.approx(loss, rel=0.02)
 
 
 def test_bf16_training_follows_fp32_closely_and_resumes_exactly(cached, tmp_path, capsys):
