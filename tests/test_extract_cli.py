@@ -19,6 +19,7 @@ from conftest import extract_features
 from extract import __main__ as cli
 from extract import store
 from extract.errors import run_cli
+from extract.preprocess import Preprocess
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -245,6 +246,13 @@ def test_resume_refuses_other_weights_or_images(tiny_imagenet, tmp_path, weights
         capsys,
     )
     assert_one_line_error(code, err, "cannot resume", "train images differ")
+
+
+def test_recorded_preprocessing_is_canonical_json():
+    """Sorted keys: the same parameters always give the same text, which --resume compares."""
+    text = Preprocess(resize_size=160, crop_size=128).to_json()
+    assert text == json.dumps(json.loads(text), sort_keys=True)
+    assert Preprocess.from_json(text) == Preprocess(resize_size=160, crop_size=128)
 
 
 def test_resume_refuses_other_preprocessing(tiny_imagenet, tmp_path, weights_file, capsys):

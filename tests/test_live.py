@@ -42,6 +42,8 @@ def test_pure_red_bgr_frame_lands_in_the_red_channel():
     pixels = model.frame_pixels(red, Preprocess())
     assert pixels.shape == (3, 224, 224) and pixels.dtype == torch.uint8
     assert (pixels[0] == 255).all() and (pixels[1:] == 0).all()
+    other = Preprocess(resize_size=160, crop_size=128)  # the checkpoint's parameters, not ours
+    assert model.frame_pixels(red, other).shape == (3, 128, 128)
 
 
 def test_stitched_model_gives_the_logits_of_fc7_then_head(model_dir, weights_file):
