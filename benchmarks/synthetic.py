@@ -95,8 +95,18 @@ def write_images(
     return root
 
 
-def write_features(path: Path, rows: int, classes: int, val_rows: int = 10_000) -> Path:
-    """A complete feature file of random non-negative, sparse fc7-like rows (float16)."""
+def write_features(
+    path: Path,
+    rows: int,
+    classes: int,
+    val_rows: int = 10_000,
+    signal: float = 1.0,
+    noise: float = 1.5,
+    block: int = 8192,
+) -> Path:
+    """A complete feature file of non-negative, sparse fc7-like rows (float16): a random centre
+    per class times `signal`, plus Gaussian noise of std `noise`, clipped at 0 as after a ReLU;
+    `signal` / `noise` sets how separable the classes are."""
     rng = np.random.default_rng(0)
     class_list = Classes(
         wnids=[wnid(c) for c in range(classes)], names=[f"class {c}" for c in range(classes)]
@@ -117,22 +127,21 @@ def write_features(path: Path, rows: int, classes: int, val_rows: int = 10_000) 
         "torch_version": "",
         "torchvision_version": "",
     }
-    centres = rng.gamma(1.0, 1.0, (classes, FEATURE_DIM)).astype(np.float32)
+    centres = rng.gamma(1.0, 1.0, (classes, FEATURE_DIM)).astype(np.float32) * signal
     with store.create(path, attrs, class_list, manifests, flip=False) as file:
         for manifest in manifests:
             labels = np.asarray(manifest.labels)
-            for start in range(0, len(labels), 8192):
-                block = labels[start : start + 8192]
-                noise = rng.standard_normal((len(block), FEATURE_DIM), np.float32) * 1.5
-                features = np.maximum(centres[block] + noise, 0).astype(np.float16)
+            for start in range(0, len(labels), block):
+                part = labels[start : start + block]
+                draws = rng.standard_normal((len(part), FEATURE_DIM), np.float32) * noise
                 store.append(
                     file[manifest.split],
-                    features,
+                    np.maximum(centres[part] + draws, 0).astype(np.float16),
                     None,
-                    block.tolist(),
-                    manifest.paths[start : start + 8192],
+                    part.tolist(),
+                    manifest.paths[start : start + block],
                     [],
-                    start + len(block),
+                    start + len(part),
                 )
         store.mark_complete(file)
     return path

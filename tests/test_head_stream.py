@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks import synthetic
 from extract import store
-from extract.dataset import Classes, Manifest
-from extract.preprocess import Preprocess
 from head import features
 from head.features import StreamedSplit, stream_batches
 from head.training import Settings, train
@@ -23,50 +22,9 @@ FEATURE_DIM = 4096  # AlexNet fc7, the default features
 NONE = lambda line: None  # noqa: E731
 
 
-def write_features(
-    path: Path, rows: int, classes: int, val_rows: int, signal: float, block: int = 4096
-) -> Path:
+def write_features(path: Path, rows: int, classes: int, val_rows: int, signal: float) -> Path:
     """A complete float16 feature file of noisy class centres (`signal` sets how separable)."""
-    rng = np.random.default_rng(0)
-    wnids = [f"n{label:08d}" for label in range(classes)]
-    manifests = [
-        Manifest(
-            split,
-            [f"{split}/{i}.JPEG" for i in range(count)],
-            rng.integers(0, classes, count).tolist(),
-        )
-        for split, count in (("train", rows), ("val", val_rows))
-    ]
-    attrs = {
-        "backbone": "alexnet",
-        "node": "classifier.5",
-        "feature_dim": FEATURE_DIM,
-        "weights": "random",
-        "weights_sha256": "0" * 64,
-        "preprocess": Preprocess().to_json(),
-        "precision": "fp32",
-        "store_dtype": "float16",
-        "torch_version": "",
-        "torchvision_version": "",
-    }
-    centres = rng.gamma(1.0, 1.0, (classes, FEATURE_DIM)).astype(np.float32) * signal
-    with store.create(path, attrs, Classes(wnids, wnids), manifests, flip=False) as file:
-        for manifest in manifests:
-            labels = np.asarray(manifest.labels)
-            for start in range(0, len(labels), block):
-                part = labels[start : start + block]
-                noise = rng.standard_normal((len(part), FEATURE_DIM), np.float32)
-                store.append(
-                    file[manifest.split],
-                    np.maximum(centres[part] + noise, 0).astype(np.float16),
-                    None,
-                    part.tolist(),
-                    manifest.paths[start : start + block],
-                    [],
-                    start + len(part),
-                )
-        store.mark_complete(file)
-    return path
+    return synthetic.write_features(path, rows, classes, val_rows, signal, noise=1.0, block=4096)
 
 
 @pytest.fixture(scope="module")
