@@ -3,7 +3,7 @@
 Examples:
     python -m extract --data tiny-imagenet-200 --out features.h5   # AlexNet fc7
     python -m extract --data tiny-imagenet-200 --out resnet50.h5 --backbone resnet50
-    python -m extract --data tiny-imagenet-200 --out vit.h5 --backbone vit_b_16 \
+    python -m extract --data tiny-imagenet-200 --out vit.h5 --backbone vit_b_16 \\
         --weights IMAGENET1K_SWAG_LINEAR_V1
     python -m extract --data tiny-imagenet-200 --out mid.h5 --backbone resnet18 --node layer3
     python -m extract --backbone resnet18 --list-nodes
