@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import resource
@@ -52,6 +53,9 @@ CHUNK_ROWS = 128
 PROVENANCE_KEYS = ("backbone", "node", "weights", "weights_sha256", "preprocess")
 RUN_KEYS = ("precision", "store_dtype", "flip", "splits")
 STRING = h5py.string_dtype("utf-8")
+# What posix_fallocate answers on a file system that cannot reserve blocks (some network and
+# FUSE file systems): not a full disk.
+CANNOT_RESERVE = (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
 
 class NoRoom(OSError):
@@ -268,7 +272,8 @@ def check_room(file: h5py.File, needed: int) -> None:
     where it allocates next, back over its recent allocations, whose unwritten tails it may
     fill, and on by a margin. Another program filling the disk meanwhile cannot take them.
     When they cannot be had nothing has been written, and --resume continues once there is
-    space. Where `posix_fallocate` is missing, the free space is read instead.
+    space. Where blocks cannot be reserved (no `posix_fallocate`, or a file system that does not
+    support it), the free space is read instead.
     """
     margin = needed * 2 + 2**20
     path = Path(file.filename)
@@ -276,16 +281,17 @@ def check_room(file: h5py.File, needed: int) -> None:
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
     if limit != resource.RLIM_INFINITY and end + margin > limit:
         raise NoRoom(f"no room for the next {needed} bytes: file size limit of {limit} bytes")
-    if not hasattr(os, "posix_fallocate"):
-        if shutil.disk_usage(path.parent).free < margin:
-            raise NoRoom(f"no room for the next {needed} bytes: disk full")
-        return
-    start = max(0, end - margin)
-    with open(path, "r+b") as stream:
-        try:
-            os.posix_fallocate(stream.fileno(), start, end + margin - start)
-        except OSError as error:
-            raise NoRoom(f"no room for the next {needed} bytes: {error.strerror}") from None
+    if hasattr(os, "posix_fallocate"):
+        start = max(0, end - margin)
+        with open(path, "r+b") as stream:
+            try:
+                os.posix_fallocate(stream.fileno(), start, end + margin - start)
+                return
+            except OSError as error:
+                if error.errno not in CANNOT_RESERVE:
+                    raise NoRoom(f"no room for the next {needed} bytes: {error.strerror}") from None
+    if shutil.disk_usage(path.parent).free < margin:
+        raise NoRoom(f"no room for the next {needed} bytes: disk full")
 
 
 def write_rows(group, features, features_flip, labels, paths, failed, next_index) -> None:

@@ -376,3 +376,27 @@ def test_paths_read_from_a_feature_file_are_never_written_to(tiny_imagenet, tmp_
         assert done.returncode == 0, done.stderr
     assert tree_digest(tiny_imagenet) == before
     assert sorted(p.relative_to(tiny_imagenet) for p in tiny_imagenet.rglob("*")) == listing
+
+
+def test_a_file_system_that_cannot_reserve_blocks_still_extracts(
+    tiny_imagenet, tmp_path, monkeypatch
+):
+    """CPU fp32. Some network and FUSE file systems answer posix_fallocate with EOPNOTSUPP:
+    that is no full disk, so the run falls back to reading the free space and completes with
+    the rows of an ordinary run."""
+    import errno
+
+    reference = extract_features(tiny_imagenet, tmp_path / "reference.h5", splits=["train"])
+    calls = []
+
+    def unsupported(fd, offset, length):
+        calls.append((offset, length))
+        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+
+    monkeypatch.setattr(os, "posix_fallocate", unsupported)
+    out = extract_features(tiny_imagenet, tmp_path / "features.h5", splits=["train"])
+    assert calls, "the reservation was not tried"
+    with store.open_complete(reference) as expected, store.open_complete(out) as got:
+        np.testing.assert_array_equal(
+            store.read_split(got, "train").features, store.read_split(expected, "train").features
+        )
