@@ -20,8 +20,9 @@ from PIL import Image
 
 from extract.errors import UserError
 from extract.images import failure_reason, read_pixels
-from extract.preprocess import Preprocess, decode, resize_crop, rgb_array_to_uint8
+from extract.preprocess import Preprocess, resize_crop, rgb_array_to_uint8, to_uint8
 from live.model import Classifier, frame_pixels, from_checkpoint
+from live.session import top_indices
 
 BATCH = 32  # images through the network at once (32 normalized 224 x 224 images: 19 MB)
 ImageInput = Image.Image | np.ndarray | str | os.PathLike
@@ -81,7 +82,7 @@ class Predictor:
         for start in range(0, len(batch), BATCH):
             pixels = torch.stack([pixels_of(image) for image in batch[start : start + BATCH]])
             for row in self.classifier.batch_probabilities(pixels):
-                best = np.argsort(-row, kind="stable")[:topk]
+                best = top_indices(row, topk)
                 results.append(
                     [
                         {
@@ -98,7 +99,7 @@ class Predictor:
     def _rgb_pixels(self, image: ImageInput) -> torch.Tensor:
         """One RGB image of any accepted kind, resized and cropped: (3, crop, crop) uint8."""
         if isinstance(image, Image.Image):
-            return resize_crop(decode(image), self.params)
+            return to_uint8(image, self.params)
         if isinstance(image, np.ndarray):
             if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
                 raise UserError(
