@@ -94,7 +94,7 @@ def ours(
         "seconds": finished - loaded,
         "total_seconds": finished - started,
         "load_seconds": loaded - started,
-        "val_top1": state["validation_accuracy"][-1],
+        "val_top1": state.history["val_top1"][-1],
     }
 
 

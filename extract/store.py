@@ -47,10 +47,10 @@ import numpy as np
 from extract.atomic import atomic_write
 from extract.dataset import Classes, Manifest
 from extract.errors import UserError, WriteFailed, first_line
+from extract.provenance import PROVENANCE_KEYS
 
 FORMAT = "fc7cache/1"
 CHUNK_ROWS = 128
-PROVENANCE_KEYS = ("backbone", "node", "weights", "weights_sha256", "preprocess")
 RUN_KEYS = ("precision", "store_dtype", "flip", "splits")
 STRING = h5py.string_dtype("utf-8")
 # What posix_fallocate answers on a file system that cannot reserve blocks (some network and

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from extract.errors import UserError, first_line
 from head import checkpoint, history
 from head.adam import Adam
+from head.checkpoint import Checkpoint
 from head.features import FeatureSet, SplitTensors, StreamedSplit, standardization, stream_batches
 from head.model import (
     fold_standardization,
@@ -91,24 +92,22 @@ class Scores:
 
 @dataclasses.dataclass
 class Run:
-    """Everything that changes while training; `to_checkpoint` turns it into the saved dict."""
+    """Everything that changes while training; `to_checkpoint` turns it into a `Checkpoint`."""
 
     head: nn.Linear  # trained in standardised space when `mean` is set
     optimizer: Adam
     generator: torch.Generator
     mean: torch.Tensor | None
     std: torch.Tensor | None
-    history: dict[str, list] = dataclasses.field(
-        default_factory=lambda: {key: [] for key in history.LISTS}
-    )
+    history: dict[str, list] = dataclasses.field(default_factory=checkpoint.empty_history)
     epoch: int = 0
     best_epoch: int = -1
-    best_accuracy: float = 0.0
+    best_top1: float = 0.0
     best_score: float = math.nan
     graph: EpochGraph | None = None  # built at the first graphed epoch, replayed by the rest
 
     def exported(self) -> dict[str, torch.Tensor]:
-        """The layer on raw features: what the checkpoint's ``state_dict`` holds."""
+        """The layer on raw features: what the checkpoint's `weight` and `bias` hold."""
         weight, bias = self.head.weight.detach(), self.head.bias.detach()
         if self.mean is not None:
             return fold_standardization(weight, bias, self.mean, self.std)
@@ -404,13 +403,13 @@ def record(
 ) -> bool:
     """Append one epoch to the history; returns whether it is the best so far."""
     for key, value in (
-        ("history_epochs", epoch),
+        ("epoch", epoch),
         ("train_loss", train_scores.loss),
-        ("train_accuracy", train_scores.top1),
-        ("validation_loss", val_scores.loss),
-        ("validation_accuracy", val_scores.top1),
-        ("validation_top5", val_scores.top5),
-        ("time", seconds),
+        ("train_top1", train_scores.top1),
+        ("val_loss", val_scores.loss),
+        ("val_top1", val_scores.top1),
+        ("val_top5", val_scores.top5),
+        ("seconds", seconds),
     ):
         run.history[key].append(value)
     run.epoch = epoch
@@ -419,7 +418,7 @@ def record(
     if math.isnan(run.best_score) or score > run.best_score:
         run.best_score = score
         run.best_epoch = epoch
-        run.best_accuracy = val_scores.top1 if has_val else train_scores.top1
+        run.best_top1 = val_scores.top1 if has_val else train_scores.top1
         return True
     return False
 
@@ -439,32 +438,31 @@ def epoch_line(
     )
 
 
-def to_checkpoint(run: Run, data: FeatureSet, settings: Settings, has_val: bool) -> dict:
-    """The saved dict: the seed's keys, the provenance, and what resuming needs."""
+def to_checkpoint(run: Run, data: FeatureSet, settings: Settings, has_val: bool) -> Checkpoint:
+    """The run as a checkpoint: the layer on raw features, the provenance, and what resuming
+    needs."""
     exported = run.exported()
-    return {
-        "epoch": run.epoch,
-        "best_accuracy": run.best_accuracy,
-        "state_dict": {
-            "weight": exported["weight"].cpu().float(),
-            "bias": exported["bias"].cpu().float(),
-        },
-        "optimizer": run.optimizer.state_dict(),
-        **{key: list(values) for key, values in run.history.items()},
-        "numeric_class_names": list(data.wnids),
-        "tiny_class": dict(zip(data.wnids, data.names)),
-        "features": dict(data.provenance),
-        "best_epoch": run.best_epoch,
-        "selection": "validation top-1" if has_val else "train loss",
-        "args": settings.recorded(),
-        "generator": run.generator.get_state(),
-        "trainable": {
+    return Checkpoint(
+        weight=exported["weight"].cpu().float(),
+        bias=exported["bias"].cpu().float(),
+        wnids=list(data.wnids),
+        class_names=dict(zip(data.wnids, data.names)),
+        provenance=dict(data.provenance),
+        epoch=run.epoch,
+        best_top1=run.best_top1,
+        history={key: list(values) for key, values in run.history.items()},
+        optimizer_state=run.optimizer.state_dict(),
+        best_epoch=run.best_epoch,
+        best_by="validation top-1" if has_val else "train loss",
+        settings=settings.recorded(),
+        generator_state=run.generator.get_state(),
+        trained_layer={
             name: value.detach().cpu().clone() for name, value in run.head.state_dict().items()
         },
-        "standardization": None
+        standardization=None
         if run.mean is None
         else {"mean": run.mean.cpu(), "std": run.std.cpu()},
-    }
+    )
 
 
 def adam(head: nn.Linear, settings: Settings) -> Adam:
@@ -500,12 +498,12 @@ def new_run(data: FeatureSet, settings: Settings, device: torch.device) -> Run:
 def resumed_run(path: Path, data: FeatureSet, settings: Settings, device: torch.device) -> Run:
     """Rebuild the run from `last.pt` after checking it continues this very training."""
     state = checkpoint.load(path)
-    if "args" not in state or "trainable" not in state or "generator" not in state:
+    if state.settings is None or state.trained_layer is None or state.generator_state is None:
         raise UserError(f"{path}: not written by head.train (no training state); cannot resume")
     checkpoint.check_compatible(
         state, str(path), data.path, data.provenance, data.wnids, data.feature_dim
     )
-    saved = {**Settings().recorded(), **state["args"]}  # a setting added later: its default
+    saved = {**Settings().recorded(), **state.settings}  # a setting added later: its default
     changed = [
         f"--{key.replace('_', '-')} {saved[key]} -> {getattr(settings, key)}"
         for key in SAME_ON_RESUME
@@ -514,13 +512,13 @@ def resumed_run(path: Path, data: FeatureSet, settings: Settings, device: torch.
     if changed:
         raise UserError(f"{path}: cannot resume with other settings ({'; '.join(changed)})")
     head = initial_head(data.feature_dim, data.num_classes, settings.seed)
-    head.load_state_dict(state["trainable"])
+    head.load_state_dict(state.trained_layer)
     head = head.to(device)
     optimizer = adam(head, settings)
-    optimizer.load_state_dict(state["optimizer"])
+    optimizer.load_state_dict(state.optimizer_state)
     generator = torch.Generator()
-    generator.set_state(state["generator"])
-    standard = state["standardization"]
+    generator.set_state(state.generator_state)
+    standard = state.standardization
     run = Run(
         head=head,
         optimizer=optimizer,
@@ -528,14 +526,14 @@ def resumed_run(path: Path, data: FeatureSet, settings: Settings, device: torch.
         mean=None if standard is None else standard["mean"].to(device),
         std=None if standard is None else standard["std"].to(device),
     )
-    run.history = {key: list(state[key]) for key in history.LISTS}
-    run.epoch = int(state["epoch"])
-    run.best_epoch = int(state["best_epoch"])
-    run.best_accuracy = float(state["best_accuracy"])
-    best = run.history["history_epochs"].index(run.best_epoch)
+    run.history = {key: list(values) for key, values in state.history.items()}
+    run.epoch = state.epoch
+    run.best_epoch = state.best_epoch
+    run.best_top1 = state.best_top1
+    best = run.history["epoch"].index(run.best_epoch)
     run.best_score = (
-        run.history["validation_accuracy"][best]
-        if state["selection"] == "validation top-1"
+        run.history["val_top1"][best]
+        if state.best_by == "validation top-1"
         else -run.history["train_loss"][best]
     )
     return run
@@ -543,16 +541,16 @@ def resumed_run(path: Path, data: FeatureSet, settings: Settings, device: torch.
 
 def save(
     run: Run, data: FeatureSet, settings: Settings, save_dir: Path, has_val: bool, is_best: bool
-) -> dict:
+) -> Checkpoint:
     """best.pt (when this epoch is the best), then last.pt, then history.csv, each replaced
     whole. A write that fails (a full disk) stops the run with one line and leaves the files of
     the epoch before, or a best.pt one epoch ahead of last.pt, which --resume then redoes."""
     state = to_checkpoint(run, data, settings, has_val)
     try:
         if is_best:
-            checkpoint.save_atomic(state, save_dir / checkpoint.BEST)
-        checkpoint.save_atomic(state, save_dir / checkpoint.LAST)
-        history.write_csv(state, save_dir / history.CSV)
+            checkpoint.save(state, save_dir / checkpoint.BEST)
+        checkpoint.save(state, save_dir / checkpoint.LAST)
+        history.write_csv(state.history, save_dir / history.CSV)
     except OSError as error:
         raise UserError(
             f"{save_dir}: cannot save epoch {run.epoch} ({error.strerror or first_line(error)}); "
@@ -577,8 +575,8 @@ def check_save_dir(save_dir: Path, settings: Settings) -> None:
 
 def train(
     data: FeatureSet, save_dir: Path, settings: Settings, device: torch.device, report=print
-) -> dict:
-    """Train (or resume training) the head on `data`; returns the last checkpoint dict."""
+) -> Checkpoint:
+    """Train (or resume training) the head on `data`; returns the last checkpoint."""
     check_save_dir(save_dir, settings)
     last = save_dir / checkpoint.LAST
     if settings.flip and not (
@@ -599,7 +597,7 @@ def train(
         else new_run(data, settings, device)
     )
     state = None
-    if run.epoch == 0 and settings.init in PRETRAINED_INITS and not run.history["history_epochs"]:
+    if run.epoch == 0 and settings.init in PRETRAINED_INITS and not run.history["epoch"]:
         # Before any step: how well ImageNet's own classifier rows already do, as epoch 0.
         started = time.perf_counter()
         train_scores = split_scores(run.exported(), data.train, device)
@@ -638,7 +636,7 @@ def train(
     if state is None:
         state = to_checkpoint(run, data, settings, has_val)
     try:
-        history.write_plots(state, save_dir)
+        history.write_plots(state.history, save_dir)
     except OSError as error:
         raise UserError(
             f"{save_dir}: cannot write the plots ({error.strerror or first_line(error)}); "

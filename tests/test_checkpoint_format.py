@@ -43,15 +43,42 @@ def old_run(tmp_path_factory) -> tuple[Path, Path]:
     return model, features
 
 
+def identical(a, b) -> bool:
+    """Equal entry for entry, tensors bit for bit (dtype and shape included)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return (
+            isinstance(b, dict) and a.keys() == b.keys() and all(identical(a[k], b[k]) for k in a)
+        )
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(identical, a, b))
+    return type(a) is type(b) and a == b
+
+
 def test_checkpoint_of_0534696_loads_with_what_it_recorded():
     best = checkpoint.load(FIXTURE)
     last = checkpoint.load(FIXTURE / "last.pt")
-    assert (best["epoch"], last["epoch"]) == (1, 3)
-    assert best["best_accuracy"] == 100.0
-    assert best["numeric_class_names"] == ["n01443537", "n01629819", "n01641577"]
-    assert best["tiny_class"]["n01641577"] == "bullfrog"
-    assert best["state_dict"]["weight"].shape == (3, 512)
-    assert best["features"]["backbone"] == "resnet18"
+    assert (best.epoch, last.epoch) == (1, 3)
+    assert best.best_top1 == 100.0 and best.best_epoch == 1 and best.best_by == "validation top-1"
+    assert best.wnids == ["n01443537", "n01629819", "n01641577"]
+    assert best.names[2] == "bullfrog"
+    assert best.weight.shape == (3, 512) and best.bias.shape == (3,)
+    assert (
+        best.provenance["backbone"] == "resnet18"
+        and checkpoint.preprocess_of(best, "best.pt").crop_size == 224
+    )
+    assert last.history["epoch"] == [1, 2, 3]
+    assert last.history["train_loss"][0] == pytest.approx(6.781205813, rel=1e-9)
+    assert last.settings["lr"] == 0.01 and last.selected_from is None
+    # What is read is what was written: the file's dict comes back entry for entry.
+    raw = torch.load(FIXTURE / "last.pt", weights_only=True)
+    again = last.to_dict()
+    assert again.keys() == raw.keys()
+    assert identical(again, raw)
+    # Negative control: one value changed in one nested entry is seen.
+    raw["args"]["lr"] = 0.02
+    assert not identical(again, raw)
 
 
 @pytest.mark.slow
@@ -94,12 +121,14 @@ def test_checkpoint_of_0534696_resumes_to_the_uninterrupted_run(old_run):
         progress=False,
     )
     reference = torch.load(FIXTURE / "epoch4_uninterrupted.pt", weights_only=True)
-    assert state["train_loss"] == pytest.approx(reference["train_loss"], rel=1e-6)
+    assert state["train_loss"] == pytest.approx(
+        reference["train_loss"], rel=1e-6
+    )  # head.fit's dict
     # CPU float32: the same steps in the same order give the same layer up to rounding.
     torch.testing.assert_close(state["state_dict"]["weight"], reference["weight"])
     torch.testing.assert_close(state["state_dict"]["bias"], reference["bias"])
     # Negative control: the layer resumed from differs from the one trained on.
-    resumed_from = checkpoint.load(FIXTURE / "last.pt")["state_dict"]["weight"]
+    resumed_from = checkpoint.load(FIXTURE / "last.pt").weight
     assert not torch.allclose(resumed_from, reference["weight"])
 
 
