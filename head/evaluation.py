@@ -27,7 +27,7 @@ from extract import store
 from extract.errors import UserError
 from head import checkpoint
 from head.model import head_from_layer
-from head.training import predict
+from head.scoring import predict
 
 ECE_BINS = 15
 LABELLED_AXES_UP_TO = 30  # classes; beyond this the confusion matrix has no tick labels

@@ -22,7 +22,7 @@ from extract.backbone import load_network
 from extract.errors import UserError, run_cli
 from head import checkpoint, evaluate, evaluation, features, train, training
 from head.model import classifier_head, imagenet_wnids, initial_head, pretrained_classifier_head
-from head.training import epoch_order
+from head.step import epoch_order
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--batch-size", "5", "--no-progress"]

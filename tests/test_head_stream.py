@@ -13,7 +13,8 @@ import torch
 from benchmarks import synthetic
 from extract import store
 from head import features
-from head.features import StreamedSplit, stream_batches
+from head.features import StreamedSplit
+from head.step import stream_batches
 from head.training import Settings, train
 
 REPO = Path(__file__).resolve().parents[1]
