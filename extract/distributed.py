@@ -24,6 +24,7 @@ from extract import runner, store
 from extract.dataset import Manifest
 from extract.device import resolve_device
 from extract.errors import UserError
+from extract.parts import merge
 
 
 def launched() -> bool:
@@ -72,7 +73,7 @@ def run(options: runner.Options) -> runner.Summary:
         dist.barrier()
         if rank == 0:
             parts = [rank_path(out, r, world) for r in range(world)]
-            merged = store.merge(parts, store.part_path(out), classes, manifests)
+            merged = merge(parts, store.part_path(out), classes, manifests)
             store.mark_complete(merged)
             merged.close()
             os.replace(store.part_path(out), out)

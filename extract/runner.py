@@ -26,7 +26,7 @@ import torchvision
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from extract import backbone, precisions, store
+from extract import backbone, parts, precisions, store
 from extract.backbone import DEFAULT_BACKBONE, IMAGENET
 from extract.dataset import Classes, Manifest, default_splits, read_classes, read_manifest
 from extract.device import resolve_device
@@ -226,7 +226,7 @@ def extract_to(
         if options.strict:
             check_readable(root, manifests, options, params)
         if options.resume and part.exists():
-            file = store.open_for_resume(part, attrs, classes, manifests, options.flip)
+            file = parts.open_for_resume(part, attrs, classes, manifests, options.flip)
         else:
             file = store.create(part, attrs, classes, manifests, options.flip)
         try:

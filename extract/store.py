@@ -26,7 +26,9 @@ to a fresh file and continues from ``next_index`` of the split's manifest.
 Integrity: features and labels carry HDF5's Fletcher-32 checksum on every chunk, so bytes changed
 on the disk are found when read, and reported as one error naming the file, split and rows.
 Everything that reads the layout goes through the functions below (`read_split`, `read_rows`,
-`read_rows_into`, `read_labels`, `split_info`); nothing else opens the datasets.
+`read_rows_into`, `read_labels`, `read_paths`, `split_info`, `progress`); nothing else opens the
+datasets or reads their attributes. Resuming an interrupted run and merging per-rank files, which
+copy one file's rows into another, live in `extract.parts`.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from extract.atomic import atomic_write
 from extract.dataset import Classes, Manifest
 from extract.errors import UserError, WriteFailed, first_line
 from extract.provenance import PROVENANCE_KEYS
-from extract.room import NoRoom, check_room, handle_release_errors_silenced
+from extract.room import check_room, handle_release_errors_silenced
 
 FORMAT = "fc7cache/1"
 CHUNK_ROWS = 128
@@ -153,73 +155,6 @@ def write_skeleton(
         group.create_dataset(
             "failed", shape=(0, 2), maxshape=(None, 2), chunks=(256, 2), dtype=STRING
         )
-
-
-def open_for_resume(
-    path: Path, attrs: dict, classes: Classes, manifests: list[Manifest], flip: bool
-) -> h5py.File:
-    """Continue an interrupted run after checking it was made the same way from the same images.
-
-    The committed rows are copied into a fresh file that replaces the old one: a run killed
-    mid-write (or stopped by a full disk) can leave HDF5's own bookkeeping stale, so the old
-    file stays readable up to its counters but is not safe to append to.
-    """
-    with open_file(path) as old:
-        # The weights are identified by their digest; the same file under another path is fine.
-        for key in ("weights_sha256", "preprocess", "backbone", "node", "precision", "store_dtype"):
-            recorded = str(old.attrs.get(key))
-            if recorded != str(attrs[key]):
-                raise UserError(
-                    f"{path}: cannot resume, it was made with {key}={recorded[:80]!r}, "
-                    f"this run uses {attrs[key]!r} (use --overwrite to start again)"
-                )
-        if bool(old.attrs["flip"]) != flip or splits(old) != [m.split for m in manifests]:
-            raise UserError(f"{path}: cannot resume, it was made with other --splits or --flip")
-        for manifest in manifests:
-            if old[manifest.split].attrs["manifest_sha256"] != manifest.sha256():
-                raise UserError(
-                    f"{path}: cannot resume, the {manifest.split} images differ from the "
-                    f"interrupted run (use --overwrite to start again)"
-                )
-        try:
-            with (
-                atomic_write(path) as fresh,
-                create(fresh, attrs, classes, manifests, flip) as file,
-            ):
-                for manifest in manifests:
-                    copy_split(old[manifest.split], file[manifest.split], index_offset=0)
-        except (NoRoom, WriteFailed) as error:  # the disk is still full
-            raise WriteFailed(
-                f"{path}: cannot resume yet ({error}); its rows are kept, free some space "
-                f"and rerun with --resume"
-            ) from None
-        except OSError as error:
-            raise UserError(
-                f"{path}: the interrupted run's file is damaged ({first_line(error)}); "
-                f"start again with --overwrite"
-            ) from None
-    return h5py.File(path, "r+")
-
-
-def copy_split(
-    source: h5py.Group, target: h5py.Group, index_offset: int, block_rows: int = 8192
-) -> None:
-    """Append the committed rows and failures of `source` to `target`, then its progress."""
-    rows = int(source.attrs["rows"])
-    flip = "features_flip" in source
-    for start in range(0, rows, block_rows):
-        stop = min(start + block_rows, rows)
-        append(
-            target,
-            source["features"][start:stop],
-            source["features_flip"][start:stop] if flip else None,
-            source["labels"][start:stop].tolist(),
-            list(source["paths"].asstr()[start:stop]),
-            [],
-            int(target.attrs["next_index"]),
-        )
-    failed = [tuple(row) for row in source["failed"].asstr()[: int(source.attrs["failed_count"])]]
-    append(target, None, None, [], [], failed, index_offset + int(source.attrs["next_index"]))
 
 
 def append(
@@ -443,39 +378,34 @@ def next_index(file: h5py.File, split: str) -> int:
 
 
 def read_failed(file: h5py.File, split: str) -> list[tuple[str, str]]:
-    return [tuple(row) for row in file[split]["failed"].asstr()[()]]
+    """The split's unreadable files and why, up to its committed count (a run killed between
+    growing the dataset and moving the count leaves rows past it)."""
+    count = int(file[split].attrs["failed_count"])
+    return [tuple(row) for row in file[split]["failed"].asstr()[:count]]
 
 
-def merge(
-    parts: list[Path],
-    out_part: Path,
-    classes: Classes,
-    manifests: list[Manifest],
-    block_rows: int = 8192,
-) -> h5py.File:
-    """Concatenate complete per-rank files, in rank order, into one file of the usual layout.
+def read_paths(file: h5py.File, split: str, start: int = 0, stop: int | None = None) -> list[str]:
+    return list(check_split(file, split)["paths"].asstr()[start:stop])
 
-    Each part holds a contiguous slice of every split's manifest; a missing or incomplete part
-    is an error (a virtual dataset would read it silently as zeros).
-    """
-    sources = [open_complete(part) for part in parts]
-    try:
-        first = sources[0]
-        attrs = root_attributes(
-            provenance(first),
-            feature_dim=feature_dim(first),
-            **{
-                key: str(first.attrs[key])
-                for key in ("precision", "store_dtype", "torch_version", "torchvision_version")
-            },
-        )
-        file = create(out_part, attrs, classes, manifests, bool(sources[0].attrs["flip"]))
-        for manifest in manifests:
-            offset = 0
-            for source in sources:
-                copy_split(source[manifest.split], file[manifest.split], offset)
-                offset += int(source[manifest.split].attrs["manifest_size"])
-        return file
-    finally:
-        for source in sources:
-            source.close()
+
+@dataclasses.dataclass(frozen=True)
+class Progress:
+    """How far a split was written: its committed rows and failures, the manifest position a
+    resumed run continues from, and the manifest it was made from (its size and digest)."""
+
+    rows: int
+    failed_count: int
+    next_index: int
+    manifest_size: int
+    manifest_sha256: str
+
+
+def progress(file: h5py.File, split: str) -> Progress:
+    attrs = file[split].attrs
+    return Progress(
+        rows=int(attrs["rows"]),
+        failed_count=int(attrs["failed_count"]),
+        next_index=int(attrs["next_index"]),
+        manifest_size=int(attrs["manifest_size"]),
+        manifest_sha256=str(attrs["manifest_sha256"]),
+    )

@@ -18,7 +18,8 @@ from extract import store
 from extract.dataset import Classes, Manifest
 from extract.distributed import rank_path, shard
 from extract.errors import UserError
-from extract.store import merge, part_path
+from extract.parts import merge
+from extract.store import part_path
 
 REPO = Path(__file__).resolve().parents[1]
 
