@@ -73,7 +73,7 @@ def ours(data: Path, batch_size: int, workers: int, options: list[str], out: Pat
 
 def one_pass(data: Path, batch_size: int, workers: int, options: list[str], out: Path) -> dict:
     from extract import images, runner, store
-    from extract.preprocess import Preprocess
+    from extract.backbone import default_preprocess
     from extract.writer import BackgroundWriter, HostRows
 
     if "pil" in options:
@@ -102,7 +102,9 @@ def one_pass(data: Path, batch_size: int, workers: int, options: list[str], out:
     ):
         manifest = manifests[0]
         started = time.perf_counter()  # the manifest and the empty file are made once per run
-        loader = runner.make_loader(data, manifest, 0, settings, Preprocess(), torch.device("cuda"))
+        loader = runner.make_loader(
+            data, manifest, 0, settings, default_preprocess(), torch.device("cuda")
+        )
         for batch in loader:
             zeros = torch.zeros((len(batch.indices), FEATURE_DIM), dtype=torch.float16)
             rows = HostRows(zeros, np.float16)

@@ -20,8 +20,8 @@ import numpy as np
 from PIL import Image
 
 from extract import store
+from extract.backbone import default_preprocess
 from extract.dataset import Classes, Manifest
-from extract.preprocess import Preprocess
 
 SIZE = 64
 # Photo-sized files (`--photos`): ImageNet's typical sizes, mixed as in a real folder.
@@ -120,7 +120,7 @@ def write_features(
         "node": "classifier.5",
         "weights": "random",
         "weights_sha256": "0" * 64,
-        "preprocess": Preprocess().to_json(),
+        "preprocess": default_preprocess().to_json(),
     }
     attrs = store.root_attributes(
         provenance,

@@ -2,11 +2,11 @@
 
 Python API (``python -m extract`` is a thin wrapper around ``run``):
 
-    extract.run(data, out, **options) -> Summary
-        Extract the features of an image folder into one HDF5 file; the options and their
-        defaults are those of ``python -m extract`` (``backbone``, ``node``, ``weights``,
-        ``splits``, ``device``, ``precision``, ``batch_size``, ``workers``, ``resume``,
-        ``overwrite``, ``flip``, ...).
+    extract.run(data, out, *, backbone="alexnet", node=None, weights="imagenet", ...) -> Summary
+        Extract the features of an image folder into one HDF5 file; the keywords and their
+        defaults are the options of ``python -m extract`` (``splits``, ``device``,
+        ``precision``, ``batch_size``, ``workers``, ``resume``, ``overwrite``, ``flip``, ...;
+        ``help(extract.run)`` lists them all).
     extract.load(path, lazy=None) -> FeatureFile
         Per split: ``features`` (N x D NumPy array in the stored dtype, or lazily read from the
         file when larger than memory), ``labels``, ``paths``; and ``wnids``, ``names``,

@@ -29,6 +29,7 @@ from extract import backbone, distributed
 from extract.api import run
 from extract.errors import UserError, run_cli
 from extract.images import DECODERS
+from extract.options import Options
 from extract.precisions import EXTRACT_CHOICES
 
 
@@ -54,13 +55,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace | Listing:
     parser.add_argument("--out", type=Path, help="HDF5 file to write (required)")
     parser.add_argument(
         "--backbone",
-        default=backbone.DEFAULT_BACKBONE,
+        default=Options.backbone,
         help="any torchvision classification network: alexnet, resnet50, efficientnet_b0, "
-        "vit_b_16, convnext_tiny, ... (--list-backbones; default: alexnet)",
+        f"vit_b_16, convnext_tiny, ... (--list-backbones; default: {Options.backbone})",
     )
     parser.add_argument(
         "--node",
-        default=None,
+        default=Options.node,
         help="graph node whose output is cached, averaged over space or tokens to a vector "
         "(--list-nodes; default: the input of the network's last Linear, its ImageNet "
         "classifier: fc7 for AlexNet, the pooled vector for ResNet, the class token for ViT)",
@@ -73,42 +74,49 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace | Listing:
     )
     parser.add_argument(
         "--splits",
-        default=None,
+        default=Options.splits,
         help="comma-separated splits (default: train,val where present; test also accepted)",
     )
     parser.add_argument(
         "--weights",
-        default="imagenet",
+        default=Options.weights,
         help="imagenet (the architecture's DEFAULT torchvision weights), one of its weights "
         "names such as IMAGENET1K_V2, random (seeded) or a path to a state_dict file of "
-        "the architecture (default: imagenet)",
+        f"the architecture (default: {Options.weights})",
     )
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
-    parser.add_argument("--batch-size", type=int, default=128, help="images per batch (128)")
+    parser.add_argument(
+        "--device", default=Options.device, help=f"auto, cpu or cuda (default: {Options.device})"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=Options.batch_size,
+        help=f"images per batch ({Options.batch_size})",
+    )
     parser.add_argument(
         "--workers",
         type=int,
-        default=None,
+        default=Options.workers,
         help="image decoding processes (default: one per core with CUDA, at most 8 on the CPU)",
     )
     parser.add_argument(
         "--decode",
-        default="workers",
+        default=Options.decode,
         choices=DECODERS,
         help="where JPEG files are decoded: workers (default), or device, batched on the "
         "GPU (docs/speed.md: for photo-sized JPEGs when the workers are the limit)",
     )
     parser.add_argument(
         "--precision",
-        default="auto",
+        default=Options.precision,
         choices=EXTRACT_CHOICES,
         help="compute precision; auto = fp32 on CPU, tf32 on CUDA",
     )
     parser.add_argument(
         "--store-dtype",
-        default="float16",
+        default=Options.store_dtype,
         choices=("float16", "float32"),
-        help="dtype of the stored features (default: float16)",
+        help=f"dtype of the stored features (default: {Options.store_dtype})",
     )
     parser.add_argument(
         "--resume",

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
@@ -21,43 +21,73 @@ import numpy as np
 from extract import store
 from extract.device import available_memory
 from extract.errors import UserError
+from extract.options import Options
 
 if TYPE_CHECKING:
     from extract.runner import Summary
 
 
-def run(data: str | os.PathLike, out: str | os.PathLike, **options: Any) -> Summary:
+def run(
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    splits: list[str] | str | None = Options.splits,
+    backbone: str = Options.backbone,
+    node: str | None = Options.node,
+    weights: str | os.PathLike = Options.weights,
+    device: str = Options.device,
+    batch_size: int = Options.batch_size,
+    workers: int | None = Options.workers,
+    precision: str = Options.precision,
+    decode: str = Options.decode,
+    store_dtype: str = Options.store_dtype,
+    resume: bool = Options.resume,
+    overwrite: bool = Options.overwrite,
+    strict: bool = Options.strict,
+    flip: bool = Options.flip,
+    progress: bool = Options.progress,
+) -> Summary:
     """Extract the features of the image folder `data` into the HDF5 file `out`.
 
-    `options` are the options of ``python -m extract``, spelled with underscores and with the
-    same defaults: ``splits`` (a list or "train,val"; default: train and val where present),
-    ``backbone`` ("alexnet", or any torchvision classification network), ``node`` (None: the
-    input of the network's ImageNet classifier, fc7 for AlexNet), ``weights`` ("imagenet",
-    a torchvision weights name, "random" or a state_dict file), ``device`` ("auto"),
-    ``batch_size`` (128), ``workers`` (decoding processes; None: one per core with CUDA, at
-    most 8 on the CPU; 0 decodes in this process), ``decode`` ("workers", or "device": JPEG
-    files decoded on the GPU), ``precision`` ("auto"), ``store_dtype`` ("float16"),
-    ``resume``, ``overwrite``, ``strict``, ``flip`` (all False) and ``progress`` (True: a tqdm
-    bar, also in notebooks).
+    The keywords are the options of ``python -m extract``, spelled with underscores and with
+    the same defaults (both read `extract.options.Options`): `splits` (a list or "train,val";
+    None: train and val where present), `backbone` (any torchvision classification network),
+    `node` (None: the input of the network's ImageNet classifier, fc7 for AlexNet), `weights`
+    ("imagenet", a torchvision weights name, "random" or a state_dict file), `device` ("auto",
+    "cpu" or "cuda"), `batch_size`, `workers` (decoding processes; None: one per core with
+    CUDA, at most 8 on the CPU; 0 decodes in this process), `decode` ("workers", or "device":
+    JPEG files decoded on the GPU), `precision` ("auto": fp32 on the CPU, tf32 on CUDA),
+    `store_dtype`, `resume`, `overwrite`, `strict`, `flip` and `progress` (a tqdm bar, also in
+    notebooks).
 
     Returns the `Summary` the command prints (images, failed, seconds, file_bytes). Under
     ``torchrun`` each process extracts its share and the first merges them, as the command does.
-    Raises `UserError` for what the command reports as an error, and TypeError for an unknown
-    option.
+    Raises `UserError` for what the command reports as an error, naming the keyword where the
+    command names the flag.
     """
     from extract import distributed, runner  # the image pipeline, only when extracting
 
-    fields = {field.name for field in dataclasses.fields(runner.Options)} - {"data", "out"}
-    unknown = sorted(set(options) - fields)
-    if unknown:
-        raise TypeError(
-            f"run() got unknown options {', '.join(unknown)}; known: {', '.join(sorted(fields))}"
-        )
-    if isinstance(options.get("splits"), str):
-        options["splits"] = [s.strip() for s in options["splits"].split(",") if s.strip()] or None
-    if isinstance(options.get("weights"), os.PathLike):
-        options["weights"] = os.fspath(options["weights"])
-    settings = runner.Options(data=Path(data), out=Path(out), **options)
+    if isinstance(splits, str):
+        splits = [s.strip() for s in splits.split(",") if s.strip()] or None
+    settings = Options(
+        data=Path(data),
+        out=Path(out),
+        splits=splits,
+        backbone=backbone,
+        node=node,
+        weights=os.fspath(weights),
+        device=device,
+        batch_size=batch_size,
+        workers=workers,
+        precision=precision,
+        decode=decode,
+        store_dtype=store_dtype,
+        resume=resume,
+        overwrite=overwrite,
+        strict=strict,
+        flip=flip,
+        progress=progress,
+    )
     if settings.batch_size < 1 or (settings.workers is not None and settings.workers < 0):
         raise UserError("--batch-size must be >= 1 and --workers >= 0")
     if settings.resume and settings.overwrite:

@@ -57,6 +57,8 @@ DEFAULT_BACKBONE = "alexnet"
 IMAGENET = "imagenet"
 RANDOM = "random"
 RANDOM_SEED = 0
+# --init names of a backbone's own ImageNet classifier besides "classifier", and whose they are.
+CLASSIFIER_ALIASES = {"fc8": ("alexnet", "AlexNet")}
 OUTPUT = "features"  # the key of the node's output in the extractor's graph
 
 
@@ -151,6 +153,12 @@ def preprocess_of(record: Weights) -> Preprocess:
 def preprocess_for(name: str, weights: str) -> Preprocess:
     """The preprocessing of `name` with `weights`, known without building the network."""
     return preprocess_of(weights_record(name, weights))
+
+
+def default_preprocess() -> Preprocess:
+    """The preprocessing of the default backbone's ImageNet weights (AlexNet's: shorter side
+    to 256, bilinear with antialiasing, center crop 224, ImageNet mean and std)."""
+    return preprocess_for(DEFAULT_BACKBONE, IMAGENET)
 
 
 def cache_file(name: str, weights: str = IMAGENET) -> Path:

@@ -13,6 +13,8 @@ import torch
 
 from extract.errors import UserError
 
+DEFAULT_DEVICE = "auto"  # every command's and every API function's default --device
+
 
 def resolve_device(name: str) -> torch.device:
     """`auto` is CUDA when available, else the CPU; asking for a missing GPU is a clear error."""

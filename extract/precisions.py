@@ -21,6 +21,7 @@ DTYPES = {
 EXTRACT_CHOICES = ("auto", *DTYPES)
 HEAD_CHOICES = ("fp32", "bf16")
 LIVE_CHOICES = ("fp32", "bf16")
+LIVE_DEFAULT = LIVE_CHOICES[0]  # live's --precision and its Python API's
 
 
 def checked(name: str, choices: tuple[str, ...]) -> str:

@@ -27,20 +27,19 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 from torchvision.transforms.v2 import functional as TF
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 @dataclasses.dataclass(frozen=True)
 class Preprocess:
-    """Parameters of the evaluation transform; the defaults are torchvision's for AlexNet."""
+    """Parameters of the evaluation transform. They come from the weights' own transforms
+    (`extract.backbone.preprocess_of`; the default backbone's: `backbone.default_preprocess`)
+    or from a file's record (`from_json`), never from defaults typed here."""
 
-    resize_size: int = 256
-    crop_size: int = 224
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    interpolation: str = "bilinear"
-    antialias: bool = True
+    resize_size: int
+    crop_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str
+    antialias: bool
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -76,7 +75,7 @@ def decode(image: Image.Image) -> torch.Tensor:
     return F.pil_to_tensor(to_rgb(image))
 
 
-def resize_crop(pixels: torch.Tensor, params: Preprocess = Preprocess()) -> torch.Tensor:
+def resize_crop(pixels: torch.Tensor, params: Preprocess) -> torch.Tensor:
     """Resize the shorter side and center-crop (3, H, W) or same-size (N, 3, H, W) uint8 pixels.
 
     torchvision's uint8 tensor resize: on the CPU, bilinear gives exactly PIL's pixels when
@@ -94,18 +93,18 @@ def resize_crop(pixels: torch.Tensor, params: Preprocess = Preprocess()) -> torc
     return TF.center_crop(pixels, [params.crop_size, params.crop_size])
 
 
-def to_uint8(image: Image.Image, params: Preprocess = Preprocess()) -> torch.Tensor:
+def to_uint8(image: Image.Image, params: Preprocess) -> torch.Tensor:
     """RGB-convert, resize and crop one image; returns a (3, crop, crop) uint8 tensor."""
     return resize_crop(decode(image), params)
 
 
-def rgb_array_to_uint8(rgb: np.ndarray, params: Preprocess = Preprocess()) -> torch.Tensor:
+def rgb_array_to_uint8(rgb: np.ndarray, params: Preprocess) -> torch.Tensor:
     """Same as `to_uint8` for an HxWx3 uint8 RGB array (a video frame after BGR -> RGB)."""
     return resize_crop(torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1), params)
 
 
 def normalize(
-    batch: torch.Tensor, params: Preprocess = Preprocess(), dtype: torch.dtype = torch.float32
+    batch: torch.Tensor, params: Preprocess, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """Turn a (N, 3, H, W) uint8 batch into the normalized float batch the network expects.
 

@@ -27,34 +27,13 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from extract import backbone, parts, precisions, store
-from extract.backbone import DEFAULT_BACKBONE, IMAGENET
 from extract.dataset import Classes, Manifest, default_splits, read_classes, read_manifest
 from extract.device import resolve_device
 from extract.errors import UserError, WriteFailed
 from extract.images import DECODERS, Batch, Collate, ManifestImages, crops_on_device
+from extract.options import Options
 from extract.preprocess import Preprocess, normalize, resize_crop
 from extract.writer import BackgroundWriter, HostRows
-
-
-@dataclasses.dataclass
-class Options:
-    data: Path
-    out: Path
-    splits: list[str] | None = None  # None: train and val where present
-    backbone: str = DEFAULT_BACKBONE
-    node: str | None = None  # None: the input of the backbone's classifier
-    weights: str = IMAGENET
-    device: str = "auto"
-    batch_size: int = 128
-    workers: int | None = None  # None: `default_workers` of the device
-    precision: str = "auto"
-    decode: str = "workers"  # or "device": JPEG files decoded on the GPU, batched
-    store_dtype: str = "float16"
-    resume: bool = False
-    overwrite: bool = False
-    strict: bool = False
-    flip: bool = False
-    progress: bool = True
 
 
 @dataclasses.dataclass

@@ -2,14 +2,15 @@
 
 Python API (``python -m head.train`` and ``python -m head.evaluate`` are thin wrappers):
 
-    head.fit(features, save, **settings) -> dict
+    head.fit(features, save, *, epochs=50, batch_size=100, lr=0.001, ...) -> dict
         Train with Adam on the feature file, saving last.pt, best.pt, history and plots in
-        `save`; the settings and their defaults are those of ``python -m head.train``
-        (``epochs``, ``batch_size``, ``lr``, ``weight_decay``, ``init``, ``standardize``,
-        ``flip``, ``resume``, ...). Returns the final checkpoint's contents.
+        `save`; the keywords and their defaults are the options of ``python -m head.train``
+        (``weight_decay``, ``init``, ``standardize``, ``flip``, ``device``, ``resume``, ...;
+        ``help(head.fit)`` lists them all). Returns the final checkpoint's contents.
     head.report(model, features, split="val", out=None) -> dict
         Top-1, top-5, mean per-class accuracy and calibration error on one split: what
-        ``python -m head.evaluate`` writes to report.json.
+        ``python -m head.evaluate`` writes to report.json. Like the command, it writes the
+        reports into `out`, by default the model's folder.
     head.UserError
         An expected problem; its message is the line the commands print.
 

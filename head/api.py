@@ -11,40 +11,52 @@ Training, scikit-learn and matplotlib are imported when a function is called: `l
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
+from extract.device import DEFAULT_DEVICE
 from extract.errors import UserError
+from head.settings import INITS, PRETRAINED_INITS, Settings
 
 
 def fit(
     features: str | os.PathLike,
     save: str | os.PathLike,
     *,
-    device: str = "auto",
+    epochs: int = Settings.epochs,
+    batch_size: int = Settings.batch_size,
+    lr: float = Settings.lr,
+    weight_decay: float = Settings.weight_decay,
+    seed: int = Settings.seed,
+    init: str = Settings.init,
+    standardize: bool = Settings.standardize,
+    flip: bool = Settings.flip,
+    precision: str = Settings.precision,
+    cuda_graphs: bool = Settings.cuda_graphs,
+    resume: bool = Settings.resume,
+    overwrite: bool = Settings.overwrite,
+    progress: bool = Settings.progress,
+    device: str = DEFAULT_DEVICE,
     stream: bool | None = None,
     max_memory: int | str | None = None,
     log: Callable[[str], None] | None = None,
-    **settings: Any,
 ) -> dict:
     """Train the new classification layer on the feature file `features`, saving into `save`.
 
-    `settings` are those of ``python -m head.train``, spelled with underscores and with the same
-    defaults: ``epochs`` (50), ``batch_size`` (100), ``lr`` (0.001), ``weight_decay`` (0),
-    ``seed`` (0), ``init`` ("random", or "classifier": the backbone's ImageNet classifier rows;
-    "fc8" for AlexNet), ``standardize``, ``flip``, ``precision``
-    ("fp32" or "bf16"), ``resume``, ``overwrite`` and ``progress`` (True). `device` is
-    "auto", "cpu" or "cuda"; `stream` True reads the features from the file in blocks, False
-    loads them, None (the default) streams only when they do not fit in `max_memory` (bytes or
-    a size such as "2GB") and the memory available.
+    The keywords are the options of ``python -m head.train``, spelled with underscores and with
+    the same defaults (both read `head.settings.Settings`): `epochs`, `batch_size`, `lr`,
+    `weight_decay`, `seed`, `init` ("random", or "classifier": the backbone's ImageNet
+    classifier rows; "fc8" for AlexNet), `standardize`, `flip`, `precision` ("fp32" or "bf16"),
+    `cuda_graphs` (replay the epochs from CUDA graphs where possible; same results), `resume`,
+    `overwrite` and `progress`. `device` is "auto", "cpu" or "cuda"; `stream` True reads the
+    features from the file in blocks, False loads them, None (the default) streams only when
+    they do not fit in `max_memory` (bytes or a size such as "2GB") and the memory available.
 
     `log` receives the memory estimate and one line per epoch, as the command prints them; by
-    default they are printed when ``progress`` is on, and notes (what was not done as asked,
-    such as ``flip`` on a file without flipped features) are issued as warnings.
+    default they are printed when `progress` is on, and notes (what was not done as asked,
+    such as `flip` on a file without flipped features) are issued as warnings.
 
     Returns the final checkpoint's contents (``last.pt``): ``epoch``, ``best_accuracy``,
     ``best_epoch``, ``state_dict``, the per-epoch history lists, the classes and the features'
@@ -53,15 +65,23 @@ def fit(
     from extract.device import resolve_device
     from extract.precisions import HEAD_CHOICES, checked
     from head import features as feature_sets
-    from head.training import INITS, PRETRAINED_INITS, Settings, check_save_dir, train
+    from head.training import check_save_dir, train
 
-    known = {field.name for field in dataclasses.fields(Settings)}
-    unknown = sorted(set(settings) - known)
-    if unknown:
-        raise TypeError(
-            f"fit() got unknown settings {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-        )
-    chosen = Settings(**settings)
+    chosen = Settings(
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        seed=seed,
+        init=init,
+        standardize=standardize,
+        flip=flip,
+        precision=precision,
+        cuda_graphs=cuda_graphs,
+        resume=resume,
+        overwrite=overwrite,
+        progress=progress,
+    )
     if chosen.init not in INITS:
         raise UserError(f"--init {chosen.init}: choose from {', '.join(INITS)}")
     checked(chosen.precision, HEAD_CHOICES)
@@ -116,11 +136,17 @@ def report(
 
     Returns what report.json holds: ``top1``, ``top5``, ``mean_per_class_accuracy`` (percent),
     ``expected_calibration_error``, ``images``, ``k``, the files, the split, the checkpoint's
-    ``epoch`` and ``best_accuracy``, and ``unlabelled_skipped``. With `out`, also writes
-    per_class.csv, confusion.png and report.json there.
+    ``epoch`` and ``best_accuracy``, and ``unlabelled_skipped``. Like the command, it writes
+    per_class.csv, confusion.png and report.json into `out`, by default the model's folder
+    (`reports_folder`).
     """
     from head import evaluation  # scikit-learn and matplotlib
 
-    return evaluation.evaluate(
-        Path(model), Path(features), split, None if out is None else Path(out)
-    )
+    model = Path(model)
+    out = reports_folder(model) if out is None else Path(out)
+    return evaluation.evaluate(model, Path(features), split, out)
+
+
+def reports_folder(model: Path) -> Path:
+    """Where a head's reports go by default: its folder, or the folder holding the checkpoint."""
+    return model if model.is_dir() else model.parent

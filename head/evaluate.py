@@ -16,7 +16,7 @@ import argparse
 from pathlib import Path
 
 from extract.errors import run_cli
-from head.api import report
+from head.api import report, reports_folder
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         "--out", type=Path, default=None, help="folder for the reports (default: the model folder)"
     )
     args = parser.parse_args(argv)
-    out = args.out or (args.model if args.model.is_dir() else args.model.parent)
+    out = args.out or reports_folder(args.model)
     measured = report(args.model, args.features, args.split, out)
     print(
         f"{measured['split']}: {measured['images']} images  top1 {measured['top1']:.2f}%  "

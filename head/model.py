@@ -70,8 +70,9 @@ def pretrained_classifier_head(
     weights that are not torchvision's ImageNet-1k ones, and for a node other than the
     classifier's input."""
     name, weights, node = provenance["backbone"], provenance["weights"], provenance["node"]
-    if init == "fc8" and name != "alexnet":
-        raise UserError(f"--init fc8 is AlexNet's name; for {name} use --init classifier")
+    owner, owner_name = backbone.CLASSIFIER_ALIASES.get(init, (name, name))
+    if owner != name:
+        raise UserError(f"--init {init} is {owner_name}'s name; for {name} use --init classifier")
     if not backbone.is_torchvision_weights(name, weights):
         raise UserError(
             f"{origin}: --init {init} needs features from pretrained ImageNet weights, "

@@ -17,11 +17,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from extract.device import DEFAULT_DEVICE
 from extract.errors import run_cli
 from extract.precisions import HEAD_CHOICES
 from head import checkpoint, features
 from head.api import fit
-from head.training import INITS, Settings
+from head.settings import INITS, Settings
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -64,7 +65,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=defaults.seed,
         help=f"seed of the initial weights, the shuffling and the flips (default: {defaults.seed})",
     )
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    parser.add_argument(
+        "--device", default=DEFAULT_DEVICE, help=f"auto, cpu or cuda (default: {DEFAULT_DEVICE})"
+    )
     parser.add_argument(
         "--resume",
         action="store_true",
@@ -77,12 +80,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--init",
-        default="random",
+        default=defaults.init,
         choices=INITS,
         help="random, or classifier: the rows of the backbone's own pretrained ImageNet "
         "classifier for the dataset's wnids (features of its default --node and "
         "torchvision's ImageNet weights), measured as epoch 0; fc8 is AlexNet's name "
-        "for it (default: random)",
+        f"for it (default: {defaults.init})",
     )
     parser.add_argument(
         "--standardize",

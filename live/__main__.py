@@ -22,9 +22,10 @@ from pathlib import Path
 
 import torch
 
-from extract.device import resolve_device
+from extract import backbone
+from extract.device import DEFAULT_DEVICE, resolve_device
 from extract.errors import UserError, run_cli
-from extract.precisions import LIVE_CHOICES
+from extract.precisions import LIVE_CHOICES, LIVE_DEFAULT
 from live import model, session
 from live.sources import open_source
 from live.window import Window, display_missing
@@ -49,8 +50,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--backbone",
-        default="alexnet",
-        help="with --imagenet: the torchvision network (default: alexnet); with --model the "
+        default=backbone.DEFAULT_BACKBONE,
+        help=f"with --imagenet: the torchvision network (default: {backbone.DEFAULT_BACKBONE}); "
+        "with --model the "
         "checkpoint names it",
     )
     parser.add_argument(
@@ -66,12 +68,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "those recorded in the checkpoint; others are refused unless their "
         "sha256 matches; imagenet with --imagenet)",
     )
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    parser.add_argument(
+        "--device", default=DEFAULT_DEVICE, help=f"auto, cpu or cuda (default: {DEFAULT_DEVICE})"
+    )
     parser.add_argument(
         "--precision",
         choices=LIVE_CHOICES,
-        default="fp32",
-        help="compute precision: fp32 (default), or bf16, faster on CPUs with "
+        default=LIVE_DEFAULT,
+        help=f"compute precision (default: {LIVE_DEFAULT}): fp32, or bf16, faster on CPUs with "
         "bf16 units and on GPUs; probabilities differ slightly from fp32",
     )
     parser.add_argument(
@@ -81,11 +85,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="CPU threads for the network and preprocessing (default: all cores on the CPU, "
         "1 with CUDA; on a machine busy with other work, fewer can be faster)",
     )
-    parser.add_argument("--topk", type=int, default=5, help="labels shown and logged (5)")
+    parser.add_argument(
+        "--topk",
+        type=int,
+        default=session.Settings.topk,
+        help=f"labels shown and logged ({session.Settings.topk})",
+    )
     parser.add_argument(
         "--smooth",
         type=float,
-        default=0.0,
+        default=session.Settings.smooth,
         metavar="ALPHA",
         help="moving average of the shown probabilities, ALPHA = weight of the "
         "past in [0, 1); 0 = off (default)",
@@ -93,7 +102,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--threshold",
         type=float,
-        default=0.0,
+        default=session.Settings.threshold,
         metavar="P",
         help="show 'uncertain' when the top probability is below P (default 0)",
     )

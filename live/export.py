@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.imagenet:
-        predictor = Predictor(model.imagenet(args.weights or "imagenet"))
+        predictor = Predictor(model.imagenet(args.weights or "imagenet", device="cpu"))
     else:
         predictor = load(args.model, device="cpu", weights=args.weights)
     written = predictor.export(args.out, torchscript=args.torchscript)

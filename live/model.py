@@ -27,9 +27,9 @@ import torch
 from torch import nn
 
 from extract import backbone
-from extract.device import resolve_device
+from extract.device import DEFAULT_DEVICE, resolve_device
 from extract.errors import UserError
-from extract.precisions import DTYPES, LIVE_CHOICES, checked
+from extract.precisions import DTYPES, LIVE_CHOICES, LIVE_DEFAULT, checked
 from extract.preprocess import Preprocess, normalize, rgb_array_to_uint8
 from head import checkpoint
 from head.model import head_from_layer, imagenet_wnids
@@ -111,7 +111,10 @@ def default_threads() -> int:
 
 
 def from_checkpoint(
-    model: Path, weights: str | None = None, device: str = "cpu", precision: str = "fp32"
+    model: Path,
+    weights: str | None = None,
+    device: str = DEFAULT_DEVICE,
+    precision: str = LIVE_DEFAULT,
 ) -> Classifier:
     """Rebuild backbone and head from a checkpoint (a file, or a folder holding best.pt)."""
     dtype = DTYPES[checked(precision, LIVE_CHOICES)]
@@ -144,8 +147,8 @@ def from_checkpoint(
 
 def imagenet(
     weights: str = backbone.IMAGENET,
-    device: str = "cpu",
-    precision: str = "fp32",
+    device: str = DEFAULT_DEVICE,
+    precision: str = LIVE_DEFAULT,
     architecture: str = backbone.DEFAULT_BACKBONE,
 ) -> Classifier:
     """The pretrained network's own 1000-way ImageNet classifier (AlexNet's fc8), to check the

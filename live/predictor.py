@@ -18,8 +18,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from extract.device import DEFAULT_DEVICE
 from extract.errors import UserError
 from extract.images import failure_reason, read_pixels
+from extract.precisions import LIVE_DEFAULT
 from extract.preprocess import Preprocess, resize_crop, rgb_array_to_uint8, to_uint8
 from live.model import Classifier, frame_pixels, from_checkpoint
 from live.session import top_indices
@@ -129,9 +131,9 @@ class Predictor:
 
 def load(
     model: str | os.PathLike,
-    device: str = "auto",
+    device: str = DEFAULT_DEVICE,
     weights: str | os.PathLike | None = None,
-    precision: str = "fp32",
+    precision: str = LIVE_DEFAULT,
 ) -> Predictor:
     """Rebuild the backbone and the head from a checkpoint (a file, or the folder `head.fit`
     saved into: its best.pt), ready to `predict`.

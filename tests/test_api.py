@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 import pydoc
@@ -24,10 +25,15 @@ from conftest import REPO, pattern_image
 from extract import __main__ as extract_cli
 from extract import api as extract_api
 from extract import demo
+from extract.device import DEFAULT_DEVICE
 from extract.errors import UserError, run_cli
-from extract.runner import Options
+from extract.options import Options
 from head import evaluate as head_evaluate
 from head import train as head_train
+from head.settings import Settings
+from live import __main__ as live_cli
+from live import session as live_session
+from live.model import from_checkpoint
 
 QUIET = {"workers": 0, "batch_size": 8, "progress": False}
 
@@ -102,6 +108,47 @@ def test_run_takes_each_option_of_the_command_with_its_default(tmp_path):
         extract.run(tmp_path, tmp_path / "f.h5", batchsize=8)
 
 
+def keyword_defaults(function) -> dict:
+    return {
+        name: parameter.default
+        for name, parameter in inspect.signature(function).parameters.items()
+        if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+
+
+def test_each_api_keyword_shows_the_default_of_the_options_dataclass_and_of_the_command():
+    """extract.run and Options and python -m extract; head.fit and Settings and head.train;
+    live.load and live.model and python -m live: one default each, visible in help()."""
+    options = {f.name: f.default for f in dataclasses.fields(Options)}
+    run_defaults = keyword_defaults(extract.run)
+    assert run_defaults == {k: v for k, v in options.items() if k not in ("data", "out")}
+    command = extract_cli.options(extract_cli.parse_args(["--data", "d", "--out", "o"]))
+    assert command == run_defaults
+    assert "batch_size: 'int' = 128" in pydoc.render_doc(extract.run, renderer=pydoc.plaintext)
+
+    settings = {f.name: f.default for f in dataclasses.fields(Settings)}
+    fit_defaults = keyword_defaults(head.fit)
+    assert {k: fit_defaults[k] for k in settings} == settings
+    parsed = vars(head_train.parse_args(["--features", "f", "--save", "s"]))
+    assert {k: parsed[k] for k in settings if k in parsed} == {
+        k: settings[k] for k in settings if k in parsed
+    }
+    assert len([k for k in settings if k in parsed]) == 11  # all but cuda_graphs and progress
+    assert parsed["device"] == fit_defaults["device"] == DEFAULT_DEVICE == options["device"]
+
+    live_args = live_cli.parse_args(["--model", "m"])
+    for function in (live.load, from_checkpoint):
+        parameters = inspect.signature(function).parameters
+        assert parameters["device"].default == live_args.device == DEFAULT_DEVICE
+        assert parameters["precision"].default == live_args.precision
+    for key in ("topk", "smooth", "threshold"):
+        assert getattr(live_args, key) == getattr(live_session.Settings, key)
+    assert live_args.backbone == options["backbone"]
+    # Negative control: a flag given on the command line is seen as differing from the default.
+    changed = extract_cli.parse_args(["--data", "d", "--out", "o", "--batch-size", "7"])
+    assert extract_cli.options(changed) != run_defaults
+
+
 def test_run_raises_the_error_the_command_prints(tiny_imagenet, tmp_path, capsys):
     cases = [
         (["--data", tmp_path / "missing", "--out", tmp_path / "f.h5"], {}),
@@ -153,8 +200,8 @@ def test_importing_the_packages_leaves_out_the_image_pipeline():
 @pytest.mark.parametrize(
     "package, first",
     [
-        (extract, "extract.run(data, out, **options)"),
-        (head, "head.fit(features, save, **settings)"),
+        (extract, "extract.run(data, out, *, backbone="),
+        (head, "head.fit(features, save, *, epochs="),
         (live, "live.load(model, device="),
     ],
 )

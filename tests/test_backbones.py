@@ -168,7 +168,7 @@ def test_our_uint8_preprocessing_follows_the_weights_transforms_on_pil_images(na
     record = get_model_weights(name).DEFAULT
     params = backbone.preprocess_of(record)
     image = pattern_image(1, 3, size=max(size)).resize(size)
-    ours = normalize(to_uint8(image, params).unsqueeze(0))[0]
+    ours = normalize(to_uint8(image, params).unsqueeze(0), params)[0]
     reference = record.transforms()(image)
     assert ours.shape == reference.shape == (3, params.crop_size, params.crop_size)
     levels = (ours - reference).abs() * torch.tensor(params.std).view(3, 1, 1) * 255
@@ -241,7 +241,7 @@ def test_head_trains_resumes_and_evaluates_on_resnet_features(resnet_run, tmp_pa
 def test_live_and_export_rebuild_the_resnet_from_the_checkpoint(resnet_run, tmp_path, capsys):
     data, features = resnet_run
     assert train_cli(features, tmp_path / "model", capsys, "--epochs", "1")[0] == 0
-    classifier = model.from_checkpoint(tmp_path / "model")
+    classifier = model.from_checkpoint(tmp_path / "model", device="cpu")
     with store.open_complete(features) as file:
         arrays = store.read_split(file, "val")
     head = checkpoint.load(tmp_path / "model").layer
@@ -370,7 +370,7 @@ def test_imagenet_mode_with_another_backbone_is_torchvisions_whole_network(
     """`live --imagenet --backbone NAME`: the cut network and the classifier it reads, stitched,
     give the logits of torchvision's own network, named by the weights' categories."""
     weights = architecture_weights("resnet18")
-    classifier = model.imagenet(str(weights), architecture="resnet18")
+    classifier = model.imagenet(str(weights), device="cpu", architecture="resnet18")
     network = get_model("resnet18", weights=None)
     network.load_state_dict(torch.load(weights, weights_only=True))
     images = torch.randn(2, 3, 224, 224)

@@ -82,14 +82,15 @@ def test_checkpoint_of_0534696_loads_with_what_it_recorded():
 
 
 @pytest.mark.slow
-def test_checkpoint_of_0534696_evaluates_as_it_did(old_run):
+def test_checkpoint_of_0534696_evaluates_as_it_did(old_run, tmp_path):
     model, features = old_run
-    report = head.report(model, features, split="val")
+    report = head.report(model, features, split="val", out=tmp_path)
     expected = EXPECTED["evaluate_val"]
     for key, value in expected.items():
         assert report[key] == pytest.approx(value, abs=1e-6), key  # CPU float32
     # Negative control: the last epoch's head scores otherwise (66.7% against 100%).
-    assert head.report(model / "last.pt", features, split="val")["top1"] != expected["top1"]
+    last = head.report(model / "last.pt", features, split="val", out=tmp_path)
+    assert last["top1"] != expected["top1"]
 
 
 @pytest.mark.slow

@@ -19,8 +19,9 @@ from conftest import (
     write_lossless_video,
 )
 from extract import store
+from extract.backbone import default_preprocess
 from extract.images import Collate, ManifestImages, crops_on_device
-from extract.preprocess import Preprocess, decode, resize_crop
+from extract.preprocess import decode, resize_crop
 from head import features
 from head.training import Settings, train
 from live import model
@@ -78,9 +79,9 @@ def test_extract_leaves_the_tf32_settings_as_it_found_them(tiny_imagenet, tmp_pa
 
 def test_resize_on_the_device_equals_resizing_each_image_on_the_cpu():
     items = [(i, decode(pattern_image(i % 3, i)), "") for i in range(6)]
-    deferred = Collate(Preprocess(), defer_resize=True)(items)
-    eager = Collate(Preprocess(), defer_resize=False)(items)
-    on_device = resize_crop(deferred.pixels.cuda()).cpu()
+    deferred = Collate(default_preprocess(), defer_resize=True)(items)
+    eager = Collate(default_preprocess(), defer_resize=False)(items)
+    on_device = resize_crop(deferred.pixels.cuda(), default_preprocess()).cpu()
     difference = (on_device.int() - eager.pixels.int()).abs()
     assert difference.max() <= 1  # float interpolation rounded vs the CPU's uint8 kernel
     assert difference.float().mean() < 0.5
@@ -144,11 +145,15 @@ def test_device_decoded_pixels_are_close_to_the_workers_pixels(tmp_path):
         pattern_image(index % 3, index, size=200).resize((200 + 40 * index, 150)).save(path)
         paths.append(path.name)
     files = ManifestImages(tmp_path, paths, range(len(paths)), decode="device")
-    batch = Collate(Preprocess(), defer_resize=True, decode="device")([files[i] for i in range(4)])
-    on_device, refused = crops_on_device(batch.unstacked, Preprocess(), torch.device("cuda"))
+    batch = Collate(default_preprocess(), defer_resize=True, decode="device")(
+        [files[i] for i in range(4)]
+    )
+    on_device, refused = crops_on_device(
+        batch.unstacked, default_preprocess(), torch.device("cuda")
+    )
     on_device = on_device.cpu()
     assert refused == []
-    workers = Collate(Preprocess(), defer_resize=False)(
+    workers = Collate(default_preprocess(), defer_resize=False)(
         [ManifestImages(tmp_path, paths, range(4))[i] for i in range(4)]
     )
     difference = (on_device.int() - workers.pixels.int()).abs().float()

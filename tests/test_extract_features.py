@@ -15,7 +15,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 from conftest import WNIDS, extract_features
 from extract import store
-from extract.preprocess import Preprocess
+from extract.backbone import default_preprocess
 
 
 def reference_fc7(weights_file: Path, image_files: list[Path]) -> np.ndarray:
@@ -217,23 +217,25 @@ def test_batched_resize_on_the_device_equals_resizing_each_image():
     from extract.preprocess import decode, resize_crop
 
     items = [(i, decode(pattern_image(i % 3, i)), "") for i in range(5)] + [(5, None, "bad")]
-    deferred = Collate(Preprocess(), defer_resize=True)(items)
-    eager = Collate(Preprocess(), defer_resize=False)(items)
+    deferred = Collate(default_preprocess(), defer_resize=True)(items)
+    eager = Collate(default_preprocess(), defer_resize=False)(items)
     assert not deferred.resized and deferred.pixels.shape == (5, 3, 64, 64)
     assert eager.resized and eager.failed == deferred.failed == [(5, "bad")]
-    torch.testing.assert_close(resize_crop(deferred.pixels), eager.pixels, rtol=0, atol=0)
+    torch.testing.assert_close(
+        resize_crop(deferred.pixels, default_preprocess()), eager.pixels, rtol=0, atol=0
+    )
     mixed = items[:2] + [(9, decode(pattern_image(0, 9, size=80)), "")]
-    handed_over = Collate(Preprocess(), defer_resize=True)(mixed)
+    handed_over = Collate(default_preprocess(), defer_resize=True)(mixed)
     assert handed_over.pixels is None
     assert [tuple(image.shape) for image in handed_over.unstacked] == [(3, 64, 64)] * 2 + [
         (3, 80, 80)
     ]
     cpu = torch.device("cpu")
-    crops, refused = crops_on_device(handed_over.unstacked, Preprocess(), cpu)
+    crops, refused = crops_on_device(handed_over.unstacked, default_preprocess(), cpu)
     assert refused == []
     torch.testing.assert_close(
         crops,
-        Collate(Preprocess(), defer_resize=False)(mixed).pixels,
+        Collate(default_preprocess(), defer_resize=False)(mixed).pixels,
         rtol=0,
         atol=0,
     )

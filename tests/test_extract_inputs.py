@@ -9,6 +9,7 @@ from PIL import Image
 
 from conftest import extract_features, pattern_image
 from extract import store
+from extract.backbone import default_preprocess
 from extract.errors import UserError
 from extract.preprocess import decode, to_uint8
 
@@ -83,7 +84,7 @@ def test_every_image_mode_becomes_rgb(mode):
     pixels = decode(image)
     assert pixels.dtype == torch.uint8 and pixels.shape == (3, 24, 32)
     np.testing.assert_array_equal(pixels.permute(1, 2, 0).numpy(), expected.astype(np.uint8))
-    assert to_uint8(image).shape == (3, 224, 224)
+    assert to_uint8(image, default_preprocess()).shape == (3, 224, 224)
 
 
 def test_16_bit_images_are_extracted_as_their_8_bit_content(tiny_imagenet, tmp_path):

@@ -12,6 +12,7 @@ from PIL import Image
 
 from conftest import extract_features, pattern_image
 from extract import images, runner, store
+from extract.backbone import default_preprocess
 from extract.images import decodes_like_pil, read_bytes, read_pixels, read_pixels_with_pil
 
 TRAIN = "train/n01443537/images"
@@ -154,15 +155,16 @@ def test_files_the_device_decoder_refuses_go_to_pil_or_fail_with_pils_reason(tmp
     JPEG fails the batched decode; the rest are still decoded, and the bad one is reported
     with the reason the workers would have recorded."""
     from extract.images import Collate, ManifestImages, crops_on_device
-    from extract.preprocess import Preprocess
 
     corpus = write_corpus(tmp_path / "corpus")
     names = ["baseline.jpg", "truncated.jpg", "cmyk.jpg", "progressive.jpg", "header_only.jpg"]
     assert all(name in corpus for name in names)
     files = ManifestImages(tmp_path / "corpus", names, range(len(names)), decode="device")
-    batch = Collate(Preprocess(), defer_resize=True, decode="device")([files[i] for i in range(5)])
+    batch = Collate(default_preprocess(), defer_resize=True, decode="device")(
+        [files[i] for i in range(5)]
+    )
     assert [tensor.dim() for tensor in batch.unstacked] == [1, 1, 3, 1, 1]
-    crops, refused = crops_on_device(batch.unstacked, Preprocess(), torch.device("cpu"))
+    crops, refused = crops_on_device(batch.unstacked, default_preprocess(), torch.device("cpu"))
     expected_reasons = [
         outcome(read_pixels_with_pil, tmp_path / "corpus" / names[position])[0]
         for position in (1, 4)
@@ -170,7 +172,7 @@ def test_files_the_device_decoder_refuses_go_to_pil_or_fail_with_pils_reason(tmp
     assert refused == list(zip((1, 4), expected_reasons))
     assert all(reason.startswith(("OSError", "SyntaxError")) for reason in expected_reasons)
     workers = ManifestImages(tmp_path / "corpus", names, range(len(names)))
-    good = Collate(Preprocess(), defer_resize=False)([workers[i] for i in (0, 2, 3)])
+    good = Collate(default_preprocess(), defer_resize=False)([workers[i] for i in (0, 2, 3)])
     torch.testing.assert_close(crops, good.pixels, rtol=0, atol=0)
 
 

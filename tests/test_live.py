@@ -24,8 +24,9 @@ from conftest import (
     write_lossless_video,
 )
 from extract import backbone, store
+from extract.backbone import default_preprocess
 from extract.errors import UserError
-from extract.preprocess import Preprocess, normalize
+from extract.preprocess import normalize
 from live import model, session
 from live.__main__ import main
 from live.sources import Frame, LiveCapture, open_source, read_ahead
@@ -39,15 +40,16 @@ def read_log(path: Path) -> list[dict]:
 def test_pure_red_bgr_frame_lands_in_the_red_channel():
     red = np.zeros((120, 160, 3), np.uint8)
     red[..., 2] = 255  # OpenCV's BGR order: red is the last channel
-    pixels = model.frame_pixels(red, Preprocess())
+    pixels = model.frame_pixels(red, default_preprocess())
     assert pixels.shape == (3, 224, 224) and pixels.dtype == torch.uint8
     assert (pixels[0] == 255).all() and (pixels[1:] == 0).all()
-    other = Preprocess(resize_size=160, crop_size=128)  # the checkpoint's parameters, not ours
+    # the checkpoint's parameters, not ours
+    other = dataclasses.replace(default_preprocess(), resize_size=160, crop_size=128)
     assert model.frame_pixels(red, other).shape == (3, 128, 128)
 
 
 def test_stitched_model_gives_the_logits_of_fc7_then_head(model_dir, weights_file):
-    classifier = model.from_checkpoint(model_dir)
+    classifier = model.from_checkpoint(model_dir, device="cpu")
     assert not classifier.network.training
     network = backbone.load_network("alexnet", str(weights_file))
     reference_fc7 = torch.nn.Sequential(
@@ -64,7 +66,7 @@ def test_stitched_model_gives_the_logits_of_fc7_then_head(model_dir, weights_fil
 
 def test_weights_other_than_the_recorded_ones_are_refused(model_dir):
     with pytest.raises(UserError, match="sha256"):
-        model.from_checkpoint(model_dir, weights="random")
+        model.from_checkpoint(model_dir, weights="random", device="cpu")
 
 
 def test_smoothing_is_an_exponential_moving_average_and_zero_is_off():
@@ -245,8 +247,8 @@ def assert_close_to_fp32(logits, probs, expected_logits, expected_probs) -> None
 def test_bf16_gives_probabilities_close_to_fp32(model_dir):
     """CPU, bf16 network against fp32, within what bf16's 8-bit mantissa allows; a model that
     always answers 1/3, or the probabilities of the neighbouring frame, are refused."""
-    fp32 = model.from_checkpoint(model_dir)
-    bf16 = model.from_checkpoint(model_dir, precision="bf16")
+    fp32 = model.from_checkpoint(model_dir, device="cpu")
+    bf16 = model.from_checkpoint(model_dir, device="cpu", precision="bf16")
     assert next(bf16.network.parameters()).dtype == torch.bfloat16
     pixels = [model.frame_pixels(frame, fp32.params) for frame in video_frames(6)]
     expected_logits = np.stack([frame_logits(fp32, p) for p in pixels])
@@ -338,7 +340,7 @@ def test_live_log_matches_the_extract_path_frame_by_frame(tmp_path, model_dir, w
     assert raw_top1 != smoothed_top1, "smoothing changes some frame's top-1"
     assert_log_matches(log, expected, k=3)
 
-    classifier = model.from_checkpoint(model_dir)
+    classifier = model.from_checkpoint(model_dir, device="cpu")
     resized_224 = dataclasses.replace(classifier.params, resize_size=224)
     wrong_resize = np.stack(
         [classifier.probabilities(model.frame_pixels(f, resized_224)) for f in frames]
@@ -459,7 +461,7 @@ class ScriptedWindow:
 def test_keys_pause_snapshot_and_quit_and_a_failing_display_goes_headless(
     tmp_path, model_dir, capsys
 ):
-    classifier = model.from_checkpoint(model_dir)
+    classifier = model.from_checkpoint(model_dir, device="cpu")
     video = write_lossless_video(tmp_path / "clip.avi", video_frames(6))
     window = ScriptedWindow([None, PAUSE, SNAPSHOT, PAUSE, QUIT])
     with open_source(str(video)) as source:

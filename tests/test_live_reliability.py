@@ -82,7 +82,7 @@ def test_checkpoint_of_another_backbone_or_layer_is_refused(
         model_dir, tmp_path / "other", features={"backbone": backbone, "node": node}
     )
     with pytest.raises(UserError, match=message):
-        model.from_checkpoint(other)
+        model.from_checkpoint(other, device="cpu")
     with pytest.raises(UserError, match=message):
         export.main(["--model", str(other), "--out", str(tmp_path / "other.pt")])
 
@@ -121,7 +121,7 @@ def test_metadata_is_parsed_as_data_and_anything_else_is_refused(
         }
     bad = altered_checkpoint(model_dir, tmp_path / "bad", **changes)
     with pytest.raises(UserError, match=message):
-        model.from_checkpoint(bad)
+        model.from_checkpoint(bad, device="cpu")
     assert not marker.exists()
 
 
@@ -199,7 +199,7 @@ def test_capture_is_released_when_the_loop_ends_fails_or_is_interrupted(
 
 
 def test_read_ahead_stops_its_thread_before_the_source_is_released(tmp_path, model_dir):
-    classifier = model.from_checkpoint(model_dir)
+    classifier = model.from_checkpoint(model_dir, device="cpu")
     video = write_lossless_video(tmp_path / "clip.avi", video_frames(8))
     with open_source(str(video), loop=True) as source:
         summary = session.run(classifier, source, session.Settings(max_frames=5))
