@@ -20,7 +20,7 @@ import numpy as np
 
 from extract import store
 from extract.device import available_memory
-from extract.errors import UserError
+from extract.errors import Option, UserError, contradiction
 from extract.options import Options
 
 if TYPE_CHECKING:
@@ -89,9 +89,9 @@ def run(
         progress=progress,
     )
     if settings.batch_size < 1 or (settings.workers is not None and settings.workers < 0):
-        raise UserError("--batch-size must be >= 1 and --workers >= 0")
+        raise UserError(Option("batch_size"), " must be >= 1 and ", Option("workers"), " >= 0")
     if settings.resume and settings.overwrite:
-        raise UserError("--resume and --overwrite contradict each other; pick one")
+        raise contradiction()
     return distributed.run(settings) if distributed.launched() else runner.run(settings)
 
 

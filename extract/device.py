@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from extract.errors import UserError
+from extract.errors import Option, UserError
 
 DEFAULT_DEVICE = "auto"  # every command's and every API function's default --device
 
@@ -21,9 +21,14 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available (use --device cpu)")
+        raise UserError(
+            Option("device", "cuda"),
+            ": no CUDA device is available (use ",
+            Option("device", "cpu"),
+            ")",
+        )
     if name not in ("cpu", "cuda"):
-        raise UserError(f"--device {name}: choose auto, cpu or cuda")
+        raise UserError(Option("device", name), ": choose auto, cpu or cuda")
     return torch.device(name)
 
 

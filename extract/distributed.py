@@ -23,7 +23,7 @@ import torch.distributed as dist
 from extract import runner, store
 from extract.dataset import Manifest
 from extract.device import resolve_device
-from extract.errors import UserError
+from extract.errors import Option, UserError
 from extract.parts import merge
 
 
@@ -58,7 +58,9 @@ def run(options: runner.Options) -> runner.Summary:
         if out.exists() and not options.overwrite:
             if options.resume:
                 return runner.Summary(0, 0, 0.0, out.stat().st_size, already_complete=True)
-            raise UserError(f"{out}: already exists (use --overwrite to replace it)")
+            raise UserError(
+                f"{out}: already exists (use ", Option("overwrite", True), " to replace it)"
+            )
         classes, manifests = runner.read_dataset(options)
         mine = [shard(m, rank, world, options.batch_size) for m in manifests]
         part = rank_path(out, rank, world)

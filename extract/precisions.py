@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from extract.errors import UserError
+from extract.errors import Option, UserError
 
 DTYPES = {
     "fp32": torch.float32,
@@ -27,7 +27,7 @@ LIVE_DEFAULT = LIVE_CHOICES[0]  # live's --precision and its Python API's
 def checked(name: str, choices: tuple[str, ...]) -> str:
     """`name` if the command takes it, else the one-line error its --precision flag gives."""
     if name not in choices:
-        raise UserError(f"--precision {name}: choose from {', '.join(choices)}")
+        raise UserError(Option("precision", name), f": choose from {', '.join(choices)}")
     return name
 
 

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from extract import backbone, parts, precisions, store
 from extract.dataset import Classes, Manifest, default_splits, read_classes, read_manifest
 from extract.device import resolve_device
-from extract.errors import UserError, WriteFailed
+from extract.errors import Option, UserError, WriteFailed
 from extract.images import DECODERS, Batch, Collate, ManifestImages, crops_on_device
 from extract.options import Options
 from extract.preprocess import Preprocess, normalize, resize_crop
@@ -169,9 +169,9 @@ def extract_to(
     device = resolve_device(options.device)
     precision = precisions.resolve(options.precision, device)
     if options.store_dtype not in ("float16", "float32"):
-        raise UserError(f"--store-dtype {options.store_dtype}: choose float16 or float32")
+        raise UserError(Option("store_dtype", options.store_dtype), ": choose float16 or float32")
     if options.decode not in DECODERS:
-        raise UserError(f"--decode {options.decode}: choose {' or '.join(DECODERS)}")
+        raise UserError(Option("decode", options.decode), f": choose {' or '.join(DECODERS)}")
     if options.decode == "device" and device.type != "cuda":
         raise UserError("--decode device: decoding on the device needs CUDA (use --device cuda)")
 
@@ -182,9 +182,17 @@ def extract_to(
         if out.exists() and not options.overwrite:
             if options.resume:
                 return Summary(0, 0, 0.0, out.stat().st_size, already_complete=True)
-            raise UserError(f"{out}: already exists (use --overwrite to replace it)")
+            raise UserError(
+                f"{out}: already exists (use ", Option("overwrite", True), " to replace it)"
+            )
         if part.exists() and not (options.resume or options.overwrite):
-            raise UserError(f"{part}: an interrupted run is here (use --resume, or --overwrite)")
+            raise UserError(
+                f"{part}: an interrupted run is here (use ",
+                Option("resume", True),
+                ", or ",
+                Option("overwrite", True),
+                ")",
+            )
 
         fresh = not (options.resume and part.exists()) and not options.strict
         # A fresh run starts at row 0: its first loader can start now and decode while the

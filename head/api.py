@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from extract.device import DEFAULT_DEVICE
-from extract.errors import UserError
+from extract.errors import Option, UserError, contradiction
 from head.settings import INITS, PRETRAINED_INITS, Settings
 
 
@@ -83,21 +83,31 @@ def fit(
         progress=progress,
     )
     if chosen.init not in INITS:
-        raise UserError(f"--init {chosen.init}: choose from {', '.join(INITS)}")
+        raise UserError(Option("init", chosen.init), f": choose from {', '.join(INITS)}")
     checked(chosen.precision, HEAD_CHOICES)
     if chosen.batch_size < 1 or chosen.lr <= 0 or chosen.weight_decay < 0:
-        raise UserError("--batch-size must be >= 1, --lr > 0 and --weight-decay >= 0")
+        raise UserError(
+            Option("batch_size"),
+            " must be >= 1, ",
+            Option("lr"),
+            " > 0 and ",
+            Option("weight_decay"),
+            " >= 0",
+        )
     if chosen.epochs < (0 if chosen.init in PRETRAINED_INITS else 1):
         raise UserError(
-            "--epochs must be >= 1 (0 is allowed with --init classifier or fc8: measure only)"
+            Option("epochs"),
+            " must be >= 1 (0 is allowed with ",
+            Option("init", "classifier"),
+            " or fc8: measure only)",
         )
     if chosen.resume and chosen.overwrite:
-        raise UserError("--resume and --overwrite contradict each other; pick one")
+        raise contradiction()
     if isinstance(max_memory, str):
         try:
             max_memory = feature_sets.parse_size(max_memory)
         except ValueError as error:
-            raise UserError(f"--max-memory {max_memory}: {error}") from None
+            raise UserError(Option("max_memory", max_memory), f": {error}") from None
     log = log or progress_lines(chosen.progress)
     save = Path(save)
     resolved = resolve_device(device)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from extract.errors import UserError, first_line
+from extract.errors import Option, UserError, first_line
 from head import checkpoint, history
 from head.adam import Adam
 from head.checkpoint import Checkpoint
@@ -265,11 +265,16 @@ def check_save_dir(save_dir: Path, settings: Settings) -> None:
     if save_dir.exists() and not save_dir.is_dir():
         raise UserError(f"{save_dir}: exists and is not a folder")
     if settings.resume and not last.is_file():
-        raise UserError(f"{last}: nothing to resume (run without --resume to start)")
+        raise UserError(
+            f"{last}: nothing to resume (run without ", Option("resume", True), " to start)"
+        )
     if not settings.resume and last.exists() and not settings.overwrite:
         raise UserError(
-            f"{last}: a run is already saved here (use --resume to continue it, "
-            f"or --overwrite to start again)"
+            f"{last}: a run is already saved here (use ",
+            Option("resume", True),
+            " to continue it, or ",
+            Option("overwrite", True),
+            " to start again)",
         )
 
 

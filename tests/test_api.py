@@ -160,7 +160,73 @@ def test_run_raises_the_error_the_command_prints(tiny_imagenet, tmp_path, capsys
         args = extract_cli.parse_args([str(arg) for arg in argv])
         with pytest.raises(UserError) as raised:
             extract.run(args.data, args.out, **extract_cli.options(args))
-        assert str(raised.value) == printed
+        assert raised.value.for_command() == printed
+
+
+def test_an_error_names_the_flag_from_a_command_and_the_keyword_from_python(
+    tiny_imagenet, tmp_path, capsys
+):
+    """Each problem twice: the command's line names the flag, the API's message the keyword,
+    and otherwise they are the same words."""
+    taken = tmp_path / "taken.h5"
+    taken.write_bytes(b"")
+    saved = tmp_path / "model"
+    saved.mkdir()
+    (saved / "last.pt").write_bytes(b"")
+    data = ["--data", tiny_imagenet]
+    heads = ["--features", tmp_path / "f.h5", "--save", saved]
+    cases = [
+        (
+            extract_cli.main,
+            [*data, "--out", taken, "--no-progress"],
+            lambda: extract.run(tiny_imagenet, taken, progress=False),
+            ("--overwrite", "overwrite=True"),
+        ),
+        (
+            extract_cli.main,
+            [*data, "--out", taken, "--resume", "--overwrite"],
+            lambda: extract.run(tiny_imagenet, taken, resume=True, overwrite=True),
+            ("--resume and --overwrite", "resume=True and overwrite=True"),
+        ),
+        (
+            extract_cli.main,
+            [*data, "--out", taken, "--batch-size", "0"],
+            lambda: extract.run(tiny_imagenet, taken, batch_size=0),
+            ("--batch-size must be >= 1 and --workers", "batch_size must be >= 1 and workers"),
+        ),
+        (
+            extract_cli.main,
+            [*data, "--out", taken, "--device", "tpu"],
+            lambda: extract.run(tiny_imagenet, taken, device="tpu"),
+            ("--device tpu: choose", "device='tpu': choose"),
+        ),
+        (
+            head_train.main,
+            heads,
+            lambda: head.fit(tmp_path / "f.h5", saved),
+            (
+                "(use --resume to continue it, or --overwrite",
+                "(use resume=True to continue it, or overwrite=True",
+            ),
+        ),
+        (
+            head_train.main,
+            [*heads, "--epochs", "0", "--overwrite"],
+            lambda: head.fit(tmp_path / "f.h5", saved, epochs=0, overwrite=True),
+            (
+                "--epochs must be >= 1 (0 is allowed with --init classifier",
+                "epochs must be >= 1 (0 is allowed with init='classifier'",
+            ),
+        ),
+    ]
+    for main, argv, call, (flag, keyword) in cases:
+        printed = command_error(main, argv, capsys)
+        with pytest.raises(UserError) as raised:
+            call()
+        assert flag in printed and keyword in str(raised.value), printed
+        assert raised.value.for_command() == printed
+        # Negative control: the API's message is not the command's line, nor does it name the flag.
+        assert flag not in str(raised.value) and str(raised.value) != printed
 
 
 def test_load_refuses_incomplete_and_foreign_files_with_the_line_the_commands_print(
@@ -240,7 +306,7 @@ def test_fit_trains_what_the_command_trains_and_returns_the_last_checkpoint(
     torch.testing.assert_close(state["state_dict"], command["state_dict"], rtol=0, atol=0)
     assert state["epoch"] == 3 and state["train_loss"] == command["train_loss"]
     assert state["best_accuracy"] == command["best_accuracy"]
-    with pytest.raises(UserError, match="--resume and --overwrite"):
+    with pytest.raises(UserError, match="resume=True and overwrite=True"):
         head.fit(features_file, tmp_path / "api", resume=True, overwrite=True)
     with pytest.raises(TypeError, match="epoch"):
         head.fit(features_file, tmp_path / "api", epoch=3)
