@@ -10,12 +10,13 @@ DEMO := build/demo
 
 env: $(STAMP)
 
-# The environment is rebuilt only when the package definition or its requirements change;
-# the versions (torch's pinned) are in requirements.txt.
-$(STAMP): setup.cfg pyproject.toml requirements.txt
+# The environment is rebuilt only when the package definition or its requirements change.
+# requirements.txt holds the ranges the package accepts; constraints.txt the exact versions
+# the tests pass with, which make installs, so that it reproduces the tested environment.
+$(STAMP): setup.cfg pyproject.toml requirements.txt constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)
