@@ -57,8 +57,8 @@ class Predictor:
         """The `topk` most probable classes of each image, most probable first, as dicts
         ``{"index", "wnid", "name", "prob"}``.
 
-        `images`: a PIL image (any mode), an H x W x 3 uint8 RGB NumPy array, an image file's
-        path, or a list of them (or an N x H x W x 3 array). One image gives one list of dicts,
+        `images`: a PIL image (any mode), an H x W x 3 uint8 RGB NumPy array or an H x W
+        uint8 gray one, an image file's path, or a list of them (or an N x H x W x 3 array). One image gives one list of dicts,
         several give one such list per image.
         """
         return self._classify(images, topk, self._rgb_pixels)
@@ -103,10 +103,12 @@ class Predictor:
         if isinstance(image, Image.Image):
             return to_uint8(image, self.params)
         if isinstance(image, np.ndarray):
+            if image.dtype == np.uint8 and image.ndim == 2:  # gray: as a PIL "L" image converts
+                image = np.repeat(image[:, :, None], 3, axis=2)
             if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
                 raise UserError(
-                    f"an image array must be H x W x 3 uint8 RGB, not {image.dtype} "
-                    f"{'x'.join(map(str, image.shape))}"
+                    f"an image array must be H x W x 3 uint8 RGB or H x W uint8 gray, not "
+                    f"{image.dtype} {'x'.join(map(str, image.shape))}"
                 )
             # np.asarray(PIL image) is read-only, which torch.from_numpy warns about.
             return rgb_array_to_uint8(np.require(image, requirements="CW"), self.params)

@@ -391,6 +391,12 @@ def test_predict_takes_paths_pil_images_rgb_arrays_and_bgr_frames_alike(tmp_path
             )
     with pytest.raises(UserError, match="H x W x 3 uint8"):
         model.predict(rgb.astype(np.float32))
+    # A gray (H, W) array is what the same gray PIL image gives (CPU fp32, exact).
+    gray = np.asarray(image.convert("L"))
+    assert model.predict(gray) == model.predict(Image.fromarray(gray, "L"))
+    assert model.predict(gray) != by_path  # negative control: gray is not the colour image
+    with pytest.raises(UserError, match="H x W uint8 gray"):
+        model.predict(gray.astype(np.int32))
     (tmp_path / "broken.jpg").write_bytes(b"not an image")
     with pytest.raises(UserError, match="broken.jpg: unreadable image"):
         model.predict(tmp_path / "broken.jpg")
