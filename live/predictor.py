@@ -58,8 +58,8 @@ class Predictor:
         ``{"index", "wnid", "name", "prob"}``.
 
         `images`: a PIL image (any mode), an H x W x 3 uint8 RGB NumPy array or an H x W
-        uint8 gray one, an image file's path, or a list of them (or an N x H x W x 3 array). One image gives one list of dicts,
-        several give one such list per image.
+        uint8 gray one, an image file's path, or a list of them (or an N x H x W x 3 array).
+        One image gives one list of dicts, several give one such list per image.
         """
         return self._classify(images, topk, self._rgb_pixels)
 
