@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import math
 import os
 import time
@@ -26,7 +25,7 @@ import torchvision
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from extract import backbone, parts, precisions, store
+from extract import backbone, lock, parts, precisions, store
 from extract.dataset import Classes, Manifest, default_splits, read_classes, read_manifest
 from extract.device import resolve_device
 from extract.errors import Option, UserError, WriteFailed
@@ -123,22 +122,6 @@ def check_readable(
         raise UserError(f"{root / path}: unreadable image, {reason}{more}; --strict stops here")
 
 
-def acquire_lock(out: Path):
-    """Hold an exclusive lock next to the output so two runs never write the same file."""
-    lock_path = out.with_name(out.name + ".lock")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(lock_path, "a")
-    except OSError as error:
-        raise UserError(f"{out}: cannot write here ({error.strerror})") from None
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise UserError(f"{out}: another extract run is writing this file") from None
-    return handle
-
-
 def read_dataset(options: Options) -> tuple[Classes, list[Manifest]]:
     """The class list and the manifest of every requested split."""
     classes = read_classes(options.data)
@@ -176,7 +159,7 @@ def extract_to(
         raise UserError("--decode device: decoding on the device needs CUDA (use --device cuda)")
 
     part = store.part_path(out)
-    lock = acquire_lock(out)
+    held = lock.acquire(out)
     first_batches = None
     try:
         if out.exists() and not options.overwrite:
@@ -254,7 +237,7 @@ def extract_to(
         # The early workers inherited the lock's file: on any failure (the network's build,
         # the file's creation) they are stopped here, or the lock would outlive the run.
         first_batches = None
-        lock.close()
+        lock.release(held, out)
 
 
 def close_quietly(file) -> None:

@@ -41,6 +41,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from extract import lock
 from extract.atomic import atomic_write
 from extract.dataset import Classes, Manifest
 from extract.errors import UserError, WriteFailed, first_line
@@ -219,18 +220,52 @@ def mark_complete(file: h5py.File) -> None:
     os.truncate(file.filename, file.id.get_filesize())
 
 
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
 def open_file(path: Path, mode: str = "r") -> h5py.File:
-    """Open a feature file, with a clear error for a missing file or one that is not ours."""
+    """Open a feature file, with a clear error for a missing file, one still being written (by
+    which process), a damaged one, or one that is not ours."""
+    check_not_in_progress(path)
     if not path.is_file():
         raise UserError(f"{path}: feature file not found")
     try:
         file = h5py.File(path, mode)
     except OSError as error:
+        with open(path, "rb") as raw:
+            ours = raw.read(len(HDF5_SIGNATURE)) == HDF5_SIGNATURE
+        if ours:
+            raise UserError(
+                f"{path}: damaged or truncated HDF5 file ({first_line(error)}); extract the "
+                f"features again (python -m extract ... --overwrite)"
+            ) from None
         raise UserError(f"{path}: not a readable HDF5 file ({first_line(error)})") from None
     if file.attrs.get("format") != FORMAT:
         file.close()
         raise UserError(f"{path}: not a feature file made by extract (format attribute missing)")
     return file
+
+
+def check_not_in_progress(path: Path) -> None:
+    """A file that an extract run is writing now (its final name, or the .part it writes) is
+    named as such, with the writer's pid, rather than as missing or locked."""
+    out = path.with_name(path.name.removesuffix(".part"))
+    pid = lock.writer_pid(out)
+    if path.name.endswith(".part") and pid:
+        raise UserError(
+            f"{path}: extract (pid {pid}) is still writing this file; it becomes {out.name} "
+            f"when complete"
+        )
+    if not path.exists() and part_path(path).exists():
+        if pid:
+            raise UserError(
+                f"{path}: still being written by extract (pid {pid}); it appears under this "
+                f"name when complete"
+            )
+        raise UserError(
+            f"{path}: not complete, an interrupted extract run left {part_path(path).name} "
+            f"(rerun extract with --resume)"
+        )
 
 
 def open_complete(path: Path) -> h5py.File:

@@ -439,3 +439,57 @@ def test_load_takes_backbone_weights_kept_elsewhere_when_their_digest_is_the_rec
     assert live.load(model_dir, device="cpu", weights=moved).predict(image) == recorded
     with pytest.raises(UserError, match="--weights random: sha256 .* differs"):
         live.load(model_dir, device="cpu", weights="random")
+
+
+def test_a_run_removes_its_lock_and_a_file_in_progress_is_named_with_its_writers_pid(
+    tiny_imagenet, features_file, tmp_path, capsys
+):
+    from extract import lock
+
+    assert not lock.lock_path(features_file).exists(), "the finished run removed its lock"
+    out = tmp_path / "busy.h5"
+    part = tmp_path / "busy.h5.part"
+    part.write_bytes(features_file.read_bytes())
+    code = (
+        "import sys, time; from pathlib import Path; from extract import lock; "
+        f"held = lock.acquire(Path({str(out)!r})); print('ready', flush=True); time.sleep(60)"
+    )
+    writer = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert writer.stdout.readline().strip() == "ready"
+        printed = command_error(
+            head_train.main, ["--features", out, "--save", tmp_path / "m"], capsys
+        )
+        assert printed == (
+            f"{out}: still being written by extract (pid {writer.pid}); it appears under this "
+            f"name when complete"
+        )
+        with pytest.raises(UserError, match=f"extract \\(pid {writer.pid}\\) is still writing"):
+            extract.load(part)
+        with pytest.raises(UserError, match=f"another extract run \\(pid {writer.pid}\\)"):
+            extract.run(tiny_imagenet, out, progress=False, workers=0)
+    finally:
+        writer.kill()
+        writer.wait()
+    # Negative control: with the writer gone, the same .part is an interrupted run.
+    with pytest.raises(UserError, match="interrupted extract run left busy.h5.part"):
+        extract.load(out)
+
+
+def test_a_truncated_feature_file_says_so_and_how_to_extract_it_again(features_file, tmp_path):
+    truncated = tmp_path / "truncated.h5"
+    truncated.write_bytes(features_file.read_bytes()[: features_file.stat().st_size // 2])
+    with pytest.raises(UserError) as raised:
+        extract.load(truncated)
+    message = str(raised.value)
+    assert message.startswith(f"{truncated}: damaged or truncated HDF5 file (")
+    assert message.endswith("extract the features again (python -m extract ... --overwrite)")
+    assert "\n" not in message
+    # Negative control: a file that never was HDF5 is not called damaged.
+    text = tmp_path / "notes.h5"
+    text.write_text("not features\n")
+    with pytest.raises(UserError, match="not a readable HDF5 file") as raised:
+        extract.load(text)
+    assert "damaged" not in str(raised.value)
