@@ -59,4 +59,12 @@ def put_text(
 
 
 def status_line(camera_fps: float, inference_fps: float, latency_ms: float) -> str:
-    return f"camera {camera_fps:.1f} fps  inference {inference_fps:.1f} fps  {latency_ms:.0f} ms"
+    """The overlay's timing line. A rate needs two frames to be measured: until then it is
+    shown as unknown ("--"), not as 0.0 fps."""
+    return (
+        f"camera {rate_text(camera_fps)}  inference {rate_text(inference_fps)}  {latency_ms:.0f} ms"
+    )
+
+
+def rate_text(fps: float) -> str:
+    return f"{fps:.1f} fps" if fps > 0 else "-- fps"

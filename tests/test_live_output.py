@@ -85,3 +85,16 @@ def test_thread_default_is_every_core_on_the_cpu_and_one_on_cuda():
     assert default_threads("cpu") == cpu_threads()
     if torch.cuda.is_available():
         assert default_threads("cuda") == default_threads("auto") == 1
+
+
+def test_the_first_frame_shows_its_rates_as_unknown_not_as_zero():
+    from live.overlay import status_line
+    from live.timing import RateMeter
+
+    meter = RateMeter()
+    meter.tick(1.0)  # one frame: no interval to measure a rate from yet
+    first = status_line(meter.rate, meter.rate, 12.0)
+    assert first == "camera -- fps  inference -- fps  12 ms" and "0.0 fps" not in first
+    meter.tick(1.04)
+    # Negative control: once measured, the rate is shown.
+    assert status_line(meter.rate, meter.rate, 12.0) == "camera 25.0 fps  inference 25.0 fps  12 ms"
