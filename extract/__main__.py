@@ -22,10 +22,11 @@ import argparse
 import dataclasses
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
-from extract import backbone, distributed
+from extract import backbone, distributed, flat
 from extract.api import run
 from extract.errors import UserError, run_cli
 from extract.images import DECODERS
@@ -168,15 +169,24 @@ def print_listing(listing: Listing) -> None:
         print(f"{node}  (default)" if node == default else node)
 
 
+def run_quietly(data: Path, out: Path, **given: Any):
+    """`run`, its warnings left to `main` to print as lines (not as Python's warnings)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", f".*{flat.MARK}", UserWarning)
+        return run(data, out, **given)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if isinstance(args, Listing):
         print_listing(args)
         return 0
-    summary = run(args.data, args.out, **options(args))
+    summary = run_quietly(args.data, args.out, **options(args))
     if not distributed.launched() or int(os.environ["RANK"]) == 0:
         stream = sys.stderr if summary.already_complete else sys.stdout
         print(summary.line(args.out), file=stream)
+        for line in summary.warnings:  # the last lines: what the user must see
+            print(line, file=sys.stderr)
     return 0
 
 

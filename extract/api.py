@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -92,7 +93,10 @@ def run(
         raise UserError(Option("batch_size"), " must be >= 1 and ", Option("workers"), " >= 0")
     if settings.resume and settings.overwrite:
         raise contradiction()
-    return distributed.run(settings) if distributed.launched() else runner.run(settings)
+    summary = distributed.run(settings) if distributed.launched() else runner.run(settings)
+    for line in summary.warnings:
+        warnings.warn(line.removeprefix("warning: "), UserWarning, stacklevel=2)
+    return summary
 
 
 @dataclasses.dataclass(frozen=True)

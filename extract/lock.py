@@ -63,13 +63,15 @@ def release(handle: IO[str], out: Path) -> None:
 
 
 def writer_pid(out: Path) -> int | None:
-    """The pid of the run writing `out` now, or None when no run holds its lock."""
+    """The pid of another process's run writing `out` now, or None when no run holds its lock
+    (or this process does: a run resuming its own file)."""
     try:
         with open(lock_path(out)) as handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:  # held: a writer is running
-                return int(handle.read().strip() or 0) or None
+                pid = int(handle.read().strip() or 0)
+                return pid if pid and pid != os.getpid() else None
             return None
     except (OSError, ValueError):
         return None

@@ -25,7 +25,7 @@ import torchvision
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from extract import backbone, lock, parts, precisions, store
+from extract import backbone, flat, lock, parts, precisions, store
 from extract.dataset import Classes, Manifest, default_splits, read_classes, read_manifest
 from extract.device import resolve_device
 from extract.errors import Option, UserError, WriteFailed
@@ -44,6 +44,7 @@ class Summary:
     already_complete: bool = False
     first_batch_seconds: float = math.nan  # from the call to the first batch on the device
     steady_rate: float = math.nan  # images/s from the first batch on the device to the last write
+    warnings: list[str] = dataclasses.field(default_factory=list)  # flat features, per split
 
     def line(self, out: Path) -> str:
         if self.already_complete:
@@ -213,6 +214,7 @@ def extract_to(
                     first_batches,
                 )
             store.mark_complete(file)
+            flat_warnings = [flat.flat_features(file, m.split, str(out)) for m in manifests]
             file.close()
         except OSError as error:
             close_quietly(file)
@@ -232,6 +234,7 @@ def extract_to(
             out.stat().st_size,
             first_batch_seconds=first_batch_at - called,
             steady_rate=after_first / (finished - first_batch_at) if after_first else math.nan,
+            warnings=[line for line in flat_warnings if line],
         )
     finally:
         # The early workers inherited the lock's file: on any failure (the network's build,

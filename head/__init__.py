@@ -6,7 +6,8 @@ Python API (``python -m head.train`` and ``python -m head.evaluate`` are thin wr
         Train with Adam on the feature file, saving last.pt, best.pt, history and plots in
         `save`; the keywords and their defaults are the options of ``python -m head.train``
         (``weight_decay``, ``init``, ``standardize``, ``flip``, ``device``, ``resume``, ...;
-        ``help(head.fit)`` lists them all). Returns the final checkpoint's contents.
+        ``help(head.fit)`` lists them all). Returns a `FitResult`: best epoch and top-1,
+        paths, history; the whole last checkpoint is its ``checkpoint``.
     head.report(model, features, split="val", out=None) -> dict
         Top-1, top-5, mean per-class accuracy and calibration error on one split: what
         ``python -m head.evaluate`` writes to report.json. Like the command, it writes the
@@ -18,8 +19,8 @@ Example::
 
     import head
 
-    state = head.fit("features.h5", "model", epochs=20, standardize=True)
-    print(state["best_accuracy"], head.report("model", "features.h5")["top5"])
+    result = head.fit("features.h5", "model", epochs=20, standardize=True)
+    print(result.best_top1, head.report("model", "features.h5")["top5"])
 """
 
 from extract.errors import UserError

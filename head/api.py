@@ -11,6 +11,7 @@ Training, scikit-learn and matplotlib are imported when a function is called: `l
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from extract.device import DEFAULT_DEVICE
 from extract.errors import Option, UserError, contradiction
+from head.checkpoint import BEST, LAST, Checkpoint
 from head.settings import INITS, PRETRAINED_INITS, Settings
 
 
@@ -42,7 +44,7 @@ def fit(
     stream: bool | None = None,
     max_memory: int | str | None = None,
     log: Callable[[str], None] | None = None,
-) -> dict:
+) -> FitResult:
     """Train the new classification layer on the feature file `features`, saving into `save`.
 
     The keywords are the options of ``python -m head.train``, spelled with underscores and with
@@ -58,9 +60,9 @@ def fit(
     default they are printed when `progress` is on, and notes (what was not done as asked,
     such as `flip` on a file without flipped features) are issued as warnings.
 
-    Returns the final checkpoint's contents (``last.pt``): ``epoch``, ``best_accuracy``,
-    ``best_epoch``, ``state_dict``, the per-epoch history lists, the classes and the features'
-    provenance. Writes last.pt, best.pt, history.csv and the plots into `save`.
+    Returns a `FitResult`: the best epoch and its top-1, the files written (last.pt, best.pt,
+    history.csv and the plots, in `save`) and the per-epoch history; the final checkpoint
+    (`head.checkpoint.Checkpoint`, optimizer state included) is its ``checkpoint``.
     """
     from extract.device import resolve_device
     from extract.precisions import HEAD_CHOICES, checked
@@ -120,15 +122,57 @@ def fit(
         stream=stream,
         max_memory=max_memory,
     )
-    return train(data, save, chosen, resolved, report=log).to_dict()
+    return FitResult.of(train(data, save, chosen, resolved, report=log), save)
+
+
+@dataclasses.dataclass(frozen=True)
+class FitResult:
+    """What `fit` trained, small enough to print in a notebook: the best epoch and its top-1,
+    where the run was saved, and the history. The whole last checkpoint is `checkpoint`."""
+
+    best_epoch: int
+    best_top1: float  # percent
+    best_by: str  # "validation top-1", or "train loss" without a val split
+    epochs: int
+    save: Path  # the folder: best.pt, last.pt, history.csv and the plots
+    history: dict[str, list]  # per epoch: epoch, train_loss, train_top1, val_loss, val_top1, ...
+    checkpoint: Checkpoint = dataclasses.field(repr=False)
+
+    @classmethod
+    def of(cls, last: Checkpoint, save: Path) -> FitResult:
+        return cls(
+            best_epoch=last.best_epoch,
+            best_top1=last.best_top1,
+            best_by=last.best_by,
+            epochs=last.epoch,
+            save=save,
+            history=last.history,
+            checkpoint=last,
+        )
+
+    @property
+    def best(self) -> Path:
+        return self.save / BEST
+
+    @property
+    def last(self) -> Path:
+        return self.save / LAST
+
+    def __repr__(self) -> str:
+        return (
+            f"FitResult(best_epoch={self.best_epoch}, best_top1={self.best_top1:.2f} "
+            f"({self.best_by}), epochs={self.epochs}, best={str(self.best)!r}, "
+            f"last={str(self.last)!r}, history=<{len(self.history['epoch'])} epochs>)"
+        )
 
 
 def progress_lines(progress: bool) -> Callable[[str], None]:
     """Training's lines for a caller in Python: progress printed (when on), notes as warnings."""
 
     def show(line: str) -> None:
-        if line.startswith("note: "):
-            warnings.warn(line.removeprefix("note: "), UserWarning, stacklevel=4)
+        if line.startswith(("note: ", "warning: ")):
+            message = line.removeprefix("note: ").removeprefix("warning: ")
+            warnings.warn(message, UserWarning, stacklevel=4)
         elif progress:
             print(line)
 

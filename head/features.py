@@ -23,7 +23,7 @@ import h5py
 import numpy as np
 import torch
 
-from extract import store
+from extract import flat, store
 from extract.device import available_memory
 from extract.errors import UserError
 
@@ -266,6 +266,9 @@ def load(
             for split in present
             if store.has_split(file, split)
         }
+        flat_warning = flat.flat_features(file, "train", str(path))
+        if flat_warning:
+            report(flat_warning)
         if flip and not info["train"].flip:
             report(
                 f"note: {path} has no flipped features (extract with --flip); "

@@ -154,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def note(line: str) -> None:
-    """Memory estimate on stdout; notes (what was not done as asked) on stderr."""
-    print(line, file=sys.stderr if line.startswith("note:") else sys.stdout)
+    """Memory estimate on stdout; notes (what was not done as asked) and warnings on stderr."""
+    print(line, file=sys.stderr if line.startswith(("note:", "warning:")) else sys.stdout)
 
 
 if __name__ == "__main__":

@@ -296,16 +296,26 @@ def test_fit_trains_what_the_command_trains_and_returns_the_last_checkpoint(
         run_cli(head_train.main, [*map(str, argv), "--batch-size", "5", "--no-progress"])
     capfd.readouterr()
     with pytest.warns(UserWarning, match="no flipped features"):
-        state = head.fit(
+        result = head.fit(
             str(features_file), tmp_path / "api", epochs=3, batch_size=5, flip=True, progress=False
         )
     assert capfd.readouterr() == ("", ""), "progress off: nothing printed"
     command = torch.load(tmp_path / "command" / "last.pt", weights_only=True)
     saved = torch.load(tmp_path / "api" / "last.pt", weights_only=True)
+    state = result.checkpoint.to_dict()
     torch.testing.assert_close(state["state_dict"], saved["state_dict"], rtol=0, atol=0)
     torch.testing.assert_close(state["state_dict"], command["state_dict"], rtol=0, atol=0)
     assert state["epoch"] == 3 and state["train_loss"] == command["train_loss"]
-    assert state["best_accuracy"] == command["best_accuracy"]
+    assert result.best_top1 == state["best_accuracy"] == command["best_accuracy"]
+    assert result.best_epoch == command["best_epoch"] and result.epochs == 3
+    assert result.history["train_loss"] == command["train_loss"]
+    assert result.best == tmp_path / "api" / "best.pt" and result.last.is_file()
+    # A short repr: one line, no tensors, the optimizer state left out (negative control: the
+    # checkpoint's own repr runs to thousands of characters).
+    shown = repr(result)
+    assert shown.startswith(f"FitResult(best_epoch={result.best_epoch}, best_top1=")
+    assert "\n" not in shown and len(shown) < 300 and "tensor" not in shown
+    assert len(repr(result.checkpoint)) > 10 * len(shown)
     with pytest.raises(UserError, match="resume=True and overwrite=True"):
         head.fit(features_file, tmp_path / "api", resume=True, overwrite=True)
     with pytest.raises(TypeError, match="epoch"):

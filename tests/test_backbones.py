@@ -19,6 +19,7 @@ from test_head import assert_one_line_error, cli, train_cli
 from torchvision.models import get_model, get_model_weights
 from torchvision.models.feature_extraction import create_feature_extractor
 
+import extract
 from conftest import (
     WNIDS,
     cache_weights,
@@ -385,3 +386,39 @@ def test_imagenet_mode_with_another_backbone_is_torchvisions_whole_network(
     argv += ["--source", video, "--no-display", "--log", log]
     status, _, _ = cli(live_main, argv, capsys)
     assert status == 0 and len(log.read_text().splitlines()) == 2
+
+
+def test_flat_features_end_extract_and_start_head_train_with_a_one_line_warning(
+    tiny_imagenet, features_file, tmp_path, capsys
+):
+    """MobileNetV3-Small with random weights stores all-zero features (CPU, fp32)."""
+    out = tmp_path / "flat.h5"
+    argv = ["--data", tiny_imagenet, "--out", out, "--backbone", "mobilenet_v3_small"]
+    argv += ["--weights", "random", "--workers", "0", "--no-progress"]
+    status, printed, err = cli(extract_main, argv, capsys)
+    assert status == 0 and printed.startswith("extracted ")
+    with h5py.File(out) as file:
+        assert not file["train/features"][()].any()
+    warned = err.strip().splitlines()
+    assert len(warned) == 2, err  # train and val, the last lines
+    for line, split in zip(warned, ("train", "val")):
+        assert line.startswith(f"warning: {out}: the {split} features (mobilenet_v3_small ")
+        assert "weights random) are all zero, so a head cannot learn from them" in line
+        assert line.endswith(
+            "pretrained weights (--weights imagenet) or another --node give features that vary"
+        )
+    status, printed, err = train_cli(out, tmp_path / "model", capsys, "--epochs", "1")
+    assert status == 0 and err.strip().splitlines()[0] == warned[0]
+    with pytest.warns(UserWarning, match="(train|val) features .* are all zero") as caught:
+        extract.run(
+            tiny_imagenet,
+            tmp_path / "again.h5",
+            backbone="mobilenet_v3_small",
+            weights="random",
+            workers=0,
+            progress=False,
+        )
+    assert len(caught) == 2
+    # Negative control: AlexNet's features of the same images vary, and nothing is said.
+    status, _, err = train_cli(features_file, tmp_path / "alexnet", capsys, "--epochs", "1")
+    assert status == 0 and "warning" not in err
