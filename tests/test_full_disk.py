@@ -127,7 +127,8 @@ def test_extract_on_a_disk_that_fills_keeps_its_rows_and_resume_completes(
 
     full = python("-c", EXTRACT_THEN_FILL, str(filler), *common)
     assert_one_line(full, f"{store.part_path(out)}: writing failed", "No space left on device")
-    assert os.statvfs(small_disk).f_bavail == 0, "the disk is full"
+    # Full but for the one block of the lock file (it holds the pid), removed as the run ended.
+    assert os.statvfs(small_disk).f_bavail <= 1, "the disk is full"
     assert not out.exists(), "nothing may claim to be complete"
     with h5py.File(store.part_path(out)) as part, h5py.File(reference) as expected:
         assert not part.attrs["complete"]
