@@ -56,7 +56,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """Convert any PIL mode (L, P, RGBA, CMYK, I;16, ...) to 8-bit RGB.
 
     16-bit and 32-bit integer images are scaled down to 8 bits first: PIL's own conversion
-    clips them, which turns most 16-bit photos white.
+    clips them, which turns most 16-bit photos white. Values are read on the 16-bit scale (or
+    the 8-bit one when none exceeds 255); those past 65535 are white.
     """
     if image.mode == "RGB":
         return image

@@ -51,6 +51,9 @@ def mode_cases() -> dict[str, tuple[Image.Image, np.ndarray]]:
     floats, floats_rgb = mapped(
         {-20.0: 0, 10.25: 10, 10.75: 11, 127.5: 128, 255.0: 255}, np.float32
     )
+    # 32-bit and float values past 16 bits are white, not wrapped round to dark by the cast.
+    wide, wide_rgb = mapped({0: 0, 32896: 128, 70000: 255, 2**31 - 1: 255}, np.int32)
+    huge, huge_rgb = mapped({0.0: 0, 32896.0: 128, 1e6: 255}, np.float32)
     return {
         "L": (Image.fromarray(gray, mode="L"), np.stack([gray] * 3, axis=-1)),
         "RGBA": (Image.fromarray(rgba, mode="RGBA"), rgba[..., :3]),  # alpha dropped
@@ -67,6 +70,8 @@ def mode_cases() -> dict[str, tuple[Image.Image, np.ndarray]]:
         "I;16+max 256": (Image.fromarray(dark), dark_rgb),
         "I;16+rounding": (Image.fromarray(halves), halves_rgb),
         "F": (Image.fromarray(floats), floats_rgb),
+        "I+above 16 bits": (Image.fromarray(wide), wide_rgb),
+        "F+1e6": (Image.fromarray(huge), huge_rgb),
         **{
             mode: (
                 Image.frombytes(mode, shape[::-1], sixteen.astype(order).tobytes()),
@@ -147,3 +152,16 @@ def test_strict_refuses_before_writing_anything(tiny_imagenet, tmp_path):
     with pytest.raises(UserError, match="unreadable image"):
         extract_features(tiny_imagenet, out, splits=["train"], strict=True)
     assert not out.exists() and not store.part_path(out).exists()
+
+
+def test_32_bit_and_float_values_past_16_bits_are_white_and_not_wrapped():
+    """Mode I at 70000 and 2**31-1, mode F at 1e6: each 255 (CPU, exact)."""
+    from extract.preprocess import to_rgb
+
+    for mode, values in (("I", [0, 70000, 2**31 - 1]), ("F", [0.0, 1e6, 1e6])):
+        dtype = np.int32 if mode == "I" else np.float32
+        image = Image.fromarray(np.asarray([values], dtype=dtype))
+        assert image.mode == mode
+        assert np.asarray(to_rgb(image))[0, :, 0].tolist() == [0, 255, 255]
+    # Negative control: without the clip the cast wraps 70000 round to a dark level.
+    assert np.asarray(70000 / 65535 * 255 + 0.5).astype(np.uint8) == 16
