@@ -401,3 +401,49 @@ def test_a_file_system_that_cannot_reserve_blocks_still_extracts(
         np.testing.assert_array_equal(
             store.read_split(got, "train").features, store.read_split(expected, "train").features
         )
+
+
+def test_without_reservable_blocks_a_disk_reported_full_ends_with_the_disk_full_line(
+    tiny_imagenet, tmp_path, monkeypatch
+):
+    """CPU fp32. posix_fallocate answers EOPNOTSUPP and, from the third batch on, the free space
+    reads 0: the fallback stops the run before HDF5 writes, with the disk-full line, and the
+    rows committed before are those of an ordinary run."""
+    import errno
+    import shutil
+
+    from extract.errors import WriteFailed
+
+    reference = extract_features(
+        tiny_imagenet, tmp_path / "reference.h5", splits=["train"], batch_size=2
+    )
+
+    def unsupported(fd, offset, length):
+        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+
+    real_usage, asked = shutil.disk_usage, []
+
+    def filling(path):
+        asked.append(path)
+        usage = real_usage(path)
+        return usage._replace(free=0) if len(asked) > 2 else usage
+
+    monkeypatch.setattr(os, "posix_fallocate", unsupported)
+    monkeypatch.setattr(shutil, "disk_usage", filling)
+    out = tmp_path / "features.h5"
+    with pytest.raises(WriteFailed) as raised:
+        extract_features(tiny_imagenet, out, splits=["train"], batch_size=2)
+    assert len(asked) == 3, "the free space was read once per batch, up to the full disk"
+    assert str(raised.value) == (
+        f"{store.part_path(out)}: writing failed (no room for the next 1048576 bytes: disk full); "
+        f"the rows written before are kept, free some space and rerun with --resume"
+    )
+    assert not out.exists()
+    with store.open_file(store.part_path(out)) as part, store.open_complete(reference) as whole:
+        rows = store.progress(part, "train").rows
+        assert rows == 4, "two batches of two were committed"
+        np.testing.assert_array_equal(
+            store.read_rows(part, "train", "features", 0, rows),
+            store.read_rows(whole, "train", "features", 0, rows),
+        )
+        assert store.read_paths(part, "train") == store.read_paths(whole, "train", 0, rows)
