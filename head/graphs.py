@@ -27,6 +27,16 @@ MAX_STEPS_PER_GRAPH = 32  # steps captured in one CUDA graph (a divisor of the e
 
 
 @dataclasses.dataclass
+class ReplayCount:
+    """The graph replays this process has run: how a test knows an epoch ran from a graph."""
+
+    replays: int = 0
+
+
+REPLAYED = ReplayCount()
+
+
+@dataclasses.dataclass
 class EpochGraph:
     """`steps` training steps captured in one CUDA graph, reading rows through a device-side
     offset into the epoch's order; replaying it walks through the epoch without the host."""
@@ -106,6 +116,7 @@ def graphed_epoch(run: Run, train: SplitTensors, settings: Settings, bar: tqdm) 
     full_steps = len(train) // settings.batch_size
     for _ in range(full_steps // graph.steps):
         graph.graph.replay()
+        REPLAYED.replays += 1
         bar.update(graph.steps * settings.batch_size)
     done = full_steps * settings.batch_size
     if done < len(train):
