@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from benchmarks import report, synthetic
+from extract.backbone import DEFAULT_BACKBONE
 
 
 def plain(
@@ -63,7 +64,7 @@ def ours(
     device: str,
     precision: str,
     decode: str = "workers",
-    backbone: str = "alexnet",
+    backbone: str = DEFAULT_BACKBONE,
 ) -> dict:
     from extract import runner
 
@@ -162,7 +163,9 @@ def main() -> None:
     )
     parser.add_argument("--photos", action="store_true", help="photo-sized files, not 64x64")
     parser.add_argument(
-        "--backbone", default="alexnet", help="torchvision network to compare (default: alexnet)"
+        "--backbone",
+        default=DEFAULT_BACKBONE,
+        help=f"torchvision network to compare (default: {DEFAULT_BACKBONE})",
     )
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)

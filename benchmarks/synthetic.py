@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from extract import store
-from extract.backbone import default_preprocess
+from extract.backbone import DEFAULT_BACKBONE, default_preprocess
 from extract.dataset import Classes, Manifest
 
 SIZE = 64
@@ -116,7 +116,7 @@ def write_features(
         labels = rng.integers(0, classes, count).tolist()
         manifests.append(Manifest(split, [f"{split}/{i}.JPEG" for i in range(count)], labels))
     provenance = {
-        "backbone": "alexnet",
+        "backbone": DEFAULT_BACKBONE,
         "node": "classifier.5",
         "weights": "random",
         "weights_sha256": "0" * 64,
