@@ -16,7 +16,7 @@ Rows, each on the same files in its own process:
     ours, Parquet      the same files as one Parquet file (Hugging Face's image struct),
                        row groups of 500
 
-Then Parquet's peak memory on the same files repeated 1x and 4x (same row groups): what a
+Then Parquet's peak memory on the same files repeated 1x and 16x (same row groups): what a
 worker holds is a row group, so the peak stays where it is while the file grows.
 
 Examples:
@@ -48,7 +48,7 @@ LABELS = {
     "ours:device": "ours, --decode device (files read, GPU decodes)",
     "ours:shards": "ours, the files as tar shards",
     "ours:parquet": "ours, the files as a Parquet file",
-    "ours:parquet:x4": "ours, Parquet, the files 4x over",
+    "ours:parquet:x16": "ours, Parquet, the files 16x over",
 }
 # Sources made of the 64x64 files only (the photos are compared as files).
 SOURCES = ("shards", "parquet")
@@ -61,10 +61,10 @@ def parquet_of(data: Path, copies: int) -> Path:
 
 
 def write_sources(data: Path) -> None:
-    """The 64x64 files as tar shards and as Parquet files (1x and 4x), unless already there."""
+    """The 64x64 files as tar shards and as Parquet files (1x and 16x), unless already there."""
     if not synthetic.shard_folder(data).is_dir():
         synthetic.write_shards(data, synthetic.shard_folder(data), SHARD_SAMPLES)
-    for copies in (1, 4):
+    for copies in (1, 16):
         if not parquet_of(data, copies).is_file():
             synthetic.write_parquet(data, parquet_of(data, copies), ROW_GROUP, copies)
 
@@ -109,7 +109,7 @@ def one_pass(data: Path, batch_size: int, workers: int, options: list[str], out:
     if "shards" in options:
         source = {"train": synthetic.shard_pattern(data)}
     elif "parquet" in options:
-        source = {"train": str(parquet_of(data, 4 if "x4" in options else 1))}
+        source = {"train": str(parquet_of(data, 16 if "x16" in options else 1))}
     settings = runner.Options(
         data=source,
         out=out,
@@ -238,10 +238,10 @@ def main() -> None:
         )
         if not photos and "ours:parquet" in variants:
             report.publish(
-                f"Parquet's peak memory: the {count} 64x64 files 1x and 4x over, row groups of "
+                f"Parquet's peak memory: the {count} 64x64 files 1x and 16x over, row groups of "
                 f"{ROW_GROUP}, batch {args.batch_size}, {args.workers} workers",
                 header,
-                measure(data, args, scratch, ["ours:parquet", "ours:parquet:x4"]),
+                measure(data, args, scratch, ["ours:parquet", "ours:parquet:x16"]),
                 "A worker holds one row group of the image column at a time, so the peak "
                 "should not grow with the file; what does grow is the listing (a source id "
                 "and a label a row).",

@@ -44,7 +44,7 @@ SPLIT_COLUMN = "split"
 BRACES = re.compile(r"\{([^{}]*)\}")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)  # slots: a million of them in a listing
 class Sample:
     """One sample as a source lists it; `problem` is why it cannot be extracted, if known."""
 
@@ -107,10 +107,11 @@ def csv_source(path: Path, split: str | None, label_column: str) -> Files:
             f"{path}: no {' or '.join(repr(m) for m in missing)} column "
             f"(has {', '.join(repr(c) for c in columns)}; --label-column names the label's)"
         )
-    if split is not None and SPLIT_COLUMN in columns:
-        rows = [row for row in rows if (row[SPLIT_COLUMN] or "").strip() == split]
+    by_split = split is not None and SPLIT_COLUMN in columns
     listed = []
     for number, row in enumerate(rows, start=2):
+        if by_split and (row[SPLIT_COLUMN] or "").strip() != split:
+            continue
         image = (row[PATH_COLUMN] or "").strip()
         if not image:
             raise UserError(f"{path}:{number}: empty {PATH_COLUMN!r} cell")
@@ -125,10 +126,11 @@ def read_table(path: Path) -> tuple[list[dict[str, str]], list[str]]:
     lines = read_lines(path)
     reader = csv.DictReader(lines, delimiter=delimiter)
     try:
+        reader.fieldnames = [name.strip() for name in reader.fieldnames or []]
         rows = list(reader)
     except csv.Error as error:
         raise UserError(f"{path}:{reader.line_num}: {error}") from None
-    return rows, [name.strip() for name in reader.fieldnames or []]
+    return rows, reader.fieldnames
 
 
 def csv_splits(path: Path) -> list[str]:
