@@ -1,6 +1,7 @@
-"""Decoding image files into uint8 tensors in DataLoader workers, with failures kept, not raised.
+"""Decoding images into uint8 tensors in DataLoader workers, with failures kept, not raised.
 
-An unreadable file (truncated, empty, not an image, too large) must not stop a long run: the
+The bytes come from the split's source (`extract.sources`: files, tar shards, Parquet rows).
+An unreadable image (truncated, empty, not an image, too large) must not stop a long run: the
 worker returns the reason instead of the pixels, and the run records it in the split's
 ``failed`` list.
 

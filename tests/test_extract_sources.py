@@ -362,6 +362,13 @@ def test_torchrun_ranks_take_whole_shards_and_batches_do_not_cross_them(tmp_path
     assert [h.paths for h in halves] == [train.paths[:5], train.paths[5:]]
     assert halves[1].reader_offset == 5 and halves[1].units == (0,)
     assert [name for name, _ in halves[1].reader.read([5])] == [train.paths[5]]
+    # The same shards named in a list (relative to it), and Parquet files given as a folder.
+    (tmp_path / "shards.txt").write_text("t-0.tar\n\nt-1.tar\n")
+    assert read_sources({"train": str(tmp_path / "shards.txt")})[1][0].paths == train.paths
+    write_parquet(samples_of(data, "train")[:4], tmp_path / "hf" / "a.parquet", row_group=3)
+    write_parquet(samples_of(data, "train")[4:], tmp_path / "hf" / "b.parquet", row_group=3)
+    _, (rows,) = read_sources({"train": str(tmp_path / "hf")})
+    assert rows.units == (0, 3, 4, 7) and rows.paths[4] == f"{tmp_path}/hf/b.parquet:0"
     # A folder is one unit: its ranks split at batch boundaries, as before.
     classes, (folder,) = read_sources({"train": str(data / "train")})
     assert [len(shard(folder, rank, 2, 4).paths) for rank in range(2)] == [4, 5]
