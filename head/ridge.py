@@ -130,7 +130,13 @@ def fit_ridge(
     and LAPACK's workspace: 640 MiB at D = 4096), one block of float64 rows, and the results,
     L x C x D float32.
     """
-    stats = moments(split, num_classes)
+    return solve(moments(split, num_classes), l2, standardize)
+
+
+def solve(stats: Moments, l2: Sequence[float] | None = None, standardize: bool = False) -> RidgeFit:
+    """`fit_ridge` after the pass over the split: the eigendecomposition and one product for
+    all l2 values (apart so that each stage can be timed)."""
+    num_classes = stats.cross.shape[1]
     covariance, cross, mean = stats.covariance, stats.cross, stats.mean
     std = None
     if standardize:
@@ -139,7 +145,9 @@ def fit_ridge(
         covariance = covariance / np.outer(std, std)
         cross = cross / std[:, None]
     values = list(l2) if l2 is not None else default_l2(covariance)
-    eigenvalues, eigenvectors = scipy.linalg.eigh(covariance, driver="evd", overwrite_a=True)
+    # The standardised covariance is a copy LAPACK may overwrite; the raw one is the caller's,
+    # kept so that one pass serves a solve with and without standardisation.
+    eigenvalues, eigenvectors = scipy.linalg.eigh(covariance, driver="evd", overwrite_a=standardize)
     eigenvalues = np.clip(eigenvalues, 0.0, None)  # rounding can leave the smallest below 0
     projected = eigenvectors.T @ cross  # (D, C): V^T X^T Y
     shrunk = np.concatenate([projected / (eigenvalues + value)[:, None] for value in values], 1)

@@ -67,6 +67,16 @@ def test_each_l2_value_equals_scikit_learns_ridge_classifier(standardize):
     assert np.abs(ours.numpy() - other.decision_function(seen)).max() > 1e-3
 
 
+def test_one_pass_serves_solves_with_and_without_standardisation():
+    split = small_split()
+    stats = ridge.moments(split, 4)
+    for standardize in (False, True, False, True):
+        solved = ridge.solve(stats, [1.0], standardize)
+        fitted = ridge.fit_ridge(split, 4, [1.0], standardize)
+        torch.testing.assert_close(solved.weights, fitted.weights, rtol=0, atol=0)
+        torch.testing.assert_close(solved.biases, fitted.biases, rtol=0, atol=0)
+
+
 def test_the_covariance_summed_in_small_blocks_equals_one_block(monkeypatch):
     split = small_split(rows=250)
     whole = ridge.moments(split, 4)
