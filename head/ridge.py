@@ -79,7 +79,8 @@ def moments(split: SplitTensors | StreamedSplit, num_classes: int) -> Moments:
     shift = total = class_totals = upper = None
     class_counts = np.zeros(num_classes, dtype=np.int64)
     for features, labels in split_blocks(split, BLOCK_ROWS):
-        rows = features.numpy().astype(np.float64)
+        # A copy even of float64 rows (shifted in place below); torch casts 4x faster than numpy.
+        rows = features.to(torch.float64, copy=True).numpy()
         if shift is None:
             shift = rows.mean(axis=0)
             dim = rows.shape[1]
