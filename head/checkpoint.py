@@ -3,7 +3,9 @@
 A checkpoint is a dict with the keys users of PyTorch's ImageNet example know (`epoch`,
 `best_accuracy`, `state_dict`, `optimizer`), the per-epoch history lists, the class list, and
 `features`: the provenance of the feature file it was trained on (backbone, node, weights,
-weights_sha256, preprocess), so the exact backbone can be rebuilt. `check_compatible` is the one
+weights_sha256, preprocess), so the exact backbone can be rebuilt. Optionally `replay`: a few
+train features of each class in float16 (`replay_entry`), so that `live` can teach a new class
+against the old ones without the feature file. `check_compatible` is the one
 place that decides whether a checkpoint goes with a feature file. Everything in it is a tensor,
 number, string, list or dict, so it loads with ``torch.load(..., weights_only=True)``.
 """
@@ -34,6 +36,7 @@ KEYS = (
     "tiny_class",
     "features",
 )
+REPLAY = "replay"
 
 
 def save_atomic(state: dict, path: Path) -> None:
@@ -101,3 +104,36 @@ def check_compatible(
             f"{origin}: the head takes {tuple(weight.shape)[1:]} features, "
             f"{features_path} holds {feature_dim} per image"
         )
+
+
+def replay_entry(features: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The `replay` value: features (N, D) stored as float16 (2 D bytes a row) and their labels."""
+    return {"features": features.detach().cpu().half(), "labels": labels.detach().cpu().long()}
+
+
+def read_replay(
+    state: dict, origin: str, num_classes: int, feature_dim: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The replay set's float32 features and labels, or None for a checkpoint without one
+    (written before it existed); refused when it does not fit the head's classes and width."""
+    replay = state.get(REPLAY)
+    if replay is None:
+        return None
+    features = replay.get("features") if isinstance(replay, dict) else None
+    labels = replay.get("labels") if isinstance(replay, dict) else None
+    if not (
+        isinstance(features, torch.Tensor)
+        and isinstance(labels, torch.Tensor)
+        and features.is_floating_point()
+        and features.ndim == 2
+        and features.shape[1] == feature_dim
+        and labels.shape == features.shape[:1]
+        and not labels.is_floating_point()
+        and bool(((labels >= 0) & (labels < num_classes)).all())
+        and bool(features.isfinite().all())
+    ):
+        raise UserError(
+            f"{origin}: '{REPLAY}' must hold finite features (N, {feature_dim}) and N labels "
+            f"in 0..{num_classes - 1}"
+        )
+    return features.float(), labels.long()

@@ -35,7 +35,14 @@ from tqdm.auto import tqdm
 from extract.errors import UserError, first_line
 from head import checkpoint, history
 from head.adam import Adam
-from head.features import FeatureSet, SplitTensors, StreamedSplit, standardization, stream_batches
+from head.features import (
+    FeatureSet,
+    SplitTensors,
+    StreamedSplit,
+    replay_set,
+    standardization,
+    stream_batches,
+)
 from head.model import (
     fold_standardization,
     initial_head,
@@ -106,6 +113,7 @@ class Run:
     best_accuracy: float = 0.0
     best_score: float = math.nan
     graph: EpochGraph | None = None  # built at the first graphed epoch, replayed by the rest
+    replay: dict[str, torch.Tensor] | None = None  # checkpoint.replay_entry of the train split
 
     def exported(self) -> dict[str, torch.Tensor]:
         """The layer on raw features: what the checkpoint's ``state_dict`` holds."""
@@ -464,6 +472,7 @@ def to_checkpoint(run: Run, data: FeatureSet, settings: Settings, has_val: bool)
         "standardization": None
         if run.mean is None
         else {"mean": run.mean.cpu(), "std": run.std.cpu()},
+        checkpoint.REPLAY: run.replay,
     }
 
 
@@ -598,6 +607,7 @@ def train(
         if settings.resume
         else new_run(data, settings, device)
     )
+    run.replay = checkpoint.replay_entry(*replay_set(data, settings.seed))
     state = None
     if run.epoch == 0 and settings.init in PRETRAINED_INITS and not run.history["history_epochs"]:
         # Before any step: how well ImageNet's own classifier rows already do, as epoch 0.
