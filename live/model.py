@@ -63,6 +63,7 @@ class Classifier:
     device: torch.device
     weights_sha256: str
     dtype: torch.dtype = torch.float32
+    provenance: dict[str, str] = dataclasses.field(default_factory=dict)  # as a checkpoint's
 
     @property
     def num_classes(self) -> int:
@@ -78,6 +79,18 @@ class Classifier:
             images = normalize(pixels.to(self.device), self.params, self.dtype)
             logits = self.network(images)
             return torch.softmax(logits.float(), dim=1).cpu().numpy()
+
+    def batch_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The backbone's features (N, D), float32 on the CPU, of (N, 3, crop, crop) uint8 images:
+        what the head reads, and what teaching a class keeps."""
+        with torch.inference_mode():
+            images = normalize(pixels.to(self.device), self.params, self.dtype)
+            return self.network.features(images).float().cpu()
+
+    def replace_head(self, head: nn.Linear, wnids: list[str], names: list[str]) -> None:
+        """Classify with `head` (float32, any device) and these classes from the next batch on."""
+        self.network.head = head.eval().requires_grad_(False).to(self.device, dtype=self.dtype)
+        self.wnids, self.names = list(wnids), list(names)
 
     def warm_up(self) -> None:
         """Run the network before the first frame, so that frame's latency is not the slowest."""
@@ -159,8 +172,18 @@ def from_checkpoint(
     model: Path, weights: str | None = None, device: str = "cpu", precision: str = "fp32"
 ) -> Classifier:
     """Rebuild backbone and head from a checkpoint (a file, or a folder holding best.pt)."""
+    return from_state(checkpoint.load(model), model, weights, device, precision)
+
+
+def from_state(
+    state: dict,
+    model: Path,
+    weights: str | None = None,
+    device: str = "cpu",
+    precision: str = "fp32",
+) -> Classifier:
+    """`from_checkpoint` on a checkpoint already loaded from `model`."""
     dtype = DTYPES[checked(precision, LIVE_CHOICES)]
-    state = checkpoint.load(model)
     features, params, wnids, names = checked_metadata(state, str(model))
     if features["backbone"] not in backbone.architectures():
         raise UserError(
@@ -189,6 +212,33 @@ def from_checkpoint(
         device=resolved,
         weights_sha256=frozen.weights_sha256,
         dtype=dtype,
+        provenance=dict(features),
+    )
+
+
+def untrained(
+    architecture: str = backbone.DEFAULT_BACKBONE,
+    weights: str = backbone.IMAGENET,
+    device: str = "cpu",
+    precision: str = "fp32",
+) -> Classifier:
+    """The backbone with a head of no classes yet, for teaching classes from scratch."""
+    dtype = DTYPES[checked(precision, LIVE_CHOICES)]
+    frozen = backbone.build(architecture, weights)
+    resolved = resolve_device(device)
+    return Classifier(
+        network=prepare(
+            Stitched(frozen.extractor, nn.utils.skip_init(nn.Linear, frozen.feature_dim, 0)),
+            resolved,
+            dtype,
+        ),
+        params=frozen.preprocess,
+        wnids=[],
+        names=[],
+        device=resolved,
+        weights_sha256=frozen.weights_sha256,
+        dtype=dtype,
+        provenance=frozen.provenance(),
     )
 
 
@@ -218,4 +268,5 @@ def imagenet(
         device=resolved,
         weights_sha256=frozen.weights_sha256,
         dtype=dtype,
+        provenance=frozen.provenance(),
     )
