@@ -141,9 +141,10 @@ def test_saved_model_loads_with_the_same_probabilities_and_its_crops_extract(
         assert store.read_labels(file, "train").tolist() == [0] * 4 + [1] * 3
 
 
-def test_teach_max_keeps_the_newest_examples(trained, tmp_path):
+def test_teach_max_keeps_the_newest_examples_and_save_writes_the_crops_held(trained, tmp_path):
     """CPU fp32: with teach_max 3, five examples taught one at a time leave the last three,
-    whose features are the backbone's features of those images (tolerance 1e-5)."""
+    whose features are the backbone's features of those images (tolerance 1e-5); a save
+    writes the crops held and removes numbered crops that an earlier save left beyond them."""
     model = live.load(trained, device="cpu", teach_max=3)
     images = [checker(index) for index in range(5)]
     counts = [model.teach("checks", image) for image in images]
@@ -153,8 +154,14 @@ def test_teach_max_keeps_the_newest_examples(trained, tmp_path):
     expected = model.classifier.batch_features(pixels)
     torch.testing.assert_close(held, expected[2:], rtol=0, atol=1e-5)
     assert not torch.allclose(held, expected[:3])  # negative control: not the oldest three
-    model.save(tmp_path / "three")
-    assert len(list((tmp_path / "three" / "crops" / "checks").glob("*.png"))) == 3
+    model.save(tmp_path / "saved")
+    crops = tmp_path / "saved" / "crops" / "checks"
+    assert sorted(path.name for path in crops.iterdir()) == ["0000.png", "0001.png", "0002.png"]
+    model.forget("checks")
+    model.teach("checks", images[:2])
+    (crops / "mine.png").write_bytes(b"")  # not written by save: left alone
+    model.save(tmp_path / "saved")  # saved again with fewer examples: the third crop goes
+    assert sorted(path.name for path in crops.iterdir()) == ["0000.png", "0001.png", "mine.png"]
 
 
 def test_classes_taught_from_scratch_without_a_trained_head(weights_file):
