@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from pathlib import Path
 
 import cv2
@@ -97,6 +98,16 @@ class Classifier:
         blank = torch.zeros(3, self.params.crop_size, self.params.crop_size, dtype=torch.uint8)
         for _ in range(WARM_UP_RUNS):
             self.probabilities(blank)
+
+
+def linear(weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
+    """A linear layer holding `weight` (C, D) and `bias` (C,); C may be 0, before any class is
+    taught (torch warns that initialising such a layer does nothing: it is not initialised)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Initializing zero-element tensors")
+        layer = nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0])
+    layer.load_state_dict({"weight": weight, "bias": bias})
+    return layer
 
 
 def frame_pixels(bgr: np.ndarray, params: Preprocess) -> torch.Tensor:
@@ -228,7 +239,10 @@ def untrained(
     resolved = resolve_device(device)
     return Classifier(
         network=prepare(
-            Stitched(frozen.extractor, nn.utils.skip_init(nn.Linear, frozen.feature_dim, 0)),
+            Stitched(
+                frozen.extractor,
+                linear(torch.zeros(0, frozen.feature_dim), torch.zeros(0)),
+            ),
             resolved,
             dtype,
         ),

@@ -175,9 +175,9 @@ class Predictor:
 
     def _refit(self) -> None:
         weight, bias = self.lessons.head()
-        head = torch.nn.utils.skip_init(torch.nn.Linear, weight.shape[1], weight.shape[0])
-        head.load_state_dict({"weight": weight, "bias": bias})
-        self.classifier.replace_head(head, self.lessons.all_wnids, self.lessons.all_names)
+        self.classifier.replace_head(
+            stitched.linear(weight, bias), self.lessons.all_wnids, self.lessons.all_names
+        )
 
     def export(self, out: str | os.PathLike, torchscript: bool = False) -> list[Path]:
         """Write the stitched network as a ``torch.export`` program (`out`, a .pt2 file) with

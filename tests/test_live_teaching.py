@@ -234,3 +234,17 @@ def test_teaching_beats_nearest_class_mean_and_keeps_the_old_classes(tmp_path):
     assert [r.taught for r in outcomes["nearest class mean"]] == pytest.approx(nearest, abs=0.1)
     assert benchmark.mean(r.taught for r in ours) > benchmark.mean(nearest)
     assert benchmark.mean(r.others_before - r.others_after for r in ours) < 8
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_teaching_on_cuda_gives_the_cpu_probabilities(trained):
+    """CUDA fp32 (TF32 convolutions allowed, as in live) against the CPU in fp32: the taught
+    head's probabilities within 1e-2, the tolerance of test_cuda's live check."""
+    probe = [*old_images(), checker(50), checker(51)]
+    results = []
+    for device in ("cpu", "cuda"):
+        model = live.load(trained, device=device)
+        model.teach("checks", [checker(index) for index in range(5)])
+        results.append(probabilities(model, probe))
+    np.testing.assert_allclose(results[1], results[0], atol=1e-2)
