@@ -31,7 +31,7 @@ FINITE_CHECK_ROWS = 8192
 MIB = 2**20
 CPU = torch.device("cpu")
 BLOCK_CHUNKS = 8  # a streamed block: this many HDF5 chunks (8 x 128 rows, 8 MiB in float16)
-REPLAY_PER_CLASS = 10  # replay rows a class: 10 kept the old classes within 4 points (docs/live.md)
+REPLAY_PER_CLASS = 10  # 10 kept the old classes within 4 points when teaching, 5 within 6
 REPLAY_MAX_ROWS = 2000  # 16 MB of float16 at D = 4096: 2 a class for ImageNet-1k
 UNITS = {
     "": 1,
