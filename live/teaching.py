@@ -176,25 +176,30 @@ class Lessons:
             raise UserError(f"class {name!r}: not a taught class (taught: {known})")
         del self.taught[name]
 
+    def in_order(self) -> dict[str, Lesson]:
+        """The taught classes sorted by name, the order `extract` gives their crops' folders, so
+        that a head taught from scratch and saved goes with the crops' feature file."""
+        return dict(sorted(self.taught.items()))
+
     @property
     def all_wnids(self) -> list[str]:
-        return [*self.wnids, *self.taught]
+        return [*self.wnids, *self.in_order()]
 
     @property
     def all_names(self) -> list[str]:
-        return [*self.names, *self.taught]
+        return [*self.names, *self.in_order()]
 
     def head(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole head on raw features: the trained rows, then a fitted row per taught class."""
         if not self.taught:
             return self.weight, self.bias
         taught_features = torch.stack(
-            [row for lesson in self.taught.values() for row in lesson.features]
+            [row for lesson in self.in_order().values() for row in lesson.features]
         )
         taught_labels = torch.cat(
             [
                 torch.full((len(lesson.features),), index)
-                for index, lesson in enumerate(self.taught.values())
+                for index, lesson in enumerate(self.in_order().values())
             ]
         )
         weight, bias = fit_taught_rows(
@@ -221,7 +226,7 @@ class Lessons:
         weight, bias = self.head()
         taught = [
             (index, row)
-            for index, lesson in enumerate(self.taught.values(), start=len(self.wnids))
+            for index, lesson in enumerate(self.in_order().values(), start=len(self.wnids))
             for row in list(lesson.features)[-REPLAY_PER_CLASS:]
         ]
         replay_features = torch.cat(

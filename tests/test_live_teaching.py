@@ -164,15 +164,23 @@ def test_teach_max_keeps_the_newest_examples_and_save_writes_the_crops_held(trai
     assert sorted(path.name for path in crops.iterdir()) == ["0000.png", "0001.png", "mine.png"]
 
 
-def test_classes_taught_from_scratch_without_a_trained_head(weights_file):
-    """CPU fp32, no checkpoint: nothing to predict until taught, then two taught classes."""
+def test_classes_taught_from_scratch_without_a_trained_head(weights_file, tmp_path):
+    """CPU fp32, no checkpoint: nothing to predict until taught, then two taught classes, in
+    name order; saved, head.evaluate measures the head on its crops' features."""
     model = live.load(None, device="cpu", weights=weights_file)
     assert model.names == [] and model.predict(checker(0)) == []
-    model.teach("checks", [checker(index) for index in range(5)])
     model.teach("stripes", [pattern_image(0, index) for index in range(5)])
-    assert model.taught == {"checks": 5, "stripes": 5}
+    model.teach("checks", [checker(index) for index in range(5)])
+    assert model.taught == {"stripes": 5, "checks": 5}
+    assert model.names == ["checks", "stripes"]
     tops = model.predict([checker(70), checker(71), pattern_image(0, 80), pattern_image(0, 81)])
     assert [top[0]["name"] for top in tops] == ["checks", "checks", "stripes", "stripes"]
+    model.save(tmp_path / "taught")
+    features = extract_features(
+        tmp_path / "taught" / "crops", tmp_path / "crops.h5", weights=str(weights_file)
+    )
+    report = head.report(tmp_path / "taught", features, split="train")
+    assert report["images"] == 10 and report["top1"] == 100.0
 
 
 @pytest.mark.parametrize(
