@@ -132,6 +132,7 @@ class Predictor:
         taught class `name`, creating it if new; at most teach_max examples are kept, the oldest
         dropped. The head is refitted and the next `predict` uses it. Returns how many
         examples `name` now has."""
+        self.lessons.check_name(name)  # before the network's work
         _, batch = as_batch(images)
         if not batch:
             raise UserError(f"class {name!r}: no images to teach it with")

@@ -153,13 +153,17 @@ class Lessons:
         if self.teach_max < 1:
             raise UserError(f"teach_max={self.teach_max}: must be >= 1")
 
-    def add(self, name: str, features: torch.Tensor, crops: torch.Tensor) -> int:
-        """Keep the examples (the oldest dropped beyond teach_max); returns how many `name` has."""
+    def check_name(self, name: str) -> None:
+        """UserError unless `name` can name a taught class: valid, and not a trained class."""
         check_class_name(name)
         if name in self.wnids or name in self.names:
             raise UserError(
                 f"class name {name!r}: already a class of the trained head; pick another name"
             )
+
+    def add(self, name: str, features: torch.Tensor, crops: torch.Tensor) -> int:
+        """Keep the examples (the oldest dropped beyond teach_max); returns how many `name` has."""
+        self.check_name(name)
         lesson = self.taught.setdefault(
             name,
             Lesson(
