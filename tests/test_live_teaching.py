@@ -3,6 +3,7 @@ nearest class mean. All on the CPU in float32, with random backbone weights."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -19,9 +20,10 @@ from benchmarks import teach as benchmark
 from conftest import REPO, extract_features, pattern_image, write_tiny_imagenet
 from extract import store
 from extract.demo import write_dataset
-from extract.errors import UserError
+from extract.errors import UserError, run_cli
 from head import checkpoint
 from head import features as feature_sets
+from live.__main__ import main as live_main
 from live.teaching import check_class_name
 
 
@@ -181,6 +183,38 @@ def test_classes_taught_from_scratch_without_a_trained_head(weights_file, tmp_pa
     )
     report = head.report(tmp_path / "taught", features, split="train")
     assert report["images"] == 10 and report["top1"] == 100.0
+
+
+def test_live_command_teaches_a_class_from_a_folder_before_classifying(trained, tmp_path, capsys):
+    """CPU fp32: ``python -m live --teach checks=FOLDER`` labels new checkerboards "checks" and
+    the old classes' images as before, in its log; "--teach checks" without images, a camera
+    and a bad name are refused with exit status 2 and no traceback."""
+    for index in range(5):
+        folder = tmp_path / "teach"
+        folder.mkdir(exist_ok=True)
+        checker(index).save(folder / f"{index}.png")
+        source = tmp_path / "source"
+        source.mkdir(exist_ok=True)
+        checker(60 + index).save(source / f"a{index}.png")
+        pattern_image(index % 3, 300 + index).save(source / f"b{index}.png")
+    log = tmp_path / "log.jsonl"
+    common = ["--model", str(trained), "--source", str(source), "--device", "cpu", "--no-display"]
+    assert live_main([*common, "--log", str(log), "--teach", f"checks={tmp_path / 'teach'}"]) == 0
+    assert f"taught checks: 5 examples from {tmp_path / 'teach'}" in capsys.readouterr().out
+    names = [json.loads(line)["topk"][0]["name"] for line in log.read_text().splitlines()]
+    model = live.load(trained, device="cpu")
+    old = [top[0]["name"] for top in model.predict(sorted(source.glob("b*.png")))]
+    assert names == ["checks"] * 5 + old and "checks" not in old
+    for teach, message in (
+        ("checks", "give NAME=IMAGES"),
+        ("checks=0", "give an image folder, glob or video file"),
+        (f"a/b={tmp_path / 'teach'}", "only letters"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(live_main, [*common, "--teach", teach])
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and message in err.splitlines()[-1], err  # argparse's
+        assert "Traceback" not in err  # usage lines come first for a malformed flag
 
 
 @pytest.mark.parametrize(
