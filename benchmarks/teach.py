@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 
 from benchmarks import report
-from head import checkpoint
 from head import features as feature_sets
+from head.checkpoint import Checkpoint
 from head.features import FeatureSet, SplitTensors
 from head.training import Settings, train
 from live.teaching import Lessons
@@ -65,7 +65,9 @@ def subset(split: SplitTensors, classes: list[int]) -> SplitTensors:
     return SplitTensors(split.name, split.features[keep].float(), relabel[split.labels[keep]])
 
 
-def trained(data: FeatureSet, classes: list[int], train_split: SplitTensors, save: Path) -> dict:
+def trained(
+    data: FeatureSet, classes: list[int], train_split: SplitTensors, save: Path
+) -> Checkpoint:
     """head.train's checkpoint (the last epoch's, with its replay set) on these rows."""
     chosen = dataclasses.replace(
         data,
@@ -131,9 +133,9 @@ def teach_pair(
     results = {}
     with tempfile.TemporaryDirectory() as folder:
         state = trained(data, old, old_train, Path(folder) / "old")
-        weight, bias = state["state_dict"]["weight"], state["state_dict"]["bias"]
+        weight, bias = state.weight, state.bias
         before = top1(weight, bias, val_rows.features[old_val], val_rows.labels[old_val])
-        replay = checkpoint.read_replay(state, "benchmark", *weight.shape)
+        replay = state.replay_rows()
         for method, (replay_features, replay_labels) in (
             ("taught (live)", replay),
             ("taught, no replay", (replay[0][:0], replay[1][:0])),
@@ -176,8 +178,8 @@ def teach_pair(
             Path(folder) / "rerun",
         )
         results["head.train rerun"] = outcome(
-            rerun["state_dict"]["weight"],
-            rerun["state_dict"]["bias"],
+            rerun.weight,
+            rerun.bias,
             time.perf_counter() - started,
         )
     return results

@@ -170,7 +170,7 @@ class Predictor:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / checkpoint.BEST
-        checkpoint.save_atomic(self.lessons.checkpoint_state(), path)
+        checkpoint.save(self.lessons.checkpoint(), path)
         self.lessons.write_crops(folder / CROPS)
         return path
 
@@ -238,8 +238,8 @@ def load(
     else:
         state = checkpoint.load(Path(model))
         classifier = stitched.from_state(state, Path(model), weights, device, precision)
-        weight, bias = state["state_dict"]["weight"].float(), state["state_dict"]["bias"].float()
-        replay = checkpoint.read_replay(state, str(model), *weight.shape)
+        weight, bias = state.weight, state.bias
+        replay = state.replay_rows()
     empty = torch.zeros(0, weight.shape[1]), torch.zeros(0, dtype=torch.long)
     replay_features, replay_labels = replay or empty
     lessons = Lessons(

@@ -224,7 +224,7 @@ class Lessons:
         with one_thread():
             return self.replay_features @ self.weight.T + self.bias
 
-    def checkpoint_state(self) -> dict:
+    def checkpoint(self) -> checkpoint.Checkpoint:
         """A checkpoint of the whole head, with a replay set holding the newest examples of
         each taught class too, so that teaching can go on from it."""
         weight, bias = self.head()
@@ -241,17 +241,14 @@ class Lessons:
         replay_labels = torch.cat(
             [self.replay_labels, torch.tensor([index for index, _ in taught], dtype=torch.long)]
         )
-        return {
-            **{key: [] for key in checkpoint.KEYS},
-            "epoch": 0,
-            "best_accuracy": 0.0,
-            "state_dict": {"weight": weight.clone(), "bias": bias.clone()},
-            "optimizer": {},
-            "numeric_class_names": self.all_wnids,
-            "tiny_class": dict(zip(self.all_wnids, self.all_names)),
-            "features": dict(self.provenance),
-            checkpoint.REPLAY: checkpoint.replay_entry(replay_features, replay_labels),
-        }
+        return checkpoint.Checkpoint(
+            weight=weight.clone(),
+            bias=bias.clone(),
+            wnids=self.all_wnids,
+            class_names=dict(zip(self.all_wnids, self.all_names)),
+            provenance=dict(self.provenance),
+            replay=checkpoint.replay_entry(replay_features, replay_labels),
+        )
 
     def write_crops(self, folder: Path) -> None:
         """folder/<class>/NNNN.png per taught class, oldest first, as `extract --data` reads

@@ -20,9 +20,10 @@ from conftest import WNIDS, extract_features, write_tiny_imagenet
 from extract import store
 from extract.backbone import load_network
 from extract.errors import UserError, run_cli
+from extract.provenance import PROVENANCE_KEYS
 from head import checkpoint, evaluate, evaluation, features, train, training
 from head.model import classifier_head, imagenet_wnids, initial_head, pretrained_classifier_head
-from head.training import epoch_order
+from head.step import epoch_order
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--batch-size", "5", "--no-progress"]
@@ -75,7 +76,8 @@ def test_training_writes_the_checkpoint_contract_history_and_plots(cached, tmp_p
     for name in ("last.pt", "best.pt", "history.csv", "loss.png", "accuracy.png", "time.png"):
         assert (tmp_path / "model" / name).stat().st_size > 0
     state = torch.load(tmp_path / "model" / "last.pt", weights_only=True)
-    assert set(checkpoint.KEYS) <= set(state)
+    # Every entry round-trips through the checkpoint's one reader and writer.
+    assert checkpoint.Checkpoint.from_dict(state, "last.pt").to_dict().keys() == state.keys()
     assert set(state["state_dict"]) == {"weight", "bias"}
     assert state["state_dict"]["weight"].shape == (3, 4096)
     assert state["state_dict"]["bias"].shape == (3,)
@@ -432,7 +434,7 @@ def test_checkpoint_carries_a_seeded_float16_replay_set_of_train_rows(
     monkeypatch.setattr(features, "REPLAY_PER_CLASS", 2)
     status, _, _ = train_cli(cached, tmp_path / "model", capsys, "--epochs", "1")
     assert status == 0
-    replay = torch.load(tmp_path / "model" / "best.pt", weights_only=True)[checkpoint.REPLAY]
+    replay = torch.load(tmp_path / "model" / "best.pt", weights_only=True)["replay"]
     assert replay["features"].dtype == torch.float16 and replay["features"].shape == (6, 4096)
     assert replay["labels"].tolist() == [0, 0, 1, 1, 2, 2]
     with store.open_complete(cached) as file:
@@ -451,10 +453,20 @@ def test_checkpoint_carries_a_seeded_float16_replay_set_of_train_rows(
 
 
 def test_replay_set_that_does_not_fit_the_head_is_refused():
-    state = {checkpoint.REPLAY: checkpoint.replay_entry(torch.zeros(2, 8), torch.tensor([0, 3]))}
-    assert checkpoint.read_replay({}, "old.pt", 3, 8) is None
+    layer = torch.nn.Linear(8, 3)
+    saved = checkpoint.Checkpoint(
+        weight=layer.weight.detach(),
+        bias=layer.bias.detach(),
+        wnids=["a", "b", "c"],
+        class_names={},
+        provenance=dict.fromkeys(PROVENANCE_KEYS, "x"),
+    )
+    state = saved.to_dict()
+    assert "replay" not in state  # absent, as in a checkpoint written before it existed
+    assert checkpoint.Checkpoint.from_dict(state, "old.pt").replay_rows() is None
+    state["replay"] = checkpoint.replay_entry(torch.zeros(2, 8), torch.tensor([0, 3]))
     with pytest.raises(UserError, match=r"m.pt: 'replay' must hold .* labels in 0\.\.2"):
-        checkpoint.read_replay(state, "m.pt", 3, 8)
-    state[checkpoint.REPLAY]["labels"] = torch.tensor([0, 2])
-    features_back, labels_back = checkpoint.read_replay(state, "m.pt", 3, 8)
+        checkpoint.Checkpoint.from_dict(state, "m.pt")
+    state["replay"]["labels"] = torch.tensor([0, 2])
+    features_back, labels_back = checkpoint.Checkpoint.from_dict(state, "m.pt").replay_rows()
     assert features_back.dtype == torch.float32 and labels_back.tolist() == [0, 2]

@@ -107,8 +107,7 @@ def test_saved_model_loads_with_the_same_probabilities_and_its_crops_extract(
     np.testing.assert_allclose(
         probabilities(again, images), probabilities(model, images), atol=1e-6
     )
-    state = checkpoint.load(saved)
-    replay = checkpoint.read_replay(state, str(saved), 5, 4096)
+    replay = checkpoint.load(saved).replay_rows()
     assert replay[1].bincount().tolist()[3:] == [4, 3]  # the taught examples are replay too
     crops = sorted(
         path.relative_to(tmp_path / "taught" / "crops").as_posix()
