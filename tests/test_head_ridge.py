@@ -18,7 +18,7 @@ from benchmarks import synthetic
 from head import features as feature_files
 from head import ridge
 from head.features import SplitTensors
-from head.model import head_from_state, unfold_standardization
+from head.model import head_from_layer, unfold_standardization
 
 NONE = lambda line: None  # noqa: E731
 
@@ -106,7 +106,7 @@ def test_default_grid_is_twenty_log_spaced_values_around_the_mean_eigenvalue():
 def test_the_layer_loads_as_an_ordinary_head():
     split = small_split()
     fit = ridge.fit_ridge(split, 4, [1.0], standardize=True)
-    layer = head_from_state(fit.layer(0), feature_dim=20)
+    layer = head_from_layer(**fit.layer(0), origin="ridge", feature_dim=20)
     with torch.no_grad():
         logits = layer(split.features)
     expected = split.features @ fit.weights[0].T + fit.biases[0]
