@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,10 +30,13 @@ if TYPE_CHECKING:
 
 
 def run(
-    data: str | os.PathLike,
+    data: str | os.PathLike | Mapping[str, str | os.PathLike],
     out: str | os.PathLike,
     *,
     splits: list[str] | str | None = Options.splits,
+    classes: str | os.PathLike | None = Options.classes,
+    image_column: str = Options.image_column,
+    label_column: str = Options.label_column,
     backbone: str = Options.backbone,
     node: str | None = Options.node,
     weights: str | os.PathLike = Options.weights,
@@ -48,32 +52,45 @@ def run(
     flip: bool = Options.flip,
     progress: bool = Options.progress,
 ) -> Summary:
-    """Extract the features of the image folder `data` into the HDF5 file `out`.
+    """Extract the features of `data` into the HDF5 file `out`.
+
+    `data` is what ``--data`` takes: a dataset folder, one SOURCE, or a mapping of split to
+    SOURCE (``{"train": "train.csv", "val": "shards/val-{0000..0007}.tar"}``): an ImageFolder
+    tree, a CSV or TSV manifest, WebDataset tar shards or Parquet files (docs/inputs.md).
 
     The keywords are the options of ``python -m extract``, spelled with underscores and with
     the same defaults (both read `extract.options.Options`): `splits` (a list or "train,val";
-    None: train and val where present), `backbone` (any torchvision classification network),
-    `node` (None: the input of the network's ImageNet classifier, fc7 for AlexNet), `weights`
-    ("imagenet", a torchvision weights name, "random" or a state_dict file), `device` ("auto",
-    "cpu" or "cuda"), `batch_size`, `workers` (decoding processes; None: one per core with
-    CUDA, at most 8 on the CPU; 0 decodes in this process), `decode` ("workers", or "device":
-    JPEG files decoded on the GPU), `precision` ("auto": fp32 on the CPU, tf32 on CUDA),
-    `store_dtype`, `resume`, `overwrite`, `strict`, `flip` and `progress` (a tqdm bar, also in
-    notebooks).
+    None: train and val where present), `classes` (a class file; None: the train split's sorted
+    labels), `image_column` and `label_column` (of Parquet files and CSV manifests), `backbone`
+    (any torchvision classification network), `node` (None: the input of the network's
+    ImageNet classifier, fc7 for AlexNet), `weights` ("imagenet", a torchvision weights name,
+    "random" or a state_dict file), `device` ("auto", "cpu" or "cuda"), `batch_size`,
+    `workers` (decoding processes; None: one per core with CUDA, at most 8 on the CPU; 0
+    decodes in this process), `decode` ("workers", or "device": JPEG files decoded on the
+    GPU), `precision` ("auto": fp32 on the CPU, tf32 on CUDA), `store_dtype`, `resume`,
+    `overwrite`, `strict`, `flip` and `progress` (a tqdm bar, also in notebooks).
 
     Returns the `Summary` the command prints (images, failed, seconds, file_bytes). Under
     ``torchrun`` each process extracts its share and the first merges them, as the command does.
     Raises `UserError` for what the command reports as an error, naming the keyword where the
-    command names the flag.
+    command names the flag; features that are all zero are a `UserWarning`.
     """
     from extract import distributed, runner  # the image pipeline, only when extracting
+    from extract.sources import parse_data
 
     if isinstance(splits, str):
         splits = [s.strip() for s in splits.split(",") if s.strip()] or None
+    if isinstance(data, Mapping):
+        sources = parse_data([f"{split}={os.fspath(spec)}" for split, spec in data.items()])
+    else:
+        sources = parse_data([data])
     settings = Options(
-        data=Path(data),
+        data=sources,
         out=Path(out),
         splits=splits,
+        classes=None if classes is None else Path(classes),
+        image_column=image_column,
+        label_column=label_column,
         backbone=backbone,
         node=node,
         weights=os.fspath(weights),

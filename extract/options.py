@@ -16,9 +16,12 @@ from extract.device import DEFAULT_DEVICE
 
 @dataclasses.dataclass
 class Options:
-    data: Path
+    data: Path | dict[str, str]  # a folder, or SOURCE (`extract.sources`) by split name
     out: Path
     splits: list[str] | None = None  # None: train and val where present
+    classes: Path | None = None  # a class file; None: the train split's sorted labels
+    image_column: str = "image"  # of Parquet files
+    label_column: str = "label"  # of Parquet files and CSV manifests
     backbone: str = DEFAULT_BACKBONE
     node: str | None = None  # None: the input of the backbone's classifier
     weights: str = IMAGENET

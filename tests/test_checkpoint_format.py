@@ -120,11 +120,9 @@ def test_checkpoint_of_0534696_resumes_to_the_uninterrupted_run(old_run):
         lr=0.01,
         resume=True,
         progress=False,
-    )
+    ).checkpoint.to_dict()
     reference = torch.load(FIXTURE / "epoch4_uninterrupted.pt", weights_only=True)
-    assert state["train_loss"] == pytest.approx(
-        reference["train_loss"], rel=1e-6
-    )  # head.fit's dict
+    assert state["train_loss"] == pytest.approx(reference["train_loss"], rel=1e-6)
     # CPU float32: the same steps in the same order give the same layer up to rounding.
     torch.testing.assert_close(state["state_dict"]["weight"], reference["weight"])
     torch.testing.assert_close(state["state_dict"]["bias"], reference["bias"])

@@ -22,8 +22,10 @@ from conftest import (
 )
 from extract import store
 from extract.backbone import default_preprocess
+from extract.dataset import Manifest
 from extract.images import Collate, ManifestImages, crops_on_device
 from extract.preprocess import decode, resize_crop
+from extract.sources import folder_files
 from head import features
 from head.graphs import REPLAYED
 from head.training import Settings, train
@@ -174,7 +176,8 @@ def test_device_decoded_pixels_are_close_to_the_workers_pixels(tmp_path):
         path = tmp_path / f"{index}.jpg"
         pattern_image(index % 3, index, size=200).resize((200 + 40 * index, 150)).save(path)
         paths.append(path.name)
-    files = ManifestImages(tmp_path, paths, range(len(paths)), decode="device")
+    manifest = Manifest("train", paths, [0] * 4, reader=folder_files(tmp_path, paths))
+    files = ManifestImages(manifest, range(len(paths)), decode="device")
     batch = Collate(default_preprocess(), defer_resize=True, decode="device")(
         [files[i] for i in range(4)]
     )
@@ -184,7 +187,7 @@ def test_device_decoded_pixels_are_close_to_the_workers_pixels(tmp_path):
     on_device = on_device.cpu()
     assert refused == []
     workers = Collate(default_preprocess(), defer_resize=False)(
-        [ManifestImages(tmp_path, paths, range(4))[i] for i in range(4)]
+        [ManifestImages(manifest, range(4))[i] for i in range(4)]
     )
     difference = (on_device.int() - workers.pixels.int()).abs().float()
     assert on_device.shape == (4, 3, 224, 224)
