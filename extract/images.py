@@ -111,13 +111,19 @@ def decodes_like_pil(header: bytes | bytearray) -> bool:
 
 def read_pixels(path: str | Path) -> torch.Tensor:
     """Read one file fully as (3, H, W) uint8 RGB; raises for anything unreadable."""
-    data = read_bytes(path)
+    return decode_bytes(read_bytes(path), path)
+
+
+def decode_bytes(data: bytearray, path: str | Path | None = None) -> torch.Tensor:
+    """An encoded image's bytes (writable, as `read_bytes` gives them) as (3, H, W) uint8 RGB,
+    decoded as a file of those bytes is (`live.serve` receives images this way); raises for
+    anything unreadable. PIL reads `path` when given, so its errors name the file."""
     if decodes_like_pil(data):
         try:
             return jpeg_to_rgb(as_tensor(data))
         except RuntimeError:  # libjpeg refused it: PIL says why, or reads what it can
             pass
-    return read_pixels_with_pil(path)
+    return read_pixels_with_pil(io.BytesIO(data) if path is None else path)
 
 
 def read_for_device(path: str | Path) -> torch.Tensor:
