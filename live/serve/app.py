@@ -239,7 +239,10 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
                 reply = await command_reply(state, client, message.data)
             else:
                 break
-            await socket.send_json(reply)
+            try:
+                await socket.send_json(reply)
+            except ConnectionResetError:  # the client left while its frame was classified
+                break
     finally:
         state.clients -= 1
         if forward:
@@ -252,7 +255,10 @@ async def forward_feed(state: State, socket: web.WebSocketResponse) -> None:
     async for record in state.feed.records():
         if socket.closed:
             return
-        await socket.send_json(record)
+        try:
+            await socket.send_json(record)
+        except ConnectionResetError:
+            return
 
 
 def parse_command(text: str) -> tuple[str, dict]:

@@ -58,7 +58,7 @@ function renderStats(reply, roundTrip) {
   const parts = [`${fps.toFixed(1)} fps`];
   if (roundTrip !== null) parts.push(`round trip ${roundTrip.toFixed(0)} ms`);
   parts.push(`server ${reply.ms.total.toFixed(0)} ms (network ${reply.ms.network.toFixed(0)} ms)`);
-  $("stats").textContent = parts.join("  ");
+  $("stats").textContent = parts.join(" | ");
 }
 
 function renderTaught(taught) {
