@@ -10,6 +10,11 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -19,8 +24,11 @@ import pytest
 from PIL import Image
 
 import live
-from conftest import pattern_image
+from conftest import REPO, pattern_image
+from extract.errors import run_cli
 from live.serve import app, inference
+from live.serve.__main__ import is_loopback, needed_token
+from live.serve.__main__ import main as serve_main
 from live.serve.stream import Feed
 from live.sources import ImageFileFrames, read_bgr
 
@@ -366,31 +374,190 @@ def test_the_page_and_its_script_are_served_from_the_package_and_fetch_nothing_e
         assert "http://" not in text and "https://" not in text and "//cdn" not in text
 
 
+def checkerboard(index: int, size: int = 120) -> bytes:
+    """A JPEG of a noisy green and magenta checkerboard: nothing like `pattern_image`'s stripes."""
+    rng = np.random.default_rng(index)
+    y, x = np.mgrid[0:size, 0:size]
+    board = ((x // 12 + y // 12) % 2 * 200 + 30).astype(float)
+    pixels = np.stack([board, 255 - board, board / 2], axis=-1) + rng.normal(0, 15, (size, size, 3))
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
 @needs_teaching
-def test_a_class_taught_over_ws_is_predicted_forgotten_and_saved(model_dir, tmp_path):
-    predictor = live.load(model_dir, device="cpu")  # its own: teaching changes it
-    server = app.Running(app.build(predictor, app.Settings(topk=3, save_dir=tmp_path / "saves")))
-    taught = [encoded(0, 300 + i, size=120) for i in range(5)]
-    messages = ['{"command": "teach", "name": "my cup"}', *taught, '{"command": "stop"}']
-    messages += [taught[0], '{"command": "save", "path": "cup"}']
-    replies = asyncio.run(exchange(server.url("/ws"), messages))
-    assert replies[0] == {"teaching": "my cup"}
-    assert replies[6]["learned"] == {"name": "my cup", "examples": 5}
-    assert replies[6]["taught"] == {"my cup": 5}
-    assert replies[7]["top"][0]["name"] == "my cup"
-    saved = Path(replies[8]["saved"])
-    assert saved == (tmp_path / "saves" / "cup" / "best.pt").resolve() and saved.is_file()
-    assert "my cup" in live.load(saved, device="cpu").names
-    name_error, forgot, unknown = asyncio.run(
-        exchange(
-            server.url("/ws"),
-            [
-                json.dumps({"command": "teach", "name": "x" * 41}),
-                '{"command": "forget", "name": "my cup"}',
-                '{"command": "forget", "name": "my cup"}',
-            ],
+def test_classes_taught_over_ws_from_scratch_are_predicted_saved_and_forgotten(
+    weights_file, tmp_path
+):
+    predictor = live.load(None, device="cpu", weights=weights_file, backbone="alexnet")
+    server = app.Running(app.build(predictor, app.Settings(topk=2, save_dir=tmp_path / "saves")))
+    checks = [checkerboard(i) for i in range(6)]
+    stripes = [encoded(1, 300 + i, size=120) for i in range(6)]
+    try:
+        replies = asyncio.run(
+            exchange(
+                server.url("/ws"),
+                [
+                    stripes[5],  # no class yet: an empty top, no error
+                    '{"command": "teach", "name": "checks"}',
+                    *checks[:4],
+                    '{"command": "stop"}',
+                    '{"command": "teach", "name": "stripes"}',
+                    *stripes[:4],
+                    '{"command": "stop"}',
+                    checks[5],
+                    stripes[5],
+                    '{"command": "save", "path": "two"}',
+                    '{"command": "forget", "name": "checks"}',
+                    checks[5],
+                    '{"command": "forget", "name": "checks"}',
+                    json.dumps({"command": "teach", "name": "x" * 41}),
+                    '{"command": "teach", "name": "../up"}',
+                    '{"command": "stop"}',
+                ],
+            )
         )
+    finally:
+        server.stop()
+    assert replies[0]["top"] == [] and replies[0]["smoothed"] is None
+    assert replies[1] == {"teaching": "checks"}
+    assert replies[6]["learned"] == {"name": "checks", "examples": 4}
+    assert replies[12]["learned"] == {"name": "stripes", "examples": 4}
+    assert replies[12]["taught"] == {"checks": 4, "stripes": 4}
+    assert [c["name"] for c in replies[12]["classes"]] == ["checks", "stripes"]
+    # Frames not taught with are told apart (the taught frames' own replies came before).
+    assert replies[13]["top"][0]["name"] == "checks"
+    assert replies[14]["top"][0]["name"] == "stripes"
+    saved = Path(replies[15]["saved"])
+    assert saved == (tmp_path / "saves" / "two" / "best.pt").resolve() and saved.is_file()
+    assert live.load(saved, device="cpu").names == ["checks", "stripes"]
+    assert len(list((saved.parent / "crops" / "checks").glob("*.png"))) == 4
+    assert replies[16]["taught"] == {"stripes": 4}
+    assert [entry["name"] for entry in replies[17]["top"]] == ["stripes"]
+    for refused in replies[18:]:
+        assert set(refused) == {"error"}
+    assert "40" in replies[19]["error"] and "nothing is being taught" in replies[21]["error"]
+
+
+@needs_teaching
+def test_http_teach_forget_and_save_refuse_what_ws_refuses(weights_file, tmp_path):
+    predictor = live.load(None, device="cpu", weights=weights_file, backbone="alexnet")
+    server = app.Running(app.build(predictor, app.Settings(save_dir=tmp_path / "saves")))
+    try:
+        status, body = asyncio.run(post(server.url("/teach?name=checks"), checkerboard(1)))
+        assert status == 200 and body["learned"] == {"name": "checks", "examples": 1}
+        status, body = asyncio.run(post(server.url("/teach?name=a%2Fb"), checkerboard(2)))
+        assert status == 400 and "class name" in body["error"]
+        status, body = asyncio.run(post(server.url("/teach?name=checks"), b"not an image"))
+        assert status == 400 and "not a JPEG" in body["error"]
+        status, body = asyncio.run(post(server.url("/save?path=../out")))
+        assert status == 400 and "outside the save folder" in body["error"]
+        status, body = asyncio.run(post(server.url("/save?path=ok")))
+        assert status == 200 and Path(body["saved"]).is_file()
+        status, body = asyncio.run(post(server.url("/forget?name=checks")))
+        assert status == 200 and body["taught"] == {}
+        status, body = asyncio.run(post(server.url("/forget?name=checks")))
+        assert status == 400 and "checks" in body["error"]
+    finally:
+        server.stop()
+    assert not (tmp_path / "out").exists()
+
+
+def start_command(*args: str) -> tuple[subprocess.Popen, str]:
+    """`python -m live.serve ARGS` on a free port; its process and the URL it printed."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "live.serve", "--port", "0", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
-    server.stop()
-    assert "error" in name_error and "error" not in forgot and "error" in unknown
-    assert "my cup" not in predictor.names
+    with selectors.DefaultSelector() as selector:
+        selector.register(process.stdout, selectors.EVENT_READ)
+        ready = selector.select(timeout=120)
+    line = process.stdout.readline() if ready else ""
+    if not line.startswith("serving on "):
+        process.kill()
+        raise AssertionError(f"no address printed: {line!r} {process.communicate(timeout=30)}")
+    return process, line.removeprefix("serving on ").strip()
+
+
+def interrupt(process: subprocess.Popen) -> tuple[int, str]:
+    process.send_signal(signal.SIGINT)
+    try:
+        _, stderr = process.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+    return process.returncode, stderr
+
+
+@pytest.mark.slow
+@needs_teaching
+def test_the_command_serves_predict_with_its_token_and_ends_on_ctrl_c(model_dir, tmp_path):
+    process, url = start_command("--model", str(model_dir), "--device", "cpu", "--token", "t0k")
+    try:
+        assert url.startswith("http://127.0.0.1:") and url.endswith("/?token=t0k")
+        base = url.split("?")[0]
+        data = encoded(2, 8)
+        status, _ = asyncio.run(post(base + "predict", data))
+        assert status == 403
+        status, body = asyncio.run(post(base + "predict?token=t0k&topk=3", data))
+        assert status == 200
+        predictor = live.load(model_dir, device="cpu")
+        assert_same_top(body["top"], reference(predictor, data, tmp_path))
+    finally:
+        code, stderr = interrupt(process)
+    assert code == 130 and "Traceback" not in stderr
+
+
+def test_only_a_loopback_bind_goes_without_a_token():
+    for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
+        assert is_loopback(host) and needed_token(host, None) is None
+    for host in ("0.0.0.0", "192.168.1.20", "::", "myhost.example"):
+        assert not is_loopback(host)
+        first, second = needed_token(host, None), needed_token(host, None)
+        assert len(first) >= 16 and first != second
+    assert needed_token("0.0.0.0", "given") == needed_token("127.0.0.1", "given") == "given"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--certfile", "cert.pem"], "--certfile and --keyfile go together"),
+        (["--max-clients", "0"], "--max-clients must be >= 1"),
+        (["--smooth", "1"], "--smooth must be in [0, 1)"),
+        (["--certfile", "missing.pem", "--keyfile", "missing.pem"], "--certfile missing.pem"),
+    ],
+)
+def test_bad_flags_are_one_line_and_exit_status_2(args, message, capsys):
+    with pytest.raises(SystemExit) as exited:
+        run_cli(serve_main, ["--port", "0", *args])
+    stderr = capsys.readouterr().err
+    assert exited.value.code == 2 and message in stderr.splitlines()[-1]  # after argparse's usage
+    assert "Traceback" not in stderr
+
+
+@pytest.mark.slow
+@needs_teaching
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl to make a certificate")
+def test_https_with_certfile_and_keyfile(model_dir, tmp_path):
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+        + ["-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1"],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    process, url = start_command(
+        "--model", str(model_dir), "--device", "cpu", "--certfile", str(cert), "--keyfile", str(key)
+    )
+    try:
+        assert url.startswith("https://127.0.0.1:")
+        status, page = asyncio.run(get(url, ssl=False))  # self-signed: not verified
+        assert status == 200 and "app.js" in page
+        with pytest.raises(aiohttp.ClientError):  # plain HTTP is not served
+            asyncio.run(get(url.replace("https:", "http:")))
+    finally:
+        interrupt(process)

@@ -132,14 +132,23 @@ def test_the_page_shows_predict_of_the_frames_the_browser_sent(browser, model_di
 
 
 @pytest.mark.skipif(not hasattr(live.Predictor, "teach"), reason="no live.Predictor.teach here")
-def test_a_class_taught_through_the_page_is_then_shown_for_the_camera(browser, model_dir, tmp_path):
+def test_a_class_taught_through_the_page_is_then_shown_for_the_camera(
+    browser, weights_file, tmp_path
+):
     from selenium.webdriver.common.action_chains import ActionChains
+    from test_live_serve import checkerboard
 
-    predictor = live.load(model_dir, device="cpu")
-    server = app.Running(app.build(predictor, app.Settings(topk=3, save_dir=tmp_path)))
+    # A head of taught classes only, one taught from files: the camera's frames are "checks".
+    predictor = live.load(None, device="cpu", weights=weights_file, backbone="alexnet")
+    for index in range(4):
+        (tmp_path / f"check{index}.jpg").write_bytes(checkerboard(index))
+    predictor.teach("checks", sorted(tmp_path.glob("check*.jpg")))
+    server = app.Running(app.build(predictor, app.Settings(topk=2, save_dir=tmp_path)))
+    top_label = "return document.querySelector('#labels .label .name').textContent"
     try:
         browser.get(server.url("/"))
         wait_for(browser, "return window.shown !== null", "a reply")
+        before = browser.execute_script(top_label)
         browser.find_element("id", "class-name").send_keys("my mug")
         button = browser.find_element("id", "teach")
         ActionChains(browser).click_and_hold(button).pause(2.0).release(button).perform()
@@ -148,13 +157,10 @@ def test_a_class_taught_through_the_page_is_then_shown_for_the_camera(browser, m
             "return document.querySelector('#taught li[data-name=\"my mug\"]') !== null",
             "the taught class in its list",
         )
-        wait_for(
-            browser,
-            "return document.querySelector('#labels .label .name').textContent === 'my mug'",
-            "the taught class as the top label",
-        )
-        taught = browser.find_element("id", "message").text
+        wait_for(browser, f"{top_label} === 'my mug'", "the taught class as the top label")
+        message = browser.find_element("id", "message").text
     finally:
         server.stop()
-    assert "my mug" in predictor.names and predictor.taught["my mug"] >= 1
-    assert taught.startswith("taught my mug:")
+    assert before == "checks"
+    assert predictor.names == ["checks", "my mug"] and predictor.taught["my mug"] >= 1
+    assert message.startswith("taught my mug:")

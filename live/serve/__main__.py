@@ -52,8 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--backbone",
-        default="alexnet",
-        help="with --imagenet or without --model: the torchvision network (default: alexnet)",
+        help="with --imagenet or without --model: the torchvision network (default: alexnet); "
+        "with --model the checkpoint names it",
     )
     parser.add_argument(
         "--weights",
@@ -151,6 +151,13 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def needed_token(host: str, token: str | None) -> str | None:
+    """The token requests must carry: the one given, or a new one when bound beyond loopback."""
+    if token is None and not is_loopback(host):
+        return secrets.token_urlsafe(16)
+    return token
+
+
 def save_dir(args: argparse.Namespace) -> Path:
     if args.save_dir is not None:
         return args.save_dir
@@ -172,9 +179,7 @@ def ssl_context(args: argparse.Namespace) -> ssl.SSLContext | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    token = args.token
-    if token is None and not is_loopback(args.host):
-        token = secrets.token_urlsafe(16)
+    token = needed_token(args.host, args.token)
     context = ssl_context(args)
     torch.set_num_threads(args.threads or default_threads(args.device))
     source = open_source(args.source, loop=args.loop) if args.source else None

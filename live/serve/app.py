@@ -202,12 +202,14 @@ def reply_of(
     if client.average is not None and client.average.shape != probs.shape:
         client.average = None
     client.average = smoothed(client.average, probs, smooth)
-    best = int(np.argmax(client.average))
     reply = {
         "frame": client.frames,
         "top": [class_entry(predictor, i, probs[i]) for i in top_indices(probs, topk)],
-        "smoothed": class_entry(predictor, best, client.average[best]),
+        "smoothed": None,  # a head of taught classes only, none taught yet
     }
+    if len(probs):
+        best = int(np.argmax(client.average))
+        reply["smoothed"] = class_entry(predictor, best, client.average[best])
     client.frames += 1
     return reply
 

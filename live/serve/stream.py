@@ -70,6 +70,8 @@ class Feed:
                 if average is not None and average.shape != probs.shape:
                     average = None  # teaching changed the classes
                 average = smoothed(average, probs, self.smooth)
+                if not len(probs):
+                    continue  # a head of taught classes only, none taught yet
                 k = min(self.topk, len(probs))
                 latency_ms = (done - frame.captured) * 1000.0
                 record = {

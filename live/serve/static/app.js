@@ -27,6 +27,7 @@ function showError(text) {
 }
 
 function renderLabels(top) {
+  if (top.length === 0) $("message").textContent = "no classes yet: type a name, hold the button";
   const list = $("labels");
   list.replaceChildren(
     ...top.map((entry) => {
