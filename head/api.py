@@ -90,7 +90,7 @@ def fit(
         stream=stream,
         max_memory=max_memory,
     )
-    return train(data, save, chosen, resolved, report=log)
+    return train(data, save, chosen, resolved, report=log).to_dict()
 
 
 def progress_lines(progress: bool) -> Callable[[str], None]:
