@@ -29,7 +29,7 @@ from aiohttp import WSMsgType, web
 
 from extract.errors import UserError
 from live.predictor import Predictor
-from live.serve.inference import BadImage, Worker, pixels_of, rgb_array
+from live.serve.inference import BadImage, Classes, Worker, pixels_of, rgb_array
 from live.session import class_entry, smoothed, top_indices
 
 PAGE_FILES = {"/": ("index.html", "text/html"), "/app.js": ("app.js", "text/javascript")}
@@ -138,7 +138,13 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def classes(request: web.Request) -> web.Response:
-    return web.json_response(class_list(request.app[STATE].predictor))
+    state = request.app[STATE]
+    return web.json_response(await in_worker(state, class_list, state.predictor))
+
+
+async def in_worker(state: State, function, *args):
+    """`function(*args)` in the worker's thread, the only one that uses the predictor."""
+    return await asyncio.wrap_future(state.worker.call(function, *args))
 
 
 def class_list(predictor: Predictor) -> dict:
@@ -184,7 +190,7 @@ async def frame_reply(state: State, client: Client, data: bytes, topk: int) -> d
     result = await asyncio.wrap_future(state.worker.classify(decoded.pixels))
     if client.teaching is not None:
         client.examples = [*client.examples, rgb_array(decoded.rgb)][-state.settings.teach_max :]
-    return reply_of(state.predictor, client, result.probs, topk, state.settings.smooth) | {
+    return reply_of(result.classes, client, result.probs, topk, state.settings.smooth) | {
         "ms": {
             "decode": round(decoded.decode_ms, 3),
             "preprocess": round(decoded.preprocess_ms, 3),
@@ -194,9 +200,7 @@ async def frame_reply(state: State, client: Client, data: bytes, topk: int) -> d
     }
 
 
-def reply_of(
-    predictor: Predictor, client: Client, probs: np.ndarray, topk: int, smooth: float
-) -> dict:
+def reply_of(classes: Classes, client: Client, probs: np.ndarray, topk: int, smooth: float) -> dict:
     """The top-k of this frame's probabilities and the top-1 of the client's moving average,
     as `live`'s log has them; the average restarts when teaching changed the classes."""
     if client.average is not None and client.average.shape != probs.shape:
@@ -204,12 +208,12 @@ def reply_of(
     client.average = smoothed(client.average, probs, smooth)
     reply = {
         "frame": client.frames,
-        "top": [class_entry(predictor, i, probs[i]) for i in top_indices(probs, topk)],
+        "top": [class_entry(classes, i, probs[i]) for i in top_indices(probs, topk)],
         "smoothed": None,  # a head of taught classes only, none taught yet
     }
     if len(probs):
         best = int(np.argmax(client.average))
-        reply["smoothed"] = class_entry(predictor, best, client.average[best])
+        reply["smoothed"] = class_entry(classes, best, client.average[best])
     client.frames += 1
     return reply
 
@@ -291,7 +295,7 @@ async def command_reply(state: State, client: Client, text: str) -> dict:
             return await forget(state, checked_name(state, command.get("name")))
         if verb == "save":
             return await save(state, command.get("path", "."))
-        return class_list(state.predictor)
+        return await in_worker(state, class_list, state.predictor)
     except (ValueError, UserError) as refused:
         return {"error": str(refused)}
 
@@ -313,13 +317,20 @@ async def stop_teaching(state: State, client: Client) -> dict:
         raise UserError('nothing is being taught: send {"command": "teach", "name": ...} first')
     if not examples:
         raise UserError(f"no frame arrived while teaching {name!r}")
-    count = await asyncio.wrap_future(state.worker.call(state.predictor.teach, name, examples))
-    return {"learned": {"name": name, "examples": count}} | class_list(state.predictor)
+
+    def teach() -> dict:
+        count = state.predictor.teach(name, examples)
+        return {"learned": {"name": name, "examples": count}} | class_list(state.predictor)
+
+    return await in_worker(state, teach)
 
 
 async def forget(state: State, name: str) -> dict:
-    await asyncio.wrap_future(state.worker.call(state.predictor.forget, name))
-    return {"forgot": name} | class_list(state.predictor)
+    def forget_name() -> dict:
+        state.predictor.forget(name)
+        return {"forgot": name} | class_list(state.predictor)
+
+    return await in_worker(state, forget_name)
 
 
 async def save(state: State, path: object) -> dict:
@@ -330,7 +341,7 @@ async def save(state: State, path: object) -> dict:
     folder = (root / path).resolve()
     if not folder.is_relative_to(root):
         raise UserError(f"save path {path!r} is outside the save folder {root} (--save-dir)")
-    saved = await asyncio.wrap_future(state.worker.call(state.predictor.save, folder))
+    saved = await in_worker(state, state.predictor.save, folder)
     return {"saved": str(saved)}
 
 

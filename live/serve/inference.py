@@ -91,11 +91,21 @@ def rgb_array(rgb: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(rgb.permute(1, 2, 0).numpy())
 
 
+@dataclasses.dataclass(frozen=True)
+class Classes:
+    """The class list a batch was classified with (what `live.session.class_entry` reads): a
+    snapshot, since teaching may change the predictor's list while the reply is written."""
+
+    wnids: list[str | None]
+    names: list[str]
+
+
 @dataclasses.dataclass
 class Result:
-    """One frame's probabilities, with the time its batch took in the network."""
+    """One frame's probabilities and their classes, with the time its batch took."""
 
     probs: np.ndarray
+    classes: Classes
     network_ms: float
     batch: int
 
@@ -159,8 +169,9 @@ class Worker:
                 future.set_exception(error)
             return
         network_ms = (time.perf_counter() - started) * 1000.0
+        classes = Classes(list(self.predictor.wnids), list(self.predictor.names))
         for row, (_, future) in zip(probs, frames):
-            future.set_result(Result(row, network_ms, len(frames)))
+            future.set_result(Result(row, classes, network_ms, len(frames)))
 
 
 def run_into(future: concurrent.futures.Future, work: Callable) -> None:

@@ -77,16 +77,16 @@ class Feed:
                 record = {
                     "frame": frame.index,
                     "top": [
-                        class_entry(self.predictor, i, probs[i]) for i in top_indices(probs, k)
+                        class_entry(result.classes, i, probs[i]) for i in top_indices(probs, k)
                     ],
-                    "smoothed": class_entry(self.predictor, int(average.argmax()), average.max()),
+                    "smoothed": class_entry(result.classes, int(average.argmax()), average.max()),
                     "ms": {"network": round(result.network_ms, 3), "total": round(latency_ms, 3)},
                     "source": self.description,
                 }
                 shown = top_indices(average, k)
                 annotated = overlay.annotate(
                     frame.bgr,
-                    [(self.predictor.names[i], float(average[i])) for i in shown],
+                    [(result.classes.names[i], float(average[i])) for i in shown],
                     overlay.status_line(self.source.rate.rate, rate.rate, latency_ms),
                 )
                 jpeg = cv2.imencode(".jpg", annotated, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])[1]
