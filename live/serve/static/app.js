@@ -75,6 +75,7 @@ function renderTaught(taught) {
 
 function sendFrame() {
   const video = $("video");
+  if (socket && socket.readyState >= WebSocket.CLOSING) return; // the close says why
   if (!socket || socket.readyState !== WebSocket.OPEN || video.videoWidth === 0) {
     setTimeout(sendFrame, 50);
     return;
