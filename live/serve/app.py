@@ -383,13 +383,11 @@ async def stream(request: web.Request) -> web.StreamResponse:
     )
     await response.prepare(request)
     async for jpeg in feed.jpegs():
-        await response.write(
-            b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: "
-            + str(len(jpeg)).encode()
-            + b"\r\n\r\n"
-            + jpeg
-            + b"\r\n"
-        )
+        part = b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(jpeg)
+        try:
+            await response.write(part + jpeg + b"\r\n")
+        except ConnectionResetError:  # the viewer left
+            break
     return response
 
 
