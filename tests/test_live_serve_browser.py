@@ -107,6 +107,11 @@ def test_the_page_shows_predict_of_the_frames_the_browser_sent(browser, model_di
         wait_for(browser, "return window.shown !== null", "a reply")
         seen = browser.execute_async_script(READ_SHOWN)
         replies_before = browser.execute_script("return window.shown.reply.frame")
+        # At most one frame in flight: the page's queue of awaited replies never holds two.
+        in_flight = [
+            browser.execute_script('return expected.filter((kind) => kind === "frame").length')
+            for _ in range(50)
+        ]
         wait_for(browser, f"return window.shown.reply.frame > {replies_before + 3}", "more frames")
         stats = browser.find_element("id", "stats").text
         screenshot = tmp_path / "page.png"
@@ -128,6 +133,7 @@ def test_the_page_shows_predict_of_the_frames_the_browser_sent(browser, model_di
     assert expected[0]["name"] == camera["name"]
     assert predictor.predict_bgr(camera_frame(label=0), topk=1)[0]["name"] != camera["name"]
     assert "fps" in stats and "round trip" in stats and "server" in stats
+    assert set(in_flight) <= {0, 1} and 1 in in_flight
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
