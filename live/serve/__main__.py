@@ -227,7 +227,7 @@ async def serve(application, host: str, port: int, context, token: str | None) -
     except OSError as error:
         await runner.cleanup()
         raise UserError(f"--host {host} --port {port}: cannot listen ({error.strerror})") from None
-    bound = site._server.sockets[0].getsockname()[1]
+    bound = runner.addresses[0][1]
     scheme = "https" if context else "http"
     shown = f"[{host}]" if ":" in host else host
     query = f"?token={token}" if token else ""

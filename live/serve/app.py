@@ -447,7 +447,7 @@ class Running:
             self.loop.run_until_complete(self.runner.setup())
             site = web.TCPSite(self.runner, host, port, ssl_context=ssl)
             self.loop.run_until_complete(site.start())
-            self.port = site._server.sockets[0].getsockname()[1]
+            self.port = self.runner.addresses[0][1]
         except Exception as failed:  # reported to the starting thread
             self.error = failed
             ready.set()
