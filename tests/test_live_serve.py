@@ -35,10 +35,6 @@ from live.sources import ImageFileFrames, read_bgr
 TIMEOUT_S = 30
 TOLERANCE = 1e-5  # CPU, fp32
 
-needs_teaching = pytest.mark.skipif(
-    not hasattr(live.Predictor, "teach"), reason="live.Predictor.teach is not in this build"
-)
-
 
 @pytest.fixture(scope="module")
 def predictor(model_dir):
@@ -385,7 +381,6 @@ def checkerboard(index: int, size: int = 120) -> bytes:
     return buffer.getvalue()
 
 
-@needs_teaching
 def test_classes_taught_over_ws_from_scratch_are_predicted_saved_and_forgotten(
     weights_file, tmp_path
 ):
@@ -439,7 +434,6 @@ def test_classes_taught_over_ws_from_scratch_are_predicted_saved_and_forgotten(
     assert "40" in replies[19]["error"] and "nothing is being taught" in replies[21]["error"]
 
 
-@needs_teaching
 def test_http_teach_forget_and_save_refuse_what_ws_refuses(weights_file, tmp_path):
     predictor = live.load(None, device="cpu", weights=weights_file, backbone="alexnet")
     server = app.Running(app.build(predictor, app.Settings(save_dir=tmp_path / "saves")))
@@ -493,7 +487,6 @@ def interrupt(process: subprocess.Popen) -> tuple[int, str]:
 
 
 @pytest.mark.slow
-@needs_teaching
 def test_the_command_serves_predict_with_its_token_and_ends_on_ctrl_c(model_dir, tmp_path):
     process, url = start_command("--model", str(model_dir), "--device", "cpu", "--token", "t0k")
     try:
@@ -539,7 +532,6 @@ def test_bad_flags_are_one_line_and_exit_status_2(args, message, capsys):
 
 
 @pytest.mark.slow
-@needs_teaching
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl to make a certificate")
 def test_https_with_certfile_and_keyfile(model_dir, tmp_path):
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"

@@ -137,7 +137,6 @@ def test_the_page_shows_predict_of_the_frames_the_browser_sent(browser, model_di
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.skipif(not hasattr(live.Predictor, "teach"), reason="no live.Predictor.teach here")
 def test_a_class_taught_through_the_page_is_then_shown_for_the_camera(
     browser, weights_file, tmp_path
 ):

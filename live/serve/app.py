@@ -154,7 +154,7 @@ def class_list(predictor: Predictor) -> dict:
             {"index": index, "wnid": wnid, "name": name}
             for index, (wnid, name) in enumerate(zip(predictor.wnids, predictor.names))
         ],
-        "taught": dict(getattr(predictor, "taught", {})),
+        "taught": predictor.taught,
     }
 
 
