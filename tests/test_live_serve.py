@@ -436,7 +436,11 @@ def test_classes_taught_over_ws_from_scratch_are_predicted_saved_and_forgotten(
 
 def test_http_teach_forget_and_save_refuse_what_ws_refuses(weights_file, tmp_path):
     predictor = live.load(None, device="cpu", weights=weights_file, backbone="alexnet")
-    server = app.Running(app.build(predictor, app.Settings(save_dir=tmp_path / "saves")))
+    served = tmp_path / "saves" / "model" / "best.pt"
+    settings = app.Settings(save_dir=tmp_path / "saves", model=served)
+    served.parent.mkdir(parents=True)
+    served.write_bytes(b"the served checkpoint")
+    server = app.Running(app.build(predictor, settings))
     try:
         status, body = asyncio.run(post(server.url("/teach?name=checks"), checkerboard(1)))
         assert status == 200 and body["learned"] == {"name": "checks", "examples": 1}
@@ -446,6 +450,8 @@ def test_http_teach_forget_and_save_refuse_what_ws_refuses(weights_file, tmp_pat
         assert status == 400 and "not a JPEG" in body["error"]
         status, body = asyncio.run(post(server.url("/save?path=../out")))
         assert status == 400 and "outside the save folder" in body["error"]
+        status, body = asyncio.run(post(server.url("/save?path=model")))
+        assert status == 400 and "would overwrite the model being served" in body["error"]
         status, body = asyncio.run(post(server.url("/save?path=ok")))
         assert status == 200 and Path(body["saved"]).is_file()
         status, body = asyncio.run(post(server.url("/forget?name=checks")))
@@ -455,6 +461,7 @@ def test_http_teach_forget_and_save_refuse_what_ws_refuses(weights_file, tmp_pat
     finally:
         server.stop()
     assert not (tmp_path / "out").exists()
+    assert served.read_bytes() == b"the served checkpoint"
 
 
 def start_command(*args: str) -> tuple[subprocess.Popen, str]:

@@ -62,8 +62,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "checkpoint records; imagenet without --model)",
     )
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
-    parser.add_argument("--precision", choices=LIVE_CHOICES, default="fp32", help="(fp32)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (as live's)")
+    parser.add_argument(
+        "--precision", choices=LIVE_CHOICES, default="fp32", help="fp32 (default) or bf16"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for the network (as live's)"
+    )
     parser.add_argument("--topk", type=int, default=DEFAULTS.topk, help="labels sent (5)")
     parser.add_argument(
         "--smooth",
@@ -166,6 +170,10 @@ def save_dir(args: argparse.Namespace) -> Path:
     return args.model if args.model.is_dir() else args.model.parent
 
 
+def checkpoint_file(model: Path) -> Path:
+    return model / "best.pt" if model.is_dir() else model
+
+
 def ssl_context(args: argparse.Namespace) -> ssl.SSLContext | None:
     if args.certfile is None:
         return None
@@ -204,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         teach_max=args.teach_max,
         save_dir=save_dir(args),
         max_batch=args.max_batch,
+        model=None if args.model is None else checkpoint_file(args.model),
     )
     feed = None
     if source is not None:

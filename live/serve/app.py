@@ -51,6 +51,7 @@ class Settings:
     teach_max: int = 50
     save_dir: Path = Path("taught")
     max_batch: int = 8
+    model: Path | None = None  # the checkpoint served, which a save never overwrites
 
 
 @dataclasses.dataclass
@@ -341,6 +342,9 @@ async def save(state: State, path: object) -> dict:
     folder = (root / path).resolve()
     if not folder.is_relative_to(root):
         raise UserError(f"save path {path!r} is outside the save folder {root} (--save-dir)")
+    model = state.settings.model
+    if model is not None and (folder / "best.pt").resolve() == model.resolve():
+        raise UserError(f"save path {path!r} would overwrite the model being served ({model})")
     saved = await in_worker(state, state.predictor.save, folder)
     return {"saved": str(saved)}
 
