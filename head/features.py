@@ -364,6 +364,20 @@ def load(
     )
 
 
+def split_blocks(
+    split: SplitTensors | StreamedSplit, rows: int = 8192, device: torch.device = CPU
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(features, labels) of a split in row order, in the stored dtype: slices of `rows` rows in
+    memory, the file's blocks when streamed. What reads a whole split once (statistics, k-NN,
+    the ridge probe) takes either kind of split through this."""
+    if isinstance(split, StreamedSplit):
+        yield from split.chunks(device)
+        return
+    for start in range(0, len(split), rows):
+        stop = start + rows
+        yield split.features[start:stop].to(device), split.labels[start:stop].to(device)
+
+
 def standardization(chunks: Iterable[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-dimension mean and std of the rows of `chunks`, accumulated in float64.
 
