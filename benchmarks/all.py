@@ -6,7 +6,8 @@ Presets:
     h100  (sized for 8 minutes on one H100 or H200 with 16 cores, data included; not yet timed
           on one) Tiny ImageNet's size: 100,000 training and 10,000 validation images, batch
           512, a worker per core; 10,000 photo-sized files decoded in workers and on the GPU;
-          the host path alone; live.serve under 8 WebSocket clients
+          the host path alone; the end-to-end extract on the same files as tar shards (not
+          yet run on a GPU); live.serve under 8 WebSocket clients
 
 A step that fails is reported and the others still run; the exit status is then 1.
 
@@ -69,6 +70,20 @@ PRESETS = {
             ("live", "live", []),
             ("serve", "live", ["--serve"]),
             ("host", "host", ["--images", "5000", "--photos", "500"]),
+            (
+                "extract-shards",
+                "extract",
+                [
+                    "--data",
+                    "{data}",
+                    "--batch-size",
+                    "512",
+                    "--precisions",
+                    "auto",
+                    "--sources",
+                    "files,shards",
+                ],
+            ),
             (
                 "extract-photos",
                 "extract",

@@ -283,7 +283,8 @@ def test_waiting_frames_go_through_the_network_as_one_batch_with_each_its_own_ro
     try:
         blocker = worker.call(released.wait, TIMEOUT_S)
         pixels = [
-            inference.pixels_of(encoded(i % 3, i), predictor.params, 10**6).pixels for i in range(6)
+            inference.decode_received(encoded(i % 3, i), predictor.params, 10**6).pixels
+            for i in range(6)
         ]
         futures = [worker.classify(p) for p in pixels]
         after = worker.call(lambda: "ran after the frames")
@@ -306,7 +307,11 @@ def test_smoothed_is_each_clients_moving_average_and_top_is_the_frames_own(
     first, second = encoded(0, 1), encoded(2, 2)
     replies = asyncio.run(exchange(server.url("/ws"), [first, second]))
     (p1,), (p2,) = (
-        [predictor.classifier.probabilities(inference.pixels_of(d, predictor.params, 10**6).pixels)]
+        [
+            predictor.classifier.probabilities(
+                inference.decode_received(d, predictor.params, 10**6).pixels
+            )
+        ]
         for d in (first, second)
     )
     average = 0.75 * p1 + 0.25 * p2

@@ -29,7 +29,7 @@ from aiohttp import WSMsgType, web
 
 from extract.errors import UserError
 from live.predictor import Predictor
-from live.serve.inference import BadImage, Classes, Worker, pixels_of, rgb_array
+from live.serve.inference import BadImage, Classes, Worker, decode_received, rgb_array
 from live.session import class_entry, smoothed, top_indices
 
 PAGE_FILES = {"/": ("index.html", "text/html"), "/app.js": ("app.js", "text/javascript")}
@@ -184,7 +184,7 @@ async def frame_reply(state: State, client: Client, data: bytes, topk: int) -> d
     started = loop.time()
     try:
         decoded = await loop.run_in_executor(
-            state.decoders, pixels_of, data, state.predictor.params, state.settings.max_pixels
+            state.decoders, decode_received, data, state.predictor.params, state.settings.max_pixels
         )
     except BadImage as bad:
         return {"error": str(bad)}

@@ -1,6 +1,6 @@
 """The server's model side: received bytes to pixels, and one thread that runs the network.
 
-Decoding and resizing run in the event loop's thread pool (`pixels_of`), the network in one
+Decoding and resizing run in the event loop's thread pool (`decode_received`), the network in one
 worker thread of its own (`Worker`), so neither blocks the event loop: a client whose frame is
 slow holds up no other client's messages. When several frames wait, the worker takes them all
 (up to `max_batch`) through the network in one batch; a batch of 8 AlexNet frames costs less
@@ -8,7 +8,7 @@ on the CPU than 8 passes of one. Teaching, forgetting and saving run in the same
 batches, so the predictor is only ever used from that one thread.
 
 An image's bytes are decoded exactly as `live.load(DIR).predict` decodes a file of the same
-bytes (`extract.images.decode_bytes`, then `extract.preprocess.resize_crop`), so the server's
+bytes (`extract.images.pixels_of`, then `extract.preprocess.resize_crop`), so the server's
 probabilities are `predict`'s. Before decoding, the header alone is read (PIL opens lazily) to
 refuse what is not a JPEG, PNG or WebP image, or has more pixels than allowed: a decompression
 bomb never reaches the decoder.
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from extract.images import decode_bytes, failure_reason
+from extract.images import failure_reason, pixels_of
 from extract.preprocess import Preprocess, resize_crop
 from live.predictor import Predictor
 
@@ -52,7 +52,7 @@ class Decoded:
     preprocess_ms: float
 
 
-def pixels_of(data: bytes, params: Preprocess, max_pixels: int) -> Decoded:
+def decode_received(data: bytes, params: Preprocess, max_pixels: int) -> Decoded:
     """Decode and resize one received image; raises `BadImage` with the reason."""
     if not data:
         raise BadImage("empty message: send one JPEG, PNG or WebP image")
@@ -73,7 +73,7 @@ def pixels_of(data: bytes, params: Preprocess, max_pixels: int) -> Decoded:
             f"image of {width} x {height} pixels: over the limit of {max_pixels} (--max-pixels)"
         )
     try:
-        rgb = decode_bytes(bytearray(data))
+        rgb = pixels_of(bytearray(data), "the received image")
     except Exception as error:  # truncated or corrupt after a valid header
         raise BadImage(f"unreadable {image_format} image ({failure_reason(error)})") from None
     decoded = time.perf_counter()
