@@ -7,7 +7,7 @@ Presets:
           on one) Tiny ImageNet's size: 100,000 training and 10,000 validation images, batch
           512, a worker per core; 10,000 photo-sized files decoded in workers and on the GPU;
           the host path alone; the end-to-end extract on the same files as tar shards (not
-          yet run on a GPU)
+          yet run on a GPU); live.serve under 8 WebSocket clients
 
 A step that fails is reported and the others still run; the exit status is then 1.
 
@@ -68,6 +68,7 @@ PRESETS = {
                 ["--rows", "100000", "--epochs", "50", "--variants", "plain,ours,ours:bf16"],
             ),
             ("live", "live", []),
+            ("serve", "live", ["--serve"]),
             ("host", "host", ["--images", "5000", "--photos", "500"]),
             (
                 "extract-shards",
@@ -119,7 +120,8 @@ def main() -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--data", type=Path, help="where to write (or reuse) the images")
     parser.add_argument(
-        "--only", help="comma-separated subset of host,extract,extract-photos,head,pipeline,live"
+        "--only",
+        help="comma-separated subset of host,extract,extract-photos,head,pipeline,live,serve",
     )
     args = parser.parse_args()
     preset = PRESETS[args.preset]
