@@ -10,6 +10,10 @@ Python API (``python -m head.train`` and ``python -m head.evaluate`` are thin wr
     head.report(model, features, split="val", out=None) -> dict
         Top-1, top-5, mean per-class accuracy and calibration error on one split: what
         ``python -m head.evaluate`` writes to report.json.
+    head.sweep(features, save, lr=..., weight_decay=..., standardize="both", knn=None,
+               ridge=False, holdout=None, save_all=False, **settings) -> list[dict]
+        Train a grid of heads at once (``python -m head.sweep``), save the best as best.pt
+        with sweep.csv and sweep.png; returns one dict per head, the winner's ``best`` True.
     head.UserError
         An expected problem; its message is the line the commands print.
 
@@ -22,6 +26,6 @@ Example::
 """
 
 from extract.errors import UserError
-from head.api import fit, report
+from head.api import fit, report, sweep
 
-__all__ = ["fit", "report", "UserError"]
+__all__ = ["fit", "report", "sweep", "UserError"]

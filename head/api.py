@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,33 +51,13 @@ def fit(
     provenance. Writes last.pt, best.pt, history.csv and the plots into `save`.
     """
     from extract.device import resolve_device
-    from extract.precisions import HEAD_CHOICES, checked
     from head import features as feature_sets
-    from head.training import INITS, PRETRAINED_INITS, Settings, check_save_dir, train
+    from head.training import check_save_dir, train
 
-    known = {field.name for field in dataclasses.fields(Settings)}
-    unknown = sorted(set(settings) - known)
-    if unknown:
-        raise TypeError(
-            f"fit() got unknown settings {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-        )
-    chosen = Settings(**settings)
-    if chosen.init not in INITS:
-        raise UserError(f"--init {chosen.init}: choose from {', '.join(INITS)}")
-    checked(chosen.precision, HEAD_CHOICES)
-    if chosen.batch_size < 1 or chosen.lr <= 0 or chosen.weight_decay < 0:
+    chosen = checked_settings(settings)
+    if chosen.lr <= 0 or chosen.weight_decay < 0:
         raise UserError("--batch-size must be >= 1, --lr > 0 and --weight-decay >= 0")
-    if chosen.epochs < (0 if chosen.init in PRETRAINED_INITS else 1):
-        raise UserError(
-            "--epochs must be >= 1 (0 is allowed with --init classifier or fc8: measure only)"
-        )
-    if chosen.resume and chosen.overwrite:
-        raise UserError("--resume and --overwrite contradict each other; pick one")
-    if isinstance(max_memory, str):
-        try:
-            max_memory = feature_sets.parse_size(max_memory)
-        except ValueError as error:
-            raise UserError(f"--max-memory {max_memory}: {error}") from None
+    max_memory = parsed_size(max_memory)
     log = log or progress_lines(chosen.progress)
     save = Path(save)
     resolved = resolve_device(device)
@@ -91,6 +71,105 @@ def fit(
         max_memory=max_memory,
     )
     return train(data, save, chosen, resolved, report=log)
+
+
+def checked_settings(settings: dict[str, Any]):
+    """`settings` as `training.Settings`, after the checks both commands make."""
+    from extract.precisions import HEAD_CHOICES, checked
+    from head.training import INITS, PRETRAINED_INITS, Settings
+
+    known = {field.name for field in dataclasses.fields(Settings)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise TypeError(f"unknown settings {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    chosen = Settings(**settings)
+    if chosen.init not in INITS:
+        raise UserError(f"--init {chosen.init}: choose from {', '.join(INITS)}")
+    checked(chosen.precision, HEAD_CHOICES)
+    if chosen.batch_size < 1:
+        raise UserError("--batch-size must be >= 1, --lr > 0 and --weight-decay >= 0")
+    if chosen.epochs < (0 if chosen.init in PRETRAINED_INITS else 1):
+        raise UserError(
+            "--epochs must be >= 1 (0 is allowed with --init classifier or fc8: measure only)"
+        )
+    if chosen.resume and chosen.overwrite:
+        raise UserError("--resume and --overwrite contradict each other; pick one")
+    return chosen
+
+
+def parsed_size(max_memory: int | str | None) -> int | None:
+    from head import features as feature_sets
+
+    if isinstance(max_memory, str):
+        try:
+            return feature_sets.parse_size(max_memory)
+        except ValueError as error:
+            raise UserError(f"--max-memory {max_memory}: {error}") from None
+    return max_memory
+
+
+def sweep(
+    features: str | os.PathLike,
+    save: str | os.PathLike,
+    *,
+    lr: str | Sequence[float] = "1e-4,3e-4,1e-3,3e-3,1e-2",
+    weight_decay: str | Sequence[float] = "0,1e-5,1e-4,1e-3",
+    standardize: str | bool = "both",
+    knn: str | Sequence[int] | None = None,
+    ridge: bool = False,
+    holdout: float | None = None,
+    save_all: bool = False,
+    device: str = "auto",
+    stream: bool | None = None,
+    max_memory: int | str | None = None,
+    log: Callable[[str], None] | None = None,
+    **settings: Any,
+) -> list[dict]:
+    """Train a grid of heads at once on the feature file `features` and save the best in `save`,
+    as ``python -m head.sweep`` does.
+
+    The grid is every `lr` x `weight_decay` x `standardize` ("on", "off" or "both"), each a
+    comma list or a sequence (40 heads by default); all heads see the same batches in the same
+    order and each ends with the weights ``fit`` gives with its settings. `knn` (k values, such
+    as "10,20,100,200") and `ridge` add the zero-training baselines to the report. `holdout`
+    (in (0, 0.5]) selects on that seeded fraction of train instead of on val, and trains the
+    winner again on all of train. `save_all` keeps each head's best.pt under ``save/heads``.
+    `settings` are the other settings of ``fit`` (``epochs``, ``batch_size``, ``seed``,
+    ``init``, ``flip``, ``precision``, ``resume``, ``overwrite``, ``progress``) with its
+    defaults; `device`, `stream`, `max_memory` and `log` are as in ``fit``.
+
+    Returns one dict per head and baseline (the columns of sweep.csv: ``method``, ``lr``,
+    ``weight_decay``, ``standardize``, ``best_epoch``, ``val_top1``, ``val_top5``,
+    ``val_loss``, ``train_top1``, ``seconds``, ``note``), the winner's with ``best`` True.
+    Writes best.pt, sweep.csv, sweep.png and sweep.pt (the state ``resume`` continues).
+    """
+    from extract.device import resolve_device
+    from head import grid, selection
+
+    for fixed in ("lr", "weight_decay", "standardize"):
+        settings.pop(fixed, None)
+    chosen = checked_settings(settings)
+    cells = grid.cells(lr, weight_decay, standardize)
+    grid.check_holdout(holdout)
+    if knn is not None:
+        grid.parse_list("--knn", knn, 0.0, strict=True)
+    plan = selection.Plan(
+        cells=cells,
+        settings=chosen,
+        holdout=holdout,
+        knn=grid.knn_values(knn, 2**62),
+        ridge=ridge,
+        save_all=save_all,
+    )
+    return selection.run(
+        Path(features),
+        Path(save),
+        plan,
+        resolve_device(device),
+        stream,
+        parsed_size(max_memory),
+        log or progress_lines(chosen.progress),
+    )
 
 
 def progress_lines(progress: bool) -> Callable[[str], None]:

@@ -35,6 +35,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog=__doc__.split("\n", 2)[2],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_training_arguments(parser)
+    parser.add_argument(
+        "--lr", type=float, default=defaults.lr, help=f"Adam learning rate (default: {defaults.lr})"
+    )
+    parser.add_argument(
+        "--weight-decay",
+        type=float,
+        default=defaults.weight_decay,
+        help=f"Adam weight decay (default: {defaults.weight_decay:g})",
+    )
+    parser.add_argument(
+        "--standardize",
+        action="store_true",
+        help="train on features standardised with train statistics; the saved "
+        "layer has them folded in and takes raw features",
+    )
+    return parser.parse_args(argv)
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags `head.train` and `head.sweep` share, with the same meaning and defaults."""
+    defaults = Settings()
     parser.add_argument("--features", type=Path, required=True, help="HDF5 file from extract")
     parser.add_argument("--save", type=Path, required=True, help="folder for checkpoints/plots")
     parser.add_argument(
@@ -48,15 +70,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=defaults.batch_size,
         help=f"images per step (default: {defaults.batch_size})",
-    )
-    parser.add_argument(
-        "--lr", type=float, default=defaults.lr, help=f"Adam learning rate (default: {defaults.lr})"
-    )
-    parser.add_argument(
-        "--weight-decay",
-        type=float,
-        default=defaults.weight_decay,
-        help=f"Adam weight decay (default: {defaults.weight_decay:g})",
     )
     parser.add_argument(
         "--seed",
@@ -77,18 +90,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--init",
-        default="random",
+        default=defaults.init,
         choices=INITS,
         help="random, or classifier: the rows of the backbone's own pretrained ImageNet "
         "classifier for the dataset's wnids (features of its default --node and "
         "torchvision's ImageNet weights), measured as epoch 0; fc8 is AlexNet's name "
         "for it (default: random)",
-    )
-    parser.add_argument(
-        "--standardize",
-        action="store_true",
-        help="train on features standardised with train statistics; the saved "
-        "layer has them folded in and takes raw features",
     )
     parser.add_argument(
         "--flip",
@@ -119,7 +126,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "they are streamed (default: the memory available)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser.parse_args(argv)
 
 
 def size(text: str) -> int:
