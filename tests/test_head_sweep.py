@@ -265,7 +265,7 @@ def test_a_sweep_killed_at_random_moments_resumes_to_the_uninterrupted_result(
 ):
     """CPU, fp32, exact: the resumed sweep's weights and report equal the straight one's."""
     argv = ["--features", str(features_file), "--batch-size", "16", "--no-progress"]
-    argv += ["--lr", "1e-3,3e-2", "--weight-decay", "0,1e-3", "--epochs", "12"]
+    argv += ["--lr", "1e-3,3e-2", "--weight-decay", "0,1e-3", "--epochs", "150"]
     straight = tmp_path / "straight"
     subprocess.run(
         [sys.executable, "-m", "head.sweep", *argv, "--save", str(straight)],
@@ -276,6 +276,7 @@ def test_a_sweep_killed_at_random_moments_resumes_to_the_uninterrupted_result(
     )
     killed = tmp_path / "killed"
     rng = random.Random(0)
+    reached = []
     for attempt in range(3):
         process = subprocess.Popen(
             [sys.executable, "-m", "head.sweep", *argv, "--save", str(killed)]
@@ -292,6 +293,8 @@ def test_a_sweep_killed_at_random_moments_resumes_to_the_uninterrupted_result(
         time.sleep(rng.uniform(0.0, 1.0))
         process.send_signal(signal.SIGKILL)
         process.wait()
+        reached.append(torch.load(killed / sweeping.STATE, weights_only=True)["epoch"])
+    assert reached[0] < 150, "killed before the end, or the test shows nothing"
     subprocess.run(
         [sys.executable, "-m", "head.sweep", *argv, "--save", str(killed), "--resume"],
         cwd=REPO,
@@ -301,7 +304,7 @@ def test_a_sweep_killed_at_random_moments_resumes_to_the_uninterrupted_result(
     )
     ours = torch.load(killed / sweeping.STATE, weights_only=True)
     theirs = torch.load(straight / sweeping.STATE, weights_only=True)
-    assert ours["epoch"] == theirs["epoch"] == 12
+    assert ours["epoch"] == theirs["epoch"] == 150
     assert torch.equal(ours["weight"], theirs["weight"])
     assert torch.equal(ours["best_weight"], theirs["best_weight"])
     best_ours = checkpoint.load(killed / checkpoint.BEST)
