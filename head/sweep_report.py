@@ -122,7 +122,7 @@ def write_png(
     lrs = sorted({row["lr"] for row in heads})
     decays = sorted({row["weight_decay"] for row in heads})
     panels = len(views) + (1 if best_history else 0)
-    figure = Figure(figsize=(4.5 * max(panels, 1), 4), dpi=100)
+    figure = Figure(figsize=(4.5 * max(panels, 1), 4), dpi=100, layout="constrained")
     axes_list = figure.subplots(1, max(panels, 1), squeeze=False)[0]
     finite = [row["val_top1"] for row in heads if not math.isnan(row["val_top1"])]
     low, high = (min(finite), max(finite)) if finite else (0.0, 100.0)

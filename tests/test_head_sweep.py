@@ -21,7 +21,9 @@ import pytest
 import torch
 from test_head import assert_one_line_error
 
+import extract
 import head
+import live
 from benchmarks import synthetic
 from extract.errors import UserError, run_cli
 from head import checkpoint, grid, selection, sweep_report, sweeping
@@ -47,7 +49,7 @@ def run_command(argv: list, capsys) -> tuple[int, str, str]:
 
 
 @pytest.fixture(scope="module")
-def features_file(tmp_path_factory) -> Path:
+def hard_features(tmp_path_factory) -> Path:
     """Hard synthetic features: 320 train and 80 val rows of 64 dimensions, 4 classes."""
     path = tmp_path_factory.mktemp("sweep") / "features.h5"
     return synthetic.write_features(path, 320, 4, val_rows=80, block=128, dim=64, hard=True)
@@ -64,20 +66,20 @@ def head_name(lr: float, decay: float, standardize: bool) -> str:
 @pytest.mark.slow
 @pytest.mark.parametrize("stream", [False, True], ids=["in memory", "streamed"])
 def test_each_head_ends_with_the_weights_head_train_gives_with_its_settings(
-    features_file, tmp_path, stream
+    hard_features, tmp_path, stream
 ):
     """CPU, fp32: within 1e-5 relative (Frobenius norm of the difference over the norm); the
     best epoch and its val top-1 exactly."""
     options = {**QUICK, "stream": True if stream else None}
     if stream:
         options["max_memory"] = "40MB"  # a buffer smaller than the file: several fills
-    rows = head.sweep(features_file, tmp_path / "sweep", save_all=True, **GRID, **options)
+    rows = head.sweep(hard_features, tmp_path / "sweep", save_all=True, **GRID, **options)
     assert len(rows) == 8
     saved = torch.load(tmp_path / "sweep" / sweeping.STATE, weights_only=True)
     order = [tuple(cell) for cell in saved["cells"]]
     for lr, decay, standardize in CELLS:
         alone = head.fit(
-            features_file,
+            hard_features,
             tmp_path / head_name(lr, decay, standardize),
             lr=lr,
             weight_decay=decay,
@@ -102,8 +104,8 @@ def test_each_head_ends_with_the_weights_head_train_gives_with_its_settings(
     )
 
 
-def test_best_pt_is_the_best_row_and_what_evaluate_recomputes(features_file, tmp_path):
-    rows = head.sweep(features_file, tmp_path / "sweep", **GRID, **QUICK)
+def test_best_pt_is_the_best_row_and_what_evaluate_recomputes(hard_features, tmp_path):
+    rows = head.sweep(hard_features, tmp_path / "sweep", **GRID, **QUICK)
     best = [row for row in rows if row["best"]]
     assert len(best) == 1
     winner = best[0]
@@ -117,13 +119,13 @@ def test_best_pt_is_the_best_row_and_what_evaluate_recomputes(features_file, tmp
     assert state["args"]["standardize"] == winner["standardize"]
     assert state["selection"] == "validation top-1"
     assert state["sweep"]["lr"] == [1e-3, 3e-2]
-    measured = head.report(tmp_path / "sweep", features_file)
+    measured = head.report(tmp_path / "sweep", hard_features)
     assert measured["top1"] == pytest.approx(winner["val_top1"])
     assert measured["epoch"] == winner["best_epoch"]
 
 
-def test_outputs_csv_png_and_the_printed_table_sorted_by_val_top1(features_file, tmp_path, capsys):
-    argv = ["--features", features_file, "--save", tmp_path / "sweep", "--epochs", "2"]
+def test_outputs_csv_png_and_the_printed_table_sorted_by_val_top1(hard_features, tmp_path, capsys):
+    argv = ["--features", hard_features, "--save", tmp_path / "sweep", "--epochs", "2"]
     status, out, _ = run_command(
         [*argv, "--batch-size", "16", "--no-progress", "--lr", "1e-3,3e-2", "--weight-decay", "0"],
         capsys,
@@ -154,27 +156,27 @@ def test_outputs_csv_png_and_the_printed_table_sorted_by_val_top1(features_file,
     ],
 )
 def test_bad_grid_input_is_one_line_naming_the_flag_and_exit_2(
-    features_file, tmp_path, capsys, flag, value, message
+    hard_features, tmp_path, capsys, flag, value, message
 ):
-    argv = ["--features", features_file, "--save", tmp_path / "sweep", f"{flag}={value}"]
+    argv = ["--features", hard_features, "--save", tmp_path / "sweep", f"{flag}={value}"]
     status, _, err = run_command(argv, capsys)
     assert_one_line_error(status, err, message)
     assert not (tmp_path / "sweep").exists()
 
 
 def test_a_grid_beyond_the_memory_is_refused_with_its_estimate_and_the_largest_that_fits(
-    features_file, tmp_path, monkeypatch, capsys
+    hard_features, tmp_path, monkeypatch, capsys
 ):
     one_head = grid.grid_memory_bytes(1, 4, 64)
     monkeypatch.setattr(selection, "memory_available", lambda device: 7 * one_head)
     status, out, err = run_command(
-        ["--features", features_file, "--save", tmp_path / "sweep"], capsys
+        ["--features", hard_features, "--save", tmp_path / "sweep"], capsys
     )
     assert_one_line_error(status, err, "40 heads", "MiB", "largest grid that fits has 7 heads")
     assert out == "" and not (tmp_path / "sweep").exists()
     # Negative control: the same limit lets 7 heads through.
     assert head.sweep(
-        features_file,
+        hard_features,
         tmp_path / "seven",
         lr="1e-3",
         weight_decay="0,1e-5,1e-4,1e-3,1e-2,1e-1,1",
@@ -183,10 +185,10 @@ def test_a_grid_beyond_the_memory_is_refused_with_its_estimate_and_the_largest_t
     )
 
 
-def test_a_head_whose_loss_turns_nan_is_dropped_and_the_sweep_goes_on(features_file, tmp_path):
+def test_a_head_whose_loss_turns_nan_is_dropped_and_the_sweep_goes_on(hard_features, tmp_path):
     with pytest.warns(UserWarning, match="lr 1e\\+38 wd 0 raw: the train loss is nan"):
         rows = head.sweep(
-            features_file,
+            hard_features,
             tmp_path / "sweep",
             lr="1e-3,1e38",
             weight_decay="0",
@@ -200,10 +202,10 @@ def test_a_head_whose_loss_turns_nan_is_dropped_and_the_sweep_goes_on(features_f
 
 
 def test_holdout_selects_on_train_rows_and_refits_the_winner_on_all_of_train(
-    features_file, tmp_path
+    hard_features, tmp_path
 ):
     rows = head.sweep(
-        features_file,
+        hard_features,
         tmp_path / "sweep",
         holdout=0.25,
         lr="1e-3,3e-2",
@@ -215,7 +217,7 @@ def test_holdout_selects_on_train_rows_and_refits_the_winner_on_all_of_train(
     state = checkpoint.load(tmp_path / "sweep" / checkpoint.BEST)
     assert state["selection"].startswith("holdout top-1 (0.25 of train)")
     alone = head.fit(
-        features_file,
+        hard_features,
         tmp_path / "alone",
         lr=winner["lr"],
         weight_decay=0.0,
@@ -247,24 +249,24 @@ def test_ties_in_top1_are_broken_by_the_lower_loss():
     assert [row["val_loss"] for row in sweep_report.ranked(rows)][:3] == [0.5, 0.7, 0.1]
 
 
-def test_the_python_api_raises_user_error_for_what_the_command_refuses(features_file, tmp_path):
+def test_the_python_api_raises_user_error_for_what_the_command_refuses(hard_features, tmp_path):
     with pytest.raises(UserError, match="--lr: 1e-3 given twice|--lr: 0.001 given twice"):
-        head.sweep(features_file, tmp_path / "sweep", lr=[1e-3, 1e-3])
+        head.sweep(hard_features, tmp_path / "sweep", lr=[1e-3, 1e-3])
     with pytest.raises(UserError, match="--standardize sometimes"):
-        head.sweep(features_file, tmp_path / "sweep", standardize="sometimes")
+        head.sweep(hard_features, tmp_path / "sweep", standardize="sometimes")
     with pytest.raises(TypeError, match="epoch"):
-        head.sweep(features_file, tmp_path / "sweep", epoch=3)
-    head.sweep(features_file, tmp_path / "sweep", lr="1e-3", weight_decay="0", **QUICK)
+        head.sweep(hard_features, tmp_path / "sweep", epoch=3)
+    head.sweep(hard_features, tmp_path / "sweep", lr="1e-3", weight_decay="0", **QUICK)
     with pytest.raises(UserError, match="a sweep is already saved here"):
-        head.sweep(features_file, tmp_path / "sweep", lr="1e-3", weight_decay="0", **QUICK)
+        head.sweep(hard_features, tmp_path / "sweep", lr="1e-3", weight_decay="0", **QUICK)
 
 
 @pytest.mark.slow
 def test_a_sweep_killed_at_random_moments_resumes_to_the_uninterrupted_result(
-    features_file, tmp_path
+    hard_features, tmp_path
 ):
     """CPU, fp32, exact: the resumed sweep's weights and report equal the straight one's."""
-    argv = ["--features", str(features_file), "--batch-size", "16", "--no-progress"]
+    argv = ["--features", str(hard_features), "--batch-size", "16", "--no-progress"]
     argv += ["--lr", "1e-3,3e-2", "--weight-decay", "0,1e-3", "--epochs", "150"]
     straight = tmp_path / "straight"
     subprocess.run(
@@ -322,3 +324,15 @@ def test_help_shows_real_invocations(capsys):
     status, out, _ = run_command(["--help"], capsys)
     assert status == 0
     assert "python -m head.sweep --features features.h5 --save sweep --holdout 0.1" in out
+
+
+def test_best_pt_runs_in_live_with_the_winning_layer(features_file, tiny_imagenet, tmp_path):
+    """CPU, fp32: live's top-1 on the val images is the stored features' under best.pt."""
+    head.sweep(features_file, tmp_path / "sweep", lr="1e-3,1e-2", weight_decay="0", **QUICK)
+    layer = checkpoint.load(tmp_path / "sweep" / checkpoint.BEST)["state_dict"]
+    cache = extract.load(features_file)["val"]
+    features = torch.from_numpy(cache.features).double()
+    expected = (features @ layer["weight"].double().T + layer["bias"].double()).argmax(1)
+    model = live.load(tmp_path / "sweep", device="cpu")
+    predicted = model.predict([tiny_imagenet / path for path in cache.paths], topk=1)
+    assert [top[0]["index"] for top in predicted] == expected.tolist()
