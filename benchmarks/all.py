@@ -67,6 +67,7 @@ PRESETS = {
                 ["--rows", "100000", "--epochs", "50", "--variants", "plain,ours,ours:bf16"],
             ),
             ("live", "live", []),
+            ("sweep", "sweep", ["--rows", "100000", "--epochs", "10"]),
             ("host", "host", ["--images", "5000", "--photos", "500"]),
             (
                 "extract-photos",
@@ -104,7 +105,8 @@ def main() -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--data", type=Path, help="where to write (or reuse) the images")
     parser.add_argument(
-        "--only", help="comma-separated subset of host,extract,extract-photos,head,pipeline,live"
+        "--only",
+        help="comma-separated subset of host,extract,extract-photos,head,sweep,pipeline,live",
     )
     args = parser.parse_args()
     preset = PRESETS[args.preset]

@@ -336,3 +336,17 @@ def test_best_pt_runs_in_live_with_the_winning_layer(features_file, tiny_imagene
     model = live.load(tmp_path / "sweep", device="cpu")
     predicted = model.predict([tiny_imagenet / path for path in cache.paths], topk=1)
     assert [top[0]["index"] for top in predicted] == expected.tolist()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_sweep_on_cuda_follows_the_cpu_sweep(hard_features, tmp_path):
+    """CUDA fp32 (TF32 off, torch's default for matmuls) against the CPU: every head's
+    weights within 1e-4 relative (different reduction orders over a few dozen steps)."""
+    options = {**GRID, **QUICK}
+    head.sweep(hard_features, tmp_path / "cpu", device="cpu", **options)
+    head.sweep(hard_features, tmp_path / "cuda", device="cuda", **options)
+    on_cpu = torch.load(tmp_path / "cpu" / sweeping.STATE, weights_only=True)
+    on_cuda = torch.load(tmp_path / "cuda" / sweeping.STATE, weights_only=True)
+    assert relative_error(on_cuda["weight"], on_cpu["weight"]) < 1e-4
+    assert relative_error(on_cuda["best_weight"], on_cpu["best_weight"]) < 1e-4
