@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -218,6 +219,9 @@ def run(
     train_rows, classes, feature_dim = file_shape(features_path)
     grid.knn_values(plan.knn or None, train_rows)
     grid.check_memory(len(plan.cells), classes, feature_dim, memory_available(device))
+    if settings.overwrite:  # what an earlier sweep here left beside its state
+        for folder in (REFIT, HEADS):
+            shutil.rmtree(save_dir / folder, ignore_errors=True)
     data = feature_sets.load(
         features_path,
         flip=settings.flip,
