@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -35,13 +36,14 @@ VAL_ROWS = 10_000
 
 
 def plain(features_path: Path, epochs: int, batch_size: int, device: str) -> dict:
-    import h5py
+    from extract import store
 
-    with h5py.File(features_path, "r") as file:
-        train = torch.from_numpy(file["train/features"][()]).float().to(device)
-        train_labels = torch.from_numpy(file["train/labels"][()]).to(device)
-        val = torch.from_numpy(file["val/features"][()]).float().to(device)
-        val_labels = torch.from_numpy(file["val/labels"][()]).to(device)
+    with store.open_complete(features_path) as file:
+        arrays = {split: store.read_split(file, split) for split in ("train", "val")}
+    train = torch.from_numpy(arrays["train"].features).float().to(device)
+    train_labels = torch.from_numpy(arrays["train"].labels).to(device)
+    val = torch.from_numpy(arrays["val"].features).float().to(device)
+    val_labels = torch.from_numpy(arrays["val"].labels).to(device)
     torch.manual_seed(0)
     model = nn.Linear(train.shape[1], CLASSES).to(device)
     loss_function = nn.CrossEntropyLoss()
@@ -95,7 +97,7 @@ def ours(
         "seconds": finished - loaded,
         "total_seconds": finished - started,
         "load_seconds": loaded - started,
-        "val_top1": state["validation_accuracy"][-1],
+        "val_top1": state.history["val_top1"][-1],
     }
 
 
@@ -118,13 +120,11 @@ def variant_main(args) -> None:
 
 def features_bytes(path: Path) -> int:
     """Bytes of the train and val features as stored (what training holds in memory)."""
-    import h5py
+    from extract import store
 
-    with h5py.File(path, "r") as file:
-        return sum(
-            file[f"{split}/features"].size * file[f"{split}/features"].dtype.itemsize
-            for split in ("train", "val")
-        )
+    with store.open_complete(path) as file:
+        infos = [store.split_info(file, split) for split in ("train", "val")]
+    return sum(math.prod(info.shape) * info.dtype.itemsize for info in infos)
 
 
 def main() -> None:

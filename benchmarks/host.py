@@ -87,9 +87,14 @@ def one_pass(data: Path, batch_size: int, workers: int, options: list[str], out:
         decode="device" if "device" in options else "workers",
     )
     classes, manifests = runner.read_dataset(settings)
-    attrs = {key: "" for key in store.PROVENANCE_KEYS}
-    attrs.update(precision="", torch_version="", torchvision_version="", store_dtype="float16")
-    attrs["feature_dim"] = FEATURE_DIM
+    attrs = store.root_attributes(
+        dict.fromkeys(store.PROVENANCE_KEYS, ""),
+        feature_dim=FEATURE_DIM,
+        precision="",
+        store_dtype="float16",
+        torch_version="",
+        torchvision_version="",
+    )
     count = 0
     with (
         store.create(out, attrs, classes, manifests, flip=False) as file,

@@ -61,25 +61,23 @@ def write_video(path: Path, frames: int) -> Path:
 
 
 def write_model(folder: Path) -> Path:
-    """A head checkpoint as head.train saves it (every key), random head, `--weights random`."""
+    """A head checkpoint as head.train saves it, random head, `--weights random`."""
     from extract import backbone
-    from head.checkpoint import BEST, KEYS, save_atomic
+    from head import checkpoint
 
     wnids = [f"n{label:08d}" for label in range(CLASSES)]
     frozen = backbone.build("alexnet", "random")
     head = torch.nn.Linear(frozen.feature_dim, CLASSES)
-    state = dict.fromkeys(KEYS, [])
-    state.update(
+    trained = checkpoint.Checkpoint(
+        weight=head.weight.detach(),
+        bias=head.bias.detach(),
+        wnids=wnids,
+        class_names={w: f"class {i}" for i, w in enumerate(wnids)},
+        provenance=frozen.provenance(),
         epoch=1,
-        best_accuracy=0.0,
-        state_dict=head.state_dict(),
-        optimizer={},
-        numeric_class_names=wnids,
-        tiny_class={w: f"class {i}" for i, w in enumerate(wnids)},
-        features=frozen.provenance(),
     )
     folder.mkdir(parents=True, exist_ok=True)
-    save_atomic(state, folder / BEST)
+    checkpoint.save(trained, folder / checkpoint.BEST)
     return folder
 
 
@@ -98,7 +96,9 @@ def plain(video: Path, model_dir: Path, device: str) -> dict:
         ]
     )
     network = backbone.load_network("alexnet", "random")  # torchvision's alexnet(), seeded
-    head = torch.load(model_dir / "best.pt", weights_only=True)["state_dict"]
+    from head import checkpoint
+
+    head = checkpoint.load(model_dir).layer
     network.classifier[6] = torch.nn.Linear(4096, CLASSES)
     network.classifier[6].load_state_dict(head)
     network = network.eval().to(device)

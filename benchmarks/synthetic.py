@@ -124,18 +124,21 @@ def write_features(
     for split, count in (("train", rows), ("val", val_rows)):
         labels = rng.integers(0, classes, count).tolist()
         manifests.append(Manifest(split, [f"{split}/{i}.JPEG" for i in range(count)], labels))
-    attrs = {
+    provenance = {
         "backbone": "alexnet",
         "node": "classifier.5",
-        "feature_dim": dim,
         "weights": "random",
         "weights_sha256": "0" * 64,
         "preprocess": Preprocess().to_json(),
-        "precision": "fp32",
-        "store_dtype": "float16",
-        "torch_version": "",
-        "torchvision_version": "",
     }
+    attrs = store.root_attributes(
+        provenance,
+        feature_dim=dim,
+        precision="fp32",
+        store_dtype="float16",
+        torch_version="",
+        torchvision_version="",
+    )
     if hard:
         signal, noise = HARD_SIGNAL, HARD_NOISE
     centres = rng.gamma(1.0, 1.0, (classes, dim)).astype(np.float32) * signal

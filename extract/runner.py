@@ -215,14 +215,14 @@ def extract_to(
             iter(make_loader(root, manifests[0], 0, options, params, device)) if fresh else None
         )
         frozen = backbone.build(options.backbone, options.weights, options.node)
-        attrs = {
-            **frozen.provenance(),
-            "feature_dim": frozen.feature_dim,
-            "precision": precision,
-            "store_dtype": options.store_dtype,
-            "torch_version": torch.__version__,
-            "torchvision_version": torchvision.__version__,
-        }
+        attrs = store.root_attributes(
+            frozen.provenance(),
+            feature_dim=frozen.feature_dim,
+            precision=precision,
+            store_dtype=options.store_dtype,
+            torch_version=torch.__version__,
+            torchvision_version=torchvision.__version__,
+        )
         if options.strict:
             check_readable(root, manifests, options, params)
         if options.resume and part.exists():
@@ -296,7 +296,7 @@ def extract_splits(
     """
     dtype = precisions.DTYPES[precision]
     extractor = extractor.to(device=device, dtype=dtype, memory_format=torch.channels_last)
-    remaining = sum(len(m.paths) - int(file[m.split].attrs["next_index"]) for m in manifests)
+    remaining = sum(len(m.paths) - store.next_index(file, m.split) for m in manifests)
     written = failed_count = after_first = 0
     first_batch_at = math.nan
     started = time.perf_counter()
@@ -308,7 +308,7 @@ def extract_splits(
     ):
         for number, manifest in enumerate(manifests):
             group = file[manifest.split]
-            start = int(group.attrs["next_index"])
+            start = store.next_index(file, manifest.split)
             bar.set_description(manifest.split)
             batches = (
                 first_batches

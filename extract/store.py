@@ -10,12 +10,13 @@ Layout (one file per extraction)::
     /<split>/paths          (N,)  str    image path relative to the data folder
     /<split>/failed         (K, 2) str   unreadable files of the split and why
 
-Row i of features, features_flip, labels and paths is the same image. Root attributes record
-the provenance (`PROVENANCE_KEYS`: backbone, node, weights, weights_sha256, preprocess), the
-feature dimension D (``feature_dim``; a file written before it was recorded has D only as its
-datasets' width), the run settings and ``complete``, true only once every split is fully
-written. While a run is in progress the file lives at ``<out>.part``; it is renamed to ``<out>``
-when complete, so a file under the final name is always complete.
+Row i of features, features_flip, labels and paths is the same image. Root attributes
+(assembled by `root_attributes` alone) record the provenance (`PROVENANCE_KEYS`: backbone, node,
+weights, weights_sha256, preprocess), the feature dimension D (``feature_dim``; a file written
+before it was recorded has D only as its datasets' width), the run settings and ``complete``,
+true only once every split is fully written. While a run is in progress the file lives at
+``<out>.part``; it is renamed to ``<out>`` when complete, so a file under the final name is
+always complete.
 
 Crash safety: datasets are chunked and grow batch by batch; each split's ``rows``,
 ``failed_count`` and ``next_index`` attributes are updated after the batch is written, then the
@@ -30,15 +31,9 @@ Everything that reads the layout goes through the functions below (`read_split`,
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import errno
 import json
 import os
-import resource
-import shutil
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
@@ -47,20 +42,13 @@ import numpy as np
 from extract.atomic import atomic_write
 from extract.dataset import Classes, Manifest
 from extract.errors import UserError, WriteFailed, first_line
+from extract.provenance import PROVENANCE_KEYS
+from extract.room import NoRoom, check_room, handle_release_errors_silenced
 
 FORMAT = "fc7cache/1"
 CHUNK_ROWS = 128
-PROVENANCE_KEYS = ("backbone", "node", "weights", "weights_sha256", "preprocess")
 RUN_KEYS = ("precision", "store_dtype", "flip", "splits")
 STRING = h5py.string_dtype("utf-8")
-# What posix_fallocate answers on a file system that cannot reserve blocks (some network and
-# FUSE file systems): not a full disk.
-CANNOT_RESERVE = (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
-
-
-class NoRoom(OSError):
-    """No room on the disk, or under the file-size limit, for the next write; nothing of it
-    was written, so the file is as consistent as after the batch before."""
 
 
 @dataclasses.dataclass
@@ -81,6 +69,29 @@ def printable(path: str) -> str:
 
 def part_path(out: Path) -> Path:
     return out.with_name(out.name + ".part")
+
+
+def root_attributes(
+    provenance: dict[str, str],
+    *,
+    feature_dim: int,
+    precision: str,
+    store_dtype: str,
+    torch_version: str,
+    torchvision_version: str,
+) -> dict[str, str | int]:
+    """The root attributes of a run, as `create` writes them (it adds the format, flip, the
+    splits and the complete flag): the backbone's provenance, D, the compute precision, the
+    stored dtype, and the versions that computed the features. The one place they are
+    assembled: extraction, merging, the benchmarks and the tests all build them here."""
+    return {
+        **{key: provenance[key] for key in PROVENANCE_KEYS},
+        "feature_dim": int(feature_dim),
+        "precision": precision,
+        "store_dtype": store_dtype,
+        "torch_version": torch_version,
+        "torchvision_version": torchvision_version,
+    }
 
 
 def create(
@@ -236,62 +247,6 @@ def append(
         # held here, while the hooks are still silenced; raising from within would keep them.
     if reason is not None:
         raise OSError(reason)
-
-
-@contextlib.contextmanager
-def handle_release_errors_silenced() -> Iterator[None]:
-    """After a failed write HDF5 also fails to release each open handle, and h5py prints each
-    failure with a traceback (through both sys hooks) as the handles go, before the error
-    reaches us; the one error raised says it all. Both hooks are back as they were on leaving."""
-    excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
-
-    def is_release_error(error: BaseException | None) -> bool:
-        return isinstance(error, RuntimeError) and "decrement id ref count" in str(error)
-
-    def quiet_excepthook(kind, error, traceback) -> None:
-        if not is_release_error(error):
-            excepthook(kind, error, traceback)
-
-    def quiet_unraisablehook(unraisable) -> None:
-        if not is_release_error(unraisable.exc_value):
-            unraisablehook(unraisable)
-
-    sys.excepthook, sys.unraisablehook = quiet_excepthook, quiet_unraisablehook
-    try:
-        yield
-    finally:
-        sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
-
-
-def check_room(file: h5py.File, needed: int) -> None:
-    """Make sure the next write fits, before HDF5 starts it.
-
-    HDF5 cannot recover from a write that fails half-way (its bookkeeping in the file goes
-    stale), so room under the process's file-size limit is checked, and the disk blocks the
-    write may use are reserved (`posix_fallocate`): from the end of HDF5's allocated space,
-    where it allocates next, back over its recent allocations, whose unwritten tails it may
-    fill, and on by a margin. Another program filling the disk meanwhile cannot take them.
-    When they cannot be had nothing has been written, and --resume continues once there is
-    space. Where blocks cannot be reserved (no `posix_fallocate`, or a file system that does not
-    support it), the free space is read instead.
-    """
-    margin = needed * 2 + 2**20
-    path = Path(file.filename)
-    end = file.id.get_filesize()  # HDF5's end of allocated space; the file may be longer
-    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-    if limit != resource.RLIM_INFINITY and end + margin > limit:
-        raise NoRoom(f"no room for the next {needed} bytes: file size limit of {limit} bytes")
-    if hasattr(os, "posix_fallocate"):
-        start = max(0, end - margin)
-        with open(path, "r+b") as stream:
-            try:
-                os.posix_fallocate(stream.fileno(), start, end + margin - start)
-                return
-            except OSError as error:
-                if error.errno not in CANNOT_RESERVE:
-                    raise NoRoom(f"no room for the next {needed} bytes: {error.strerror}") from None
-    if shutil.disk_usage(path.parent).free < margin:
-        raise NoRoom(f"no room for the next {needed} bytes: disk full")
 
 
 def write_rows(group, features, features_flip, labels, paths, failed, next_index) -> None:
@@ -482,6 +437,11 @@ def read_split(
     )
 
 
+def next_index(file: h5py.File, split: str) -> int:
+    """The manifest position a resumed run continues `split` from."""
+    return int(file[split].attrs["next_index"])
+
+
 def read_failed(file: h5py.File, split: str) -> list[tuple[str, str]]:
     return [tuple(row) for row in file[split]["failed"].asstr()[()]]
 
@@ -500,17 +460,15 @@ def merge(
     """
     sources = [open_complete(part) for part in parts]
     try:
-        attrs = {
-            key: str(sources[0].attrs[key])
-            for key in (
-                *PROVENANCE_KEYS,
-                "precision",
-                "store_dtype",
-                "torch_version",
-                "torchvision_version",
-            )
-        }
-        attrs["feature_dim"] = feature_dim(sources[0])
+        first = sources[0]
+        attrs = root_attributes(
+            provenance(first),
+            feature_dim=feature_dim(first),
+            **{
+                key: str(first.attrs[key])
+                for key in ("precision", "store_dtype", "torch_version", "torchvision_version")
+            },
+        )
         file = create(out_part, attrs, classes, manifests, bool(sources[0].attrs["flip"]))
         for manifest in manifests:
             offset = 0

@@ -70,7 +70,7 @@ def fit(
         stream=stream,
         max_memory=max_memory,
     )
-    return train(data, save, chosen, resolved, report=log)
+    return train(data, save, chosen, resolved, report=log).to_dict()
 
 
 def checked_settings(settings: dict[str, Any]):

@@ -1,49 +1,241 @@
-"""The checkpoint: what `head.train` writes and `head.evaluate` and `live` read.
+"""The checkpoint: what `head.train` writes and `head.evaluate`, `live` and the benchmarks read.
 
-A checkpoint is a dict with the keys users of PyTorch's ImageNet example know (`epoch`,
-`best_accuracy`, `state_dict`, `optimizer`), the per-epoch history lists, the class list, and
-`features`: the provenance of the feature file it was trained on (backbone, node, weights,
-weights_sha256, preprocess), so the exact backbone can be rebuilt. `check_compatible` is the one
-place that decides whether a checkpoint goes with a feature file. Everything in it is a tensor,
-number, string, list or dict, so it loads with ``torch.load(..., weights_only=True)``.
+`Checkpoint` holds a trained head with what it needs to be used again: the layer on raw
+features, the classes, the provenance of the feature file it was trained on (backbone, node,
+weights, weights_sha256, preprocess, so the exact backbone can be rebuilt), the history, and what
+resuming needs. On disk it is a dict with the keys users of PyTorch's ImageNet example know
+(`epoch`, `best_accuracy`, `state_dict`, `optimizer`) and the seed's (`numeric_class_names`,
+`tiny_class`, `features`); those names appear only in `to_dict` and `from_dict`. Everything in it
+is a tensor, number, string, list or dict, so it loads with ``torch.load(..., weights_only=True)``.
+
+`load` is the one place that reads a checkpoint file and refuses one that is not ours (missing,
+damaged, pickled code, missing entries, metadata of the wrong type, a layer of the wrong shape);
+`save` the one that writes it, atomically. `preprocess_of` parses and checks the recorded
+preprocessing for `live` (it needs torchvision, which training does not load).
+`check_compatible` decides whether a checkpoint goes with a feature file.
+
+Optional fields are written only when set and read with a default, so a field added later (a
+live server's per-class teaching data) leaves older checkpoints loadable.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import pickle
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from extract.atomic import atomic_write
 from extract.errors import UserError, first_line
+from extract.provenance import PROVENANCE_KEYS
+
+if TYPE_CHECKING:
+    from extract.preprocess import Preprocess
 
 LAST = "last.pt"
 BEST = "best.pt"
-KEYS = (
-    "epoch",
-    "best_accuracy",
-    "state_dict",
-    "optimizer",
-    "train_loss",
-    "validation_loss",
-    "train_accuracy",
-    "validation_accuracy",
-    "time",
-    "numeric_class_names",
-    "tiny_class",
-    "features",
-)
+# `Checkpoint.history`'s lists (one value per epoch) -> their keys in the file.
+HISTORY_KEYS = {
+    "epoch": "history_epochs",
+    "train_loss": "train_loss",
+    "train_top1": "train_accuracy",
+    "val_loss": "validation_loss",
+    "val_top1": "validation_accuracy",
+    "val_top5": "validation_top5",
+    "seconds": "time",
+}
 
 
-def save_atomic(state: dict, path: Path) -> None:
+def empty_history() -> dict[str, list]:
+    return {name: [] for name in HISTORY_KEYS}
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """A trained head, its classes, where its features came from, and its training state."""
+
+    weight: torch.Tensor  # (C, D) float32, on raw features (any standardisation folded in)
+    bias: torch.Tensor  # (C,) float32
+    wnids: list[str]  # output i is class wnids[i]
+    class_names: dict[str, str]  # wnid -> readable name
+    provenance: dict[str, str]  # of the feature file: extract.provenance.PROVENANCE_KEYS
+    epoch: int = 0  # epochs trained
+    best_top1: float = 0.0  # percent, of the epoch selected as best (see `best_by`)
+    history: dict[str, list] = dataclasses.field(default_factory=empty_history)
+    optimizer_state: dict = dataclasses.field(default_factory=dict)
+    best_epoch: int | None = None
+    best_by: str | None = None  # "validation top-1" or "train loss"
+    settings: dict | None = None  # the hyper-parameters that produced the head
+    generator_state: torch.Tensor | None = None  # the shuffling's, for an exact resume
+    trained_layer: dict[str, torch.Tensor] | None = None  # weight, bias as trained
+    standardization: dict[str, torch.Tensor] | None = None  # mean, std of the train features
+    # How this head was chosen among others: None for one `head.train` run; a sweep records
+    # its grid and the winning settings here.
+    selected_from: dict | None = None
+
+    @property
+    def names(self) -> list[str]:
+        """Readable class names in output order (the wnid where none is recorded)."""
+        return [self.class_names.get(wnid, wnid) for wnid in self.wnids]
+
+    @property
+    def layer(self) -> dict[str, torch.Tensor]:
+        """The layer as a `nn.Linear` state_dict."""
+        return {"weight": self.weight, "bias": self.bias}
+
+    def to_dict(self) -> dict:
+        """The dict saved on disk, under the seed's keys."""
+        state = {
+            "epoch": self.epoch,
+            "best_accuracy": self.best_top1,
+            "state_dict": {"weight": self.weight, "bias": self.bias},
+            "optimizer": self.optimizer_state,
+            **{key: list(self.history[name]) for name, key in HISTORY_KEYS.items()},
+            "numeric_class_names": list(self.wnids),
+            "tiny_class": dict(self.class_names),
+            "features": dict(self.provenance),
+        }
+        optional = {
+            "best_epoch": self.best_epoch,
+            "selection": self.best_by,
+            "args": self.settings,
+            "generator": self.generator_state,
+            "trainable": self.trained_layer,
+        }
+        state.update({key: value for key, value in optional.items() if value is not None})
+        if self.trained_layer is not None:  # written, None included, by every training run
+            state["standardization"] = self.standardization
+        if self.selected_from is not None:
+            state["selected_from"] = self.selected_from
+        return state
+
+    @classmethod
+    def from_dict(cls, state: object, origin: str) -> Checkpoint:
+        """The checkpoint in a loaded dict, checked for every entry `live` and `head` rely on;
+        anything else is refused with one line naming `origin`."""
+        required = (
+            "epoch",
+            "best_accuracy",
+            "state_dict",
+            "optimizer",
+            "train_loss",
+            "validation_loss",
+            "train_accuracy",
+            "validation_accuracy",
+            "time",
+            "numeric_class_names",
+            "tiny_class",
+            "features",
+        )
+        missing = [key for key in required if not isinstance(state, dict) or key not in state]
+        if missing:
+            raise UserError(f"{origin}: not a head checkpoint (missing {', '.join(missing[:4])})")
+        provenance = state["features"]
+        if not isinstance(provenance, dict) or not all(
+            isinstance(provenance.get(key), str) for key in PROVENANCE_KEYS
+        ):
+            raise UserError(
+                f"{origin}: 'features' must record {', '.join(PROVENANCE_KEYS)} as strings"
+            )
+        wnids, names = state["numeric_class_names"], state["tiny_class"]
+        if not (
+            isinstance(wnids, list)
+            and all(isinstance(wnid, str) for wnid in wnids)
+            and isinstance(names, dict)
+            and all(isinstance(name, str) for name in names.values())
+        ):
+            raise UserError(f"{origin}: class names must be a list of wnids and a dict of names")
+        weight, bias = checked_layer(state["state_dict"], origin)
+        if weight.shape[0] != len(wnids):
+            raise UserError(
+                f"{origin}: the head has {weight.shape[0]} outputs but the checkpoint "
+                f"names {len(wnids)} classes"
+            )
+        history = {
+            name: list(state[key] if key in required else state.get(key, []))
+            for name, key in HISTORY_KEYS.items()
+        }
+        return cls(
+            weight=weight,
+            bias=bias,
+            wnids=list(wnids),
+            class_names=dict(names),
+            provenance=dict(provenance),
+            epoch=int(state["epoch"]),
+            best_top1=float(state["best_accuracy"]),
+            history=history,
+            optimizer_state=state["optimizer"],
+            best_epoch=None if "best_epoch" not in state else int(state["best_epoch"]),
+            best_by=state.get("selection"),
+            settings=state.get("args"),
+            generator_state=state.get("generator"),
+            trained_layer=state.get("trainable"),
+            standardization=state.get("standardization"),
+            selected_from=state.get("selected_from"),
+        )
+
+
+def preprocess_of(checkpoint: Checkpoint, origin: str) -> Preprocess:
+    """The preprocessing the training images had, parsed as JSON (never evaluated) and checked
+    to be the parameters of `extract.preprocess.Preprocess`: what `live` feeds frames through.
+
+    Apart from `load` because it imports torchvision, which training does not need.
+    """
+    from torchvision.transforms import InterpolationMode
+
+    from extract.preprocess import Preprocess
+
+    try:
+        params = Preprocess.from_json(checkpoint.provenance["preprocess"])
+        numbers = (*params.mean, *params.std)
+        if not (
+            isinstance(params.resize_size, int)
+            and isinstance(params.crop_size, int)
+            and 0 < params.crop_size <= params.resize_size
+            and len(numbers) == 6
+            and all(isinstance(x, (int, float)) for x in numbers)
+            and min(params.std) > 0
+        ):
+            raise ValueError("not the parameters")
+        InterpolationMode(params.interpolation)
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
+        reason = "not JSON" if isinstance(error, json.JSONDecodeError) else "not the parameters"
+        raise UserError(
+            f"{origin}: the recorded preprocessing is {reason} of extract.preprocess.Preprocess"
+        ) from None
+    return params
+
+
+def checked_layer(layer: object, origin: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's weight and bias (exactly those two), float32, shaped as a D -> C layer."""
+    if not isinstance(layer, dict) or set(layer) != {"weight", "bias"}:
+        raise UserError(f"{origin}: state_dict must hold exactly 'weight' and 'bias'")
+    weight, bias = layer["weight"], layer["bias"]
+    if not (
+        isinstance(weight, torch.Tensor)
+        and isinstance(bias, torch.Tensor)
+        and weight.ndim == 2
+        and bias.shape == weight.shape[:1]
+    ):
+        shapes = [tuple(getattr(value, "shape", ())) for value in (weight, bias)]
+        raise UserError(
+            f"{origin}: head weight {shapes[0]} / bias {shapes[1]} do not fit a D -> C linear layer"
+        )
+    return weight.float(), bias.float()
+
+
+def save(checkpoint: Checkpoint, path: Path) -> None:
     """Save so that a crash at any moment leaves either the previous file or the new one."""
     with atomic_write(path) as temporary, open(temporary, "wb") as stream:
-        torch.save(state, stream)  # through Python's file: a full disk is an OSError (ENOSPC)
+        torch.save(checkpoint.to_dict(), stream)  # a full disk is an OSError (ENOSPC)
 
 
-def load(path: Path) -> dict:
-    """Load a checkpoint safely (no pickled code runs) and check that it is one of ours."""
+def load(path: Path) -> Checkpoint:
+    """Load a checkpoint (a file, or a folder holding best.pt) safely, no pickled code runs,
+    and check that it is one of ours."""
     if path.is_dir():
         path = path / BEST
     if not path.is_file():
@@ -61,14 +253,11 @@ def load(path: Path) -> dict:
         ) from None
     except Exception as error:  # foreign pickles, damaged zips, other formats
         raise UserError(f"{path}: not a loadable checkpoint ({first_line(error)})") from None
-    missing = [key for key in KEYS if not isinstance(state, dict) or key not in state]
-    if missing:
-        raise UserError(f"{path}: not a head checkpoint (missing {', '.join(missing[:4])})")
-    return state
+    return Checkpoint.from_dict(state, str(path))
 
 
 def check_compatible(
-    state: dict,
+    checkpoint: Checkpoint,
     origin: str,
     features_path: Path,
     provenance: dict[str, str],
@@ -77,13 +266,12 @@ def check_compatible(
 ) -> None:
     """Refuse a checkpoint trained on other classes, or on features made another way (another
     backbone, node, weights or preprocessing) or of another width, than those of the file."""
-    trained_wnids = list(state["numeric_class_names"])
-    if trained_wnids != list(wnids):
+    if checkpoint.wnids != list(wnids):
         raise UserError(
-            f"{origin}: trained on {len(trained_wnids)} classes that differ from the "
+            f"{origin}: trained on {len(checkpoint.wnids)} classes that differ from the "
             f"{len(wnids)} of {features_path}"
         )
-    recorded = dict(state["features"])
+    recorded = checkpoint.provenance
     if recorded != provenance:
         differ = "; ".join(
             f"{key} {str(recorded.get(key))[:40]!r} in the checkpoint, "
@@ -94,10 +282,8 @@ def check_compatible(
         raise UserError(
             f"{origin}: trained on features made differently from {features_path} ({differ})"
         )
-    layer = state["state_dict"]
-    weight = layer.get("weight") if isinstance(layer, dict) else None
-    if isinstance(weight, torch.Tensor) and (weight.ndim != 2 or weight.shape[1] != feature_dim):
+    if checkpoint.weight.shape[1] != feature_dim:
         raise UserError(
-            f"{origin}: the head takes {tuple(weight.shape)[1:]} features, "
+            f"{origin}: the head takes {tuple(checkpoint.weight.shape)[1:]} features, "
             f"{features_path} holds {feature_dim} per image"
         )

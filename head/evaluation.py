@@ -26,8 +26,8 @@ from sklearn.metrics import (
 from extract import store
 from extract.errors import UserError
 from head import checkpoint
-from head.model import head_from_state
-from head.training import predict
+from head.model import head_from_layer
+from head.scoring import predict
 
 ECE_BINS = 15
 LABELLED_AXES_UP_TO = 30  # classes; beyond this the confusion matrix has no tick labels
@@ -146,8 +146,8 @@ def evaluate(model: Path, features_path: Path, split: str, out: Path | None = No
             feature_dim,
         )
         arrays = store.read_split(file, split)
-    head = head_from_state(state["state_dict"], str(model_file), feature_dim)
-    wnids = list(state["numeric_class_names"])
+    head = head_from_layer(state.weight, state.bias, str(model_file), feature_dim)
+    wnids = state.wnids
     labelled = arrays.labels >= 0
     if not labelled.any():
         raise UserError(f"{features_path}: the {split} split has no labels to evaluate against")
@@ -161,8 +161,8 @@ def evaluate(model: Path, features_path: Path, split: str, out: Path | None = No
         "model": str(model_file),
         "features": str(features_path),
         "split": split,
-        "epoch": int(state["epoch"]),
-        "best_accuracy": float(state["best_accuracy"]),
+        "epoch": state.epoch,
+        "best_accuracy": state.best_top1,
         **result,
         "unlabelled_skipped": int((~labelled).sum()),
     }

@@ -362,69 +362,6 @@ def load(
     )
 
 
-def gather(
-    views: list[torch.Tensor], use_flip: torch.Tensor | None, take: torch.Tensor
-) -> torch.Tensor:
-    """Rows `take` of the plain view, or of the flipped one where `use_flip` says so."""
-    features = views[0][take]
-    if use_flip is not None:
-        features = torch.where(use_flip[take][:, None], views[1][take], features)
-    return features
-
-
-def stream_batches(
-    split: StreamedSplit, batch_size: int, generator: torch.Generator, device: torch.device = CPU
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One epoch of shuffled (features, labels) batches from the file, in the stored dtype.
-
-    Draws from `generator`: the order of the blocks, then for each buffer fill a permutation of
-    its rows (and, with flip, which rows use the mirrored view). Blocks are read whole, in file
-    order within a fill; batches run on across fills, so every batch is full but the last.
-    """
-    names = ["features", "features_flip"] if split.flip else ["features"]
-    capacity = split.buffer_blocks * split.block_rows
-    carry: tuple[torch.Tensor, torch.Tensor] | None = None
-    with store.open_file(split.path) as file:
-        info = store.split_info(file, split.name)
-        buffers = {name: np.empty((capacity, info.shape[1]), info.dtype) for name in names}
-        order = torch.randperm(split.blocks, generator=generator)
-        for first in range(0, split.blocks, split.buffer_blocks):
-            filled, rows = 0, []
-            for block in order[first : first + split.buffer_blocks].sort().values.tolist():
-                start, stop = split.block_range(block)
-                for name in names:
-                    store.read_rows_into(file, split.name, name, buffers[name], start, stop, filled)
-                rows.append(torch.arange(start, stop))
-                filled += stop - start
-            labels = split.labels[torch.cat(rows)].to(device)
-            views = [torch.from_numpy(buffers[name][:filled]).to(device) for name in names]
-            permutation = torch.randperm(filled, generator=generator).to(device)
-            use_flip = (
-                (torch.rand(filled, generator=generator) < 0.5).to(device) if split.flip else None
-            )
-
-            position = 0
-            if carry is not None:
-                take = permutation[: batch_size - len(carry[1])]
-                carry = (
-                    torch.cat([carry[0], gather(views, use_flip, take)]),
-                    torch.cat([carry[1], labels[take]]),
-                )
-                position = len(take)
-                if len(carry[1]) == batch_size:
-                    yield carry
-                    carry = None
-            while carry is None and position + batch_size <= filled:
-                take = permutation[position : position + batch_size]
-                yield gather(views, use_flip, take), labels[take]
-                position += batch_size
-            if carry is None and position < filled:
-                take = permutation[position:]
-                carry = (gather(views, use_flip, take), labels[take])
-    if carry is not None:
-        yield carry
-
-
 def standardization(chunks: Iterable[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-dimension mean and std of the rows of `chunks`, accumulated in float64.
 

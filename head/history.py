@@ -1,8 +1,8 @@
 """The training history as a table and as pictures: history.csv, loss.png, accuracy.png, time.png.
 
-Both are rewritten from the checkpoint's per-epoch lists, so they always agree with `last.pt`.
-The pictures are drawn on a bare matplotlib `Figure`, never through pyplot, so no display
-and no backend choice are needed.
+Both are rewritten from the checkpoint's per-epoch lists (`Checkpoint.history`), so they always
+agree with `last.pt`. The pictures are drawn on a bare matplotlib `Figure`, never through
+pyplot, so no display and no backend choice are needed.
 """
 
 from __future__ import annotations
@@ -17,17 +17,6 @@ from extract.atomic import atomic_write
 
 CSV = "history.csv"
 PLOTS = ("loss.png", "accuracy.png", "time.png")
-# Checkpoint key -> history.csv column, in column order.
-COLUMNS = {
-    "history_epochs": "epoch",
-    "train_loss": "train_loss",
-    "train_accuracy": "train_top1",
-    "validation_loss": "val_loss",
-    "validation_accuracy": "val_top1",
-    "validation_top5": "val_top5",
-    "time": "seconds",
-}
-LISTS = tuple(COLUMNS)
 
 
 def cell(value) -> str:
@@ -36,12 +25,13 @@ def cell(value) -> str:
     return str(value)
 
 
-def write_csv(state: dict, path: Path) -> None:
-    """One row per epoch; empty cells where there is no val split. Written atomically."""
+def write_csv(history: dict[str, list], path: Path) -> None:
+    """One row per epoch, a column per list of `Checkpoint.history`, named as there; empty cells
+    where there is no val split. Written atomically."""
     with atomic_write(path) as temporary, open(temporary, "w", newline="") as stream:
         writer = csv.writer(stream)
-        writer.writerow(COLUMNS.values())
-        for row in zip(*(state[key] for key in COLUMNS)):
+        writer.writerow(history)
+        for row in zip(*history.values()):
             writer.writerow(cell(value) for value in row)
 
 
@@ -66,22 +56,22 @@ def plot(
     figure.savefig(path)
 
 
-def write_plots(state: dict, folder: Path) -> None:
-    epochs = state["history_epochs"]
+def write_plots(history: dict[str, list], folder: Path) -> None:
+    epochs = history["epoch"]
     plot(
         folder / "loss.png",
         epochs,
-        {"train": state["train_loss"], "val": state["validation_loss"]},
+        {"train": history["train_loss"], "val": history["val_loss"]},
         "cross-entropy",
     )
     plot(
         folder / "accuracy.png",
         epochs,
         {
-            "train top-1": state["train_accuracy"],
-            "val top-1": state["validation_accuracy"],
-            "val top-5": state["validation_top5"],
+            "train top-1": history["train_top1"],
+            "val top-1": history["val_top1"],
+            "val top-5": history["val_top5"],
         },
         "accuracy (%)",
     )
-    plot(folder / "time.png", epochs, {"epoch": state["time"]}, "seconds", bars=True)
+    plot(folder / "time.png", epochs, {"epoch": history["seconds"]}, "seconds", bars=True)

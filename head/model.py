@@ -18,19 +18,12 @@ def new_head(feature_dim: int, num_classes: int) -> nn.Linear:
     return nn.Linear(feature_dim, num_classes)
 
 
-def head_from_state(
-    state_dict: dict[str, torch.Tensor], origin: str = "checkpoint", feature_dim: int | None = None
+def head_from_layer(
+    weight: torch.Tensor, bias: torch.Tensor, origin: str, feature_dim: int | None = None
 ) -> nn.Linear:
-    """Rebuild the head from a checkpoint's ``state_dict`` (exactly ``weight`` and ``bias``);
-    with `feature_dim`, refuse a layer that does not take that many features."""
-    if set(state_dict) != {"weight", "bias"}:
-        raise UserError(f"{origin}: state_dict must hold exactly 'weight' and 'bias'")
-    weight, bias = state_dict["weight"], state_dict["bias"]
-    if weight.ndim != 2 or bias.shape != weight.shape[:1]:
-        raise UserError(
-            f"{origin}: head weight {tuple(weight.shape)} / bias "
-            f"{tuple(bias.shape)} do not fit a D -> C linear layer"
-        )
+    """The head as a module, from a checkpoint's layer (its shapes checked by
+    `head.checkpoint.load`); with `feature_dim`, refuse a layer that does not take that many
+    features."""
     if feature_dim is not None and weight.shape[1] != feature_dim:
         raise UserError(
             f"{origin}: the head takes {weight.shape[1]} features, the backbone gives {feature_dim}"

@@ -25,6 +25,7 @@ from extract.device import available_memory
 from extract.errors import UserError
 from head import checkpoint, grid, sweep_report, sweeping, training
 from head import features as feature_sets
+from head.checkpoint import Checkpoint
 from head.features import FeatureSet, SplitTensors
 from head.grid import Cell
 from head.training import Settings
@@ -91,64 +92,79 @@ def holdout_splits(
 
 def head_row(sweep: sweeping.Sweep, head: int, has_val: bool, seconds: float) -> dict:
     cell = sweep.layer.cells[head]
-    best = sweep.best[head]
-    past = sweep.histories[head]
-    at = past["history_epochs"].index(best.epoch) if best.epoch in past["history_epochs"] else None
+    run = sweep.heads[head]
+    past = run.history
+    at = past["epoch"].index(run.best_epoch) if run.best_epoch in past["epoch"] else None
     return {
         "method": "adam",
         "lr": cell.lr,
         "weight_decay": cell.weight_decay,
         "standardize": cell.standardize,
-        "best_epoch": None if at is None else best.epoch,
-        "val_top1": math.nan if at is None or not has_val else past["validation_accuracy"][at],
-        "val_top5": math.nan if at is None or not has_val else past["validation_top5"][at],
-        "val_loss": math.nan if at is None or not has_val else past["validation_loss"][at],
-        "train_top1": math.nan if at is None else past["train_accuracy"][at],
+        "best_epoch": None if at is None else run.best_epoch,
+        "val_top1": math.nan if at is None or not has_val else past["val_top1"][at],
+        "val_top5": math.nan if at is None or not has_val else past["val_top5"][at],
+        "val_loss": math.nan if at is None or not has_val else past["val_loss"][at],
+        "train_top1": math.nan if at is None else past["train_top1"][at],
         "seconds": seconds,
         "best": False,
         "note": sweep.dropped.get(head, ""),
     }
 
 
-def head_history(sweep: sweeping.Sweep, head: int, until: int) -> dict[str, list]:
-    """Head `head`'s history lists up to epoch `until`, as its own run's checkpoint holds them."""
-    past = sweep.histories[head]
-    count = past["history_epochs"].index(until) + 1
-    return {key: list(values[:count]) for key, values in past.items()}
-
-
 def head_checkpoint(
-    sweep: sweeping.Sweep,
-    head: int,
-    data: FeatureSet,
-    settings: Settings,
-    record: dict,
-) -> dict:
+    sweep: sweeping.Sweep, head: int, data: FeatureSet, settings: Settings, record: dict
+) -> Checkpoint:
     """Head `head` at its best epoch as an ordinary checkpoint: what `head.evaluate`, `live`
-    and the rest read, with the settings it trained with and the sweep it came from."""
+    and the rest read, with the settings it trained with and the sweep it came from. Its
+    history runs to that epoch, as the best.pt of its own run; its Adam state is the last."""
     cell = sweep.layer.cells[head]
-    best = sweep.best[head]
+    run = sweep.heads[head]
     rows = slice(head * sweep.layer.classes, (head + 1) * sweep.layer.classes)
     own = dataclasses.replace(
         settings, lr=cell.lr, weight_decay=cell.weight_decay, standardize=cell.standardize
     )
-    return {
-        "epoch": best.epoch,
-        "best_accuracy": best.accuracy,
-        "best_epoch": best.epoch,
-        "state_dict": {
-            "weight": sweep.best_weight[rows].cpu().float().clone(),
-            "bias": sweep.best_bias[rows].cpu().float().clone(),
+    count = run.history["epoch"].index(run.best_epoch) + 1
+    return Checkpoint(
+        weight=sweep.best_weight[rows].cpu().float().clone(),
+        bias=sweep.best_bias[rows].cpu().float().clone(),
+        wnids=list(data.wnids),
+        class_names=dict(zip(data.wnids, data.names)),
+        provenance=dict(data.provenance),
+        epoch=run.best_epoch,
+        best_top1=run.best_top1,
+        history={key: list(values[:count]) for key, values in run.history.items()},
+        optimizer_state=sweep.layer.head_optimizer_state(head),
+        best_epoch=run.best_epoch,
+        best_by=record["selection"],
+        settings=own.recorded(),
+        selected_from=record,
+    )
+
+
+def ridge_checkpoint(
+    layer, data: FeatureSet, settings: Settings, record: dict, top1: float
+) -> Checkpoint:
+    """The chosen ridge solution as an ordinary checkpoint; 1/T is folded into the layer, so
+    a softmax of its logits gives the calibrated probabilities."""
+    return Checkpoint(
+        weight=layer.weight.cpu().float().contiguous(),
+        bias=layer.bias.cpu().float().contiguous(),
+        wnids=list(data.wnids),
+        class_names=dict(zip(data.wnids, data.names)),
+        provenance=dict(data.provenance),
+        epoch=0,
+        best_top1=top1,
+        best_epoch=0,
+        best_by=record["selection"],
+        settings={
+            "method": "ridge",
+            "l2": layer.l2,
+            "standardize": layer.standardize,
+            "temperature": layer.temperature,
+            "seed": settings.seed,
         },
-        "optimizer": sweep.layer.optimizers[head].state_dict(),
-        **head_history(sweep, head, best.epoch),
-        "numeric_class_names": list(data.wnids),
-        "tiny_class": dict(zip(data.wnids, data.names)),
-        "features": dict(data.provenance),
-        "selection": record["selection"],
-        "args": own.recorded(),
-        "sweep": record,
-    }
+        selected_from=record,
+    )
 
 
 def sweep_record(plan: Plan, has_val: bool) -> dict:
@@ -169,39 +185,28 @@ def sweep_record(plan: Plan, has_val: bool) -> dict:
 
 
 def refit(
-    features_path: Path,
+    data: FeatureSet,
     save_dir: Path,
     cell: Cell,
     epochs: int,
     settings: Settings,
     device: torch.device,
-    stream: bool | None,
-    max_memory: int | None,
-    report: Callable[[str], None],
-) -> dict:
+) -> Checkpoint:
     """The winner's settings trained again on the whole train split for `epochs` epochs; its
     last epoch is the head (val is measured, but chooses nothing)."""
     folder = save_dir / REFIT
-    done = folder / checkpoint.LAST
+    done = (folder / checkpoint.LAST).is_file()
     own = dataclasses.replace(
         settings,
         lr=cell.lr,
         weight_decay=cell.weight_decay,
         standardize=cell.standardize,
         epochs=epochs,
-        resume=done.is_file(),
-        overwrite=not done.is_file(),
-    )
-    data = feature_sets.load(
-        features_path,
-        flip=own.flip,
-        device=device,
-        report=report,
-        stream=stream,
-        max_memory=max_memory,
+        resume=done,
+        overwrite=not done,
     )
     training.train(data, folder, own, device, report=lambda line: None)
-    return checkpoint.load(done)
+    return checkpoint.load(folder / checkpoint.LAST)
 
 
 def run(
@@ -248,7 +253,7 @@ def run(
     sweep = sweeping.sweep_heads(
         data, train, selection, save_dir, plan.cells, settings, device, plan.holdout, report
     )
-    seconds = sum(sweep.histories[0]["time"]) / sweep.layer.heads
+    seconds = sum(sweep.heads[0].history["seconds"]) / sweep.layer.heads
     rows = [head_row(sweep, head, has_val, seconds) for head in range(sweep.layer.heads)]
     winner = sweeping.leader(sweep)
     if winner is None:
@@ -256,38 +261,60 @@ def run(
             f"{save_dir}: every head's train loss turned NaN or infinite; lower --lr "
             f"(the per-head notes above say when)"
         )
-    rows[winner]["best"] = True
     record = sweep_record(plan, has_val)
-    best_state = head_checkpoint(sweep, winner, data, settings, record)
+    best = head_checkpoint(sweep, winner, data, settings, record)
     if plan.save_all:
         for head, cell in enumerate(plan.cells):
-            if head not in sweep.dropped and sweep.best[head].epoch >= 0:
+            if head not in sweep.dropped and sweep.heads[head].best_epoch >= 0:
                 folder = save_dir / HEADS / cell.name
                 folder.mkdir(parents=True, exist_ok=True)
                 state = head_checkpoint(sweep, head, data, settings, record)
-                checkpoint.save_atomic(state, folder / checkpoint.BEST)
-    best_history = head_history(sweep, winner, sweep.epoch)
-    del sweep, train, selection, data
+                checkpoint.save(state, folder / checkpoint.BEST)
+    best_history = sweep.heads[winner].history
+    del sweep  # the baselines and the refit need the memory the heads held
+    best_row, chosen_ridge = rows[winner], None
+    if (plan.knn or plan.ridge) and not has_val:
+        report("note: no split to measure k-NN and ridge on; --knn and --ridge skipped")
+    elif plan.knn or plan.ridge:
+        from head import baselines  # scipy, for the ridge probe
+
+        if plan.knn:
+            rows += baselines.knn_rows(train, selection, plan.knn, classes, device)
+        if plan.ridge:
+            views = sorted({cell.standardize for cell in plan.cells})
+            ridge_rows, layers = baselines.ridge_rows(train, selection, views, classes, device)
+            rows += ridge_rows
+            top = sweep_report.ranked([best_row, *ridge_rows])[0]
+            if top is not best_row:
+                best_row, chosen_ridge = top, layers[ridge_rows.index(top)]
+    best_row["best"] = True
     if plan.holdout is not None:
-        best_state = refit(
+        whole = feature_sets.load(
             features_path,
-            save_dir,
-            plan.cells[winner],
-            max(best_state["best_epoch"], 1),
-            settings,
-            device,
-            stream,
-            max_memory,
-            report,
+            flip=settings.flip,
+            device=device,
+            report=lambda line: None,
+            stream=stream,
+            max_memory=max_memory,
         )
-        best_state = {
-            **best_state,
-            "best_epoch": best_state["epoch"],
-            "best_accuracy": best_state["validation_accuracy"][-1],
-            "selection": record["selection"],
-            "sweep": record,
-        }
-    checkpoint.save_atomic(best_state, save_dir / checkpoint.BEST)
+        del train, selection, data
+        if chosen_ridge is not None:
+            chosen_ridge = baselines.refit_ridge(whole.train, chosen_ridge, classes)
+        else:
+            refitted = refit(
+                whole, save_dir, plan.cells[winner], max(best.best_epoch, 1), settings, device
+            )
+            best = dataclasses.replace(
+                refitted,
+                best_epoch=refitted.epoch,
+                best_top1=refitted.history["val_top1"][-1],
+                best_by=record["selection"],
+                selected_from=record,
+            )
+        data = whole
+    if chosen_ridge is not None:
+        best = ridge_checkpoint(chosen_ridge, data, settings, record, best_row["val_top1"])
+    checkpoint.save(best, save_dir / checkpoint.BEST)
     sweep_report.write_csv(rows, save_dir / sweep_report.CSV)
     sweep_report.write_png(
         rows,

@@ -150,10 +150,10 @@ def write_png(
         figure.colorbar(image, ax=list(axes_list[: len(views)]), shrink=0.8)
     if best_history:
         axes = axes_list[-1]
-        epochs = best_history["history_epochs"]
+        epochs = best_history["epoch"]
         for key, label in (
-            ("train_accuracy", "train top-1"),
-            ("validation_accuracy", f"{selection} top-1"),
+            ("train_top1", "train top-1"),
+            ("val_top1", f"{selection} top-1"),
         ):
             values = best_history[key]
             if not all(math.isnan(value) for value in values):

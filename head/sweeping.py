@@ -1,14 +1,15 @@
 """The sweep's loop: every head of the grid trained at once, each epoch checkpointed, the best kept.
 
 It walks the epochs as `training.train` does and reuses its parts: the epoch's batches
-(`training.memory_batches`, `features.stream_batches`: the same seeded generator, so every head
-sees the batches an ordinary run with the same seed sees, in the same order), the per-head
-bookkeeping of `training.record`, the starting weights of `training.new_run`, and the atomic
-checkpoint writes. What differs is the layer (`wide.WideLayer`: K heads, one product per view)
-and what is saved each epoch: ``sweep.pt`` holds every head's weights, Adam state, history and
-best weights, and the generator, so a sweep killed at any moment continues with ``--resume`` to
-the same end. A head whose train loss turns NaN or infinite is dropped from the selection (its
-rows stay NaN in the layer, which touches no other head) and the sweep goes on.
+(`step.memory_batches`, `step.stream_batches`: the same seeded generator, so every head sees
+the batches an ordinary run with the same seed sees, in the same order), the starting weights
+of `training.new_run`, and `training.record`, which keeps each head's history and best epoch
+as it keeps an ordinary run's. What differs is the layer (`wide.WideLayer`: K heads, one
+product per view) and what is saved each epoch: ``sweep.pt`` holds every head's weights, Adam
+state, history and best weights, and the generator, so a sweep killed at any moment continues
+with ``--resume`` to the same end. A head whose train loss turns NaN or infinite is dropped
+from the selection (its rows stay NaN in the layer, which touches no other head) and the sweep
+goes on.
 """
 
 from __future__ import annotations
@@ -22,24 +23,29 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from extract.atomic import atomic_write
 from extract.errors import UserError, first_line
-from head import checkpoint, history, training, wide
-from head.features import FeatureSet, SplitTensors, StreamedSplit, standardization, stream_batches
+from head import checkpoint, training, wide
+from head.checkpoint import Checkpoint
+from head.features import FeatureSet, SplitTensors, StreamedSplit
 from head.grid import Cell
-from head.model import initial_head, pretrained_classifier_head, unfold_standardization
-from head.training import PRETRAINED_INITS, SAME_ON_RESUME, Scores, Settings
+from head.scoring import Scores
+from head.step import memory_batches, stream_batches
+from head.training import PRETRAINED_INITS, SAME_ON_RESUME, Settings
 
 STATE = "sweep.pt"
 
 
 @dataclasses.dataclass
-class Best:
-    """One head's best epoch so far, with its scores and its exported (raw-feature) layer."""
+class HeadRun:
+    """One head's history and best epoch, with the fields `training.record` keeps for a `Run`."""
 
-    epoch: int = -1
-    score: float = math.nan
-    accuracy: float = 0.0  # val top-1 at that epoch (train top-1 without val)
-    loss: float = math.nan  # val loss at that epoch: breaks ties between heads
+    history: dict[str, list] = dataclasses.field(default_factory=checkpoint.empty_history)
+    epoch: int = 0
+    best_epoch: int = -1
+    best_top1: float = 0.0  # val top-1 at the best epoch (train top-1 without val)
+    best_score: float = math.nan
+    best_loss: float = math.nan  # val (or train) loss at the best epoch: breaks ties between heads
 
 
 @dataclasses.dataclass
@@ -50,8 +56,7 @@ class Sweep:
     generator: torch.Generator
     best_weight: torch.Tensor  # (K*C, D): each head's exported layer at its best epoch
     best_bias: torch.Tensor
-    histories: list[dict[str, list]]
-    best: list[Best]
+    heads: list[HeadRun]
     dropped: dict[int, str] = dataclasses.field(default_factory=dict)
     epoch: int = 0
 
@@ -70,37 +75,22 @@ def check_save_dir(save_dir: Path, settings: Settings) -> None:
         )
 
 
-def starting_heads(data: FeatureSet, train, settings: Settings, device: torch.device):
-    """(raw start, standardised start, mean, std): the weights `training.new_run` starts from."""
-    chunks = (
-        (features.to(device) for features, _ in train.chunks())
-        if isinstance(train, StreamedSplit)
-        else train.features.split(8192)
-    )
-    mean, std = standardization(chunks)
-    if settings.init in PRETRAINED_INITS:
-        raw = pretrained_classifier_head(data.provenance, data.wnids, str(data.path), settings.init)
-        standardized = initial_head(data.feature_dim, data.num_classes, settings.seed)
-        with torch.no_grad():
-            standardized.load_state_dict(
-                unfold_standardization(raw.weight, raw.bias, mean.cpu(), std.cpu())
-            )
-    else:
-        raw = standardized = initial_head(data.feature_dim, data.num_classes, settings.seed)
-    return raw, standardized, mean, std
-
-
 def new_sweep(
     data: FeatureSet, train, cells: list[Cell], settings: Settings, device: torch.device
 ) -> Sweep:
-    raw, standardized, mean, std = starting_heads(data, train, settings, device)
-    any_standardized = any(cell.standardize for cell in cells)
+    """Every head starts where `training.new_run` starts an ordinary run with its settings."""
+    on_train = dataclasses.replace(data, train=train)
+    starts = {
+        view: training.new_run(on_train, dataclasses.replace(settings, standardize=view), device)
+        for view in sorted({cell.standardize for cell in cells})
+    }
+    standardized = starts.get(True)
     layer = wide.new_layer(
         cells,
-        raw.to(device),
-        standardized.to(device),
-        mean if any_standardized else None,
-        std if any_standardized else None,
+        starts[False].head if False in starts else standardized.head,
+        None if standardized is None else standardized.head,
+        None if standardized is None else standardized.mean,
+        None if standardized is None else standardized.std,
     )
     weight, bias = wide.exported(layer)
     return Sweep(
@@ -108,8 +98,7 @@ def new_sweep(
         generator=torch.Generator().manual_seed(settings.seed),
         best_weight=weight.clone(),
         best_bias=bias.clone(),
-        histories=[{key: [] for key in history.LISTS} for _ in cells],
-        best=[Best() for _ in cells],
+        heads=[HeadRun() for _ in cells],
     )
 
 
@@ -119,9 +108,7 @@ def train_epoch(sweep: Sweep, train, settings: Settings, bar: tqdm) -> list[Scor
     if isinstance(train, StreamedSplit):
         batches = stream_batches(train, settings.batch_size, sweep.generator, device)
     else:
-        batches = training.memory_batches(
-            train, settings.batch_size, sweep.generator, settings.flip
-        )
+        batches = memory_batches(train, settings.batch_size, sweep.generator, settings.flip)
     loss_sums = torch.zeros(sweep.layer.heads, dtype=torch.float64, device=device)
     correct = torch.zeros(sweep.layer.heads, dtype=torch.int64, device=device)
     bf16 = settings.precision == "bf16"
@@ -157,36 +144,23 @@ def record(
     exported: tuple[torch.Tensor, torch.Tensor],
     report: Callable[[str], None],
 ) -> None:
-    """Each head's epoch into its history, its best kept as `training.record` keeps it."""
+    """Each head's epoch into its history and its best kept, by `training.record` itself; a
+    head whose train loss is not finite is dropped (and recorded no further)."""
     classes = sweep.layer.classes
-    for head, (cell, train_head, val_head) in enumerate(
-        zip(sweep.layer.cells, train_scores, val_scores)
+    for index, (cell, run, train_head, val_head) in enumerate(
+        zip(sweep.layer.cells, sweep.heads, train_scores, val_scores)
     ):
-        if head in sweep.dropped:
+        if index in sweep.dropped:
             continue
-        for key, value in (
-            ("history_epochs", epoch),
-            ("train_loss", train_head.loss),
-            ("train_accuracy", train_head.top1),
-            ("validation_loss", val_head.loss),
-            ("validation_accuracy", val_head.top1),
-            ("validation_top5", val_head.top5),
-            ("time", seconds),
-        ):
-            sweep.histories[head][key].append(value)
         if not math.isfinite(train_head.loss):
-            sweep.dropped[head] = (
+            sweep.dropped[index] = (
                 f"the train loss is {train_head.loss} at epoch {epoch}; dropped from the selection"
             )
-            report(f"note: head {describe(cell)}: {sweep.dropped[head]}")
+            report(f"note: head {describe(cell)}: {sweep.dropped[index]}")
             continue
-        best = sweep.best[head]
-        score = val_head.top1 if has_val else -train_head.loss
-        if math.isnan(best.score) or score > best.score:
-            best.score, best.epoch = score, epoch
-            best.accuracy = val_head.top1 if has_val else train_head.top1
-            best.loss = val_head.loss if has_val else train_head.loss
-            rows = slice(head * classes, (head + 1) * classes)
+        if training.record(run, epoch, train_head, val_head, seconds, has_val):
+            run.best_loss = val_head.loss if has_val else train_head.loss
+            rows = slice(index * classes, (index + 1) * classes)
             sweep.best_weight[rows] = exported[0][rows]
             sweep.best_bias[rows] = exported[1][rows]
     sweep.epoch = epoch
@@ -200,10 +174,10 @@ def describe(cell: Cell) -> str:
 def leader(sweep: Sweep) -> int | None:
     """The head selected so far: the highest best score, ties broken by the lower loss."""
     kept = [head for head in range(sweep.layer.heads) if head not in sweep.dropped]
-    kept = [head for head in kept if not math.isnan(sweep.best[head].score)]
+    kept = [head for head in kept if not math.isnan(sweep.heads[head].best_score)]
     if not kept:
         return None
-    return max(kept, key=lambda head: (sweep.best[head].score, -sweep.best[head].loss))
+    return max(kept, key=lambda head: (sweep.heads[head].best_score, -sweep.heads[head].best_loss))
 
 
 def epoch_line(sweep: Sweep, epoch: int, epochs: int, val: list[Scores], seconds: float) -> str:
@@ -242,8 +216,7 @@ def state(sweep: Sweep, data: FeatureSet, settings: Settings, holdout: float | N
         "generator": sweep.generator.get_state(),
         "best_weight": sweep.best_weight.cpu().clone(),
         "best_bias": sweep.best_bias.cpu().clone(),
-        "histories": [{key: list(values) for key, values in h.items()} for h in sweep.histories],
-        "best": [dataclasses.asdict(best) for best in sweep.best],
+        "heads": [dataclasses.asdict(run) for run in sweep.heads],
         "dropped": {str(head): note for head, note in sweep.dropped.items()},
     }
 
@@ -258,8 +231,15 @@ def resumed_sweep(
 ) -> Sweep:
     """Rebuild the sweep from ``sweep.pt`` after checking it continues this very sweep."""
     saved = load_state(path)
+    first = Checkpoint(
+        weight=saved["weight"][: data.num_classes],
+        bias=saved["bias"][: data.num_classes],
+        wnids=list(saved["numeric_class_names"]),
+        class_names={},
+        provenance=dict(saved["features"]),
+    )
     checkpoint.check_compatible(
-        {**saved, "state_dict": {}}, str(path), data.path, data.provenance, data.wnids, 0
+        first, str(path), data.path, data.provenance, data.wnids, data.feature_dim
     )
     recorded = {**Settings().recorded(), **saved["args"]}
     changed = [
@@ -294,8 +274,7 @@ def resumed_sweep(
         generator=generator,
         best_weight=saved["best_weight"].to(device),
         best_bias=saved["best_bias"].to(device),
-        histories=[{key: list(values) for key, values in h.items()} for h in saved["histories"]],
-        best=[Best(**best) for best in saved["best"]],
+        heads=[HeadRun(**run) for run in saved["heads"]],
         dropped={int(head): note for head, note in saved["dropped"].items()},
         epoch=int(saved["epoch"]),
     )
@@ -312,7 +291,8 @@ def save_state(
     sweep: Sweep, data: FeatureSet, settings: Settings, holdout: float | None, save_dir: Path
 ) -> None:
     try:
-        checkpoint.save_atomic(state(sweep, data, settings, holdout), save_dir / STATE)
+        with atomic_write(save_dir / STATE) as temporary, open(temporary, "wb") as stream:
+            torch.save(state(sweep, data, settings, holdout), stream)
     except OSError as error:
         raise UserError(
             f"{save_dir}: cannot save epoch {sweep.epoch} ({error.strerror or first_line(error)}); "
@@ -341,7 +321,8 @@ def sweep_heads(
         else new_sweep(data, train, cells, settings, device)
     )
     classes = data.num_classes
-    if sweep.epoch == 0 and settings.init in PRETRAINED_INITS and not sweep.histories[0]["time"]:
+    measured = sweep.heads[0].history["epoch"]
+    if sweep.epoch == 0 and settings.init in PRETRAINED_INITS and not measured:
         started = time.perf_counter()
         exported = wide.exported(sweep.layer)
         train_scores = head_scores(*exported, classes, train, device)

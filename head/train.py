@@ -19,7 +19,7 @@ from pathlib import Path
 
 from extract.errors import run_cli
 from extract.precisions import HEAD_CHOICES
-from head import features
+from head import checkpoint, features
 from head.api import fit
 from head.training import INITS, Settings
 
@@ -138,7 +138,7 @@ def size(text: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     given = dict(vars(args))
-    state = fit(
+    fit(
         given.pop("features"),
         given.pop("save"),
         device=given.pop("device"),
@@ -148,9 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         progress=not given.pop("no_progress"),
         **given,
     )
+    best = checkpoint.load(args.save)
     print(
-        f"best.pt: epoch {state['best_epoch']}, {state['selection']} selection, "
-        f"top-1 {state['best_accuracy']:.2f}%; saved in {args.save}"
+        f"best.pt: epoch {best.best_epoch}, {best.best_by} selection, "
+        f"top-1 {best.best_top1:.2f}%; saved in {args.save}"
     )
     return 0
 

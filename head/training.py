@@ -2,18 +2,12 @@
 
 One epoch draws a permutation (and, with flipped features, a plain-or-flipped choice per image)
 from a `torch.Generator` seeded with `--seed`, indexes the in-memory feature tensor with it (or,
-streamed, draws the block order and the order within each buffer fill: `features.stream_batches`),
-casts each batch to float32 and takes an Adam step on the cross-entropy of the logits. The
-generator's state is saved in every checkpoint, so a resumed run draws exactly what an
-uninterrupted one would have.
-
-The step needs no autograd: for logits = X W^T + b and the mean cross-entropy over a batch of
-B rows, dL/dlogits = (softmax(logits) - onehot(labels)) / B, dW = G^T X and db = sum(G), two
-matrix products (`closed_form_step`). On CUDA, with the features in memory, the epoch's order
-is copied to the device once and the steps are replayed from a CUDA graph (`EpochGraph`): a
-step is a dozen tiny kernels, and launching them one by one from Python took longer than
-running them. The eager loop stays for the CPU, for streamed features, and as the reference the
-graphed one is tested against.
+streamed, draws the block order and the order within each buffer fill: `step.stream_batches`),
+casts each batch to float32 and takes an Adam step on the cross-entropy of the logits
+(`head.step`). The generator's state is saved in every checkpoint, so a resumed run draws
+exactly what an uninterrupted one would have. On CUDA, with the features in memory, the epoch
+is replayed from CUDA graphs (`head.graphs`); the eager loop here is the reference it is
+tested against.
 
 Validation is measured on the exported layer (standardisation folded in, applied to the raw
 features), so `best_accuracy` is what `head.evaluate` recomputes from `best.pt`.
@@ -24,27 +18,27 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from extract.errors import UserError, first_line
 from head import checkpoint, history
 from head.adam import Adam
-from head.features import FeatureSet, SplitTensors, StreamedSplit, standardization, stream_batches
+from head.checkpoint import Checkpoint
+from head.features import FeatureSet, SplitTensors, StreamedSplit, standardization
+from head.graphs import EpochGraph, graphed_epoch, uses_graphs
 from head.model import (
     fold_standardization,
     initial_head,
     pretrained_classifier_head,
     unfold_standardization,
 )
+from head.scoring import Scores, split_scores
+from head.step import memory_batches, stream_batches, train_step
 
-EVAL_BATCH = 1024  # rows cast to float32 at a time while scoring: 16 MB, as fast as more
-MAX_STEPS_PER_GRAPH = 32  # steps captured in one CUDA graph (a divisor of the epoch's steps)
 INITS = ("random", "classifier", "fc8")  # fc8: AlexNet's name for its classifier
 PRETRAINED_INITS = ("classifier", "fc8")
 # Settings a resumed run must share with the run it continues (--epochs may grow).
@@ -83,287 +77,27 @@ class Settings:
 
 
 @dataclasses.dataclass
-class Scores:
-    loss: float
-    top1: float  # percent
-    top5: float  # percent
-
-
-@dataclasses.dataclass
 class Run:
-    """Everything that changes while training; `to_checkpoint` turns it into the saved dict."""
+    """Everything that changes while training; `to_checkpoint` turns it into a `Checkpoint`."""
 
     head: nn.Linear  # trained in standardised space when `mean` is set
     optimizer: Adam
     generator: torch.Generator
     mean: torch.Tensor | None
     std: torch.Tensor | None
-    history: dict[str, list] = dataclasses.field(
-        default_factory=lambda: {key: [] for key in history.LISTS}
-    )
+    history: dict[str, list] = dataclasses.field(default_factory=checkpoint.empty_history)
     epoch: int = 0
     best_epoch: int = -1
-    best_accuracy: float = 0.0
+    best_top1: float = 0.0
     best_score: float = math.nan
     graph: EpochGraph | None = None  # built at the first graphed epoch, replayed by the rest
 
     def exported(self) -> dict[str, torch.Tensor]:
-        """The layer on raw features: what the checkpoint's ``state_dict`` holds."""
+        """The layer on raw features: what the checkpoint's `weight` and `bias` hold."""
         weight, bias = self.head.weight.detach(), self.head.bias.detach()
         if self.mean is not None:
             return fold_standardization(weight, bias, self.mean, self.std)
         return {"weight": weight.clone(), "bias": bias.clone()}
-
-
-def scores(logits: torch.Tensor, labels: torch.Tensor) -> Scores:
-    """Mean cross-entropy, top-1 and top-5 (percent) of float32 logits."""
-    k = min(5, logits.shape[1])
-    top = logits.topk(k, dim=1).indices
-    hits = top == labels[:, None]
-    count = len(labels)
-    return Scores(
-        loss=F.cross_entropy(logits, labels).item(),
-        top1=100.0 * hits[:, 0].sum().item() / count,
-        top5=100.0 * hits.any(dim=1).sum().item() / count,
-    )
-
-
-def split_scores(
-    layer: dict[str, torch.Tensor], split: SplitTensors | StreamedSplit, device: torch.device
-) -> Scores:
-    """`scores` of a raw-feature layer on a whole split; a streamed one is summed block by block."""
-    if isinstance(split, SplitTensors):
-        return scores(predict(layer, split.features), split.labels)
-    loss = torch.zeros((), dtype=torch.float64, device=device)
-    top1 = torch.zeros((), dtype=torch.int64, device=device)
-    top5 = torch.zeros((), dtype=torch.int64, device=device)
-    for features, labels in split.chunks(device):
-        logits = predict(layer, features)
-        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
-        loss += F.cross_entropy(logits, labels, reduction="sum").double()
-        top1 += hits[:, 0].sum()
-        top5 += hits.any(dim=1).sum()
-    count = len(split)
-    return Scores(
-        loss=loss.item() / count, top1=100.0 * top1.item() / count, top5=100.0 * top5.item() / count
-    )
-
-
-@torch.no_grad()
-def predict(
-    layer: dict[str, torch.Tensor], features: torch.Tensor, batch_size: int = EVAL_BATCH
-) -> torch.Tensor:
-    """Logits (float32, on the features' device) of a raw-feature layer over all rows.
-
-    Each slice is cast into one reused float32 buffer and its logits written in place. With a
-    new 16 MB tensor per slice, the freed ones were not reused on the CPU and resident memory
-    climbed by one slice per slice until the pass ended (130 MB for 10,000 rows).
-    """
-    weight = layer["weight"].to(features.device, torch.float32)
-    bias = layer["bias"].to(features.device, torch.float32)
-    logits = torch.empty(len(features), len(bias), device=features.device)
-    buffer = torch.empty(min(batch_size, len(features)), features.shape[1], device=features.device)
-    for start in range(0, len(features), batch_size):
-        chunk = features[start : start + batch_size]
-        rows = buffer[: len(chunk)].copy_(chunk)
-        torch.addmm(bias, rows, weight.t(), out=logits[start : start + len(chunk)])
-    return logits
-
-
-def epoch_order(
-    count: int, generator: torch.Generator, flip: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """This epoch's sample order and, with flipped features, which images use the flipped view."""
-    order = torch.randperm(count, generator=generator)
-    flipped = torch.rand(count, generator=generator) < 0.5 if flip else None
-    return order, flipped
-
-
-def memory_batches(
-    train: SplitTensors, batch_size: int, generator: torch.Generator, flip: bool
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One epoch of (features, labels) batches of the in-memory split, in the stored dtype."""
-    device = train.features.device
-    order, flipped = epoch_order(len(train), generator, flip and train.features_flip is not None)
-    order = order.to(device)
-    if flipped is not None:
-        flipped = flipped.to(device)
-    for start in range(0, len(train), batch_size):
-        rows = order[start : start + batch_size]
-        # Gathered in the stored dtype, then cast: half the bytes. index_select is the
-        # fastest row gather on CPUs, 3x advanced indexing.
-        features = train.features.index_select(0, rows)
-        if flipped is not None:
-            use_flip = flipped[start : start + batch_size]
-            features = torch.where(
-                use_flip[:, None], train.features_flip.index_select(0, rows), features
-            )
-        yield features, train.labels.index_select(0, rows)
-
-
-def closed_form_step(
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    features: torch.Tensor,
-    labels: torch.Tensor,
-    bf16: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy of ``features @ weight.T + bias`` and its gradient, without autograd.
-
-    Sets ``weight.grad`` and ``bias.grad``; returns (loss, logits). With `bf16` the products run
-    in bfloat16 as under autocast (the logits, G, dW and db in bfloat16, cast to float32), so
-    the steps are those autograd takes with ``torch.autocast(dtype=torch.bfloat16)``.
-    """
-    # A context, not a decorator, so that the mutation run (make mutation) can reach the body.
-    with torch.no_grad():
-        if bf16:
-            logits = torch.addmm(bias.bfloat16(), features.bfloat16(), weight.bfloat16().t())
-        else:
-            logits = torch.addmm(bias, features, weight.t())
-        log_probs = logits.float().log_softmax(1)
-        loss = -log_probs.gather(1, labels[:, None]).mean()
-        gradient = log_probs.exp_()  # softmax
-        gradient.scatter_add_(1, labels[:, None], torch.full_like(log_probs[:, :1], -1.0))
-        gradient.div_(len(labels))
-        if bf16:
-            gradient = gradient.bfloat16()
-            weight.grad = torch.mm(gradient.t(), features.bfloat16()).float()
-            bias.grad = gradient.sum(0).float()
-        else:
-            weight.grad = torch.mm(gradient.t(), features)
-            bias.grad = gradient.sum(0)
-        return loss, logits
-
-
-def train_step(
-    run: Run,
-    features: torch.Tensor,
-    labels: torch.Tensor,
-    bf16: bool,
-    loss_sum: torch.Tensor,
-    correct: torch.Tensor,
-) -> None:
-    """One Adam step on a batch in the stored dtype; adds its loss and hits to the sums."""
-    features = features.float()
-    if run.mean is not None:
-        features = (features - run.mean) / run.std
-    loss, logits = closed_form_step(run.head.weight, run.head.bias, features, labels, bf16)
-    run.optimizer.step()
-    loss_sum.add_(loss.double() * len(labels))
-    correct.add_((logits.argmax(1) == labels).sum())
-
-
-@dataclasses.dataclass
-class EpochGraph:
-    """`steps` training steps captured in one CUDA graph, reading rows through a device-side
-    offset into the epoch's order; replaying it walks through the epoch without the host."""
-
-    graph: torch.cuda.CUDAGraph
-    steps: int
-    order: torch.Tensor  # (N,) int64 on the device, refilled each epoch
-    flipped: torch.Tensor | None  # (N,) bool: which rows use the flipped view this epoch
-    offset: torch.Tensor  # () int64: the first row of the next step in `order`
-    loss_sum: torch.Tensor
-    correct: torch.Tensor
-
-
-def graphed_step(
-    run: Run, train: SplitTensors, batch_size: int, bf16: bool, graph: EpochGraph
-) -> None:
-    """The captured step: the batch at `graph.offset` of the order, then the offset moved on."""
-    positions = torch.arange(batch_size, device=graph.order.device) + graph.offset
-    rows = graph.order.index_select(0, positions)
-    features = train.features.index_select(0, rows)
-    if graph.flipped is not None:
-        use_flip = graph.flipped.index_select(0, positions)
-        features = torch.where(
-            use_flip[:, None], train.features_flip.index_select(0, rows), features
-        )
-    labels = train.labels.index_select(0, rows)
-    train_step(run, features, labels, bf16, graph.loss_sum, graph.correct)
-    graph.offset.add_(batch_size)
-
-
-def build_epoch_graph(run: Run, train: SplitTensors, settings: Settings) -> EpochGraph:
-    """Capture the steps of one graph after warming them up on a side stream, as CUDA graphs
-    require; the warm-up's changes to the head and to Adam are undone, so that capturing
-    changes no result."""
-    device = run.head.weight.device
-    full_steps = len(train) // settings.batch_size
-    steps = max(d for d in range(1, MAX_STEPS_PER_GRAPH + 1) if full_steps % d == 0)
-    flip = settings.flip and train.features_flip is not None
-    graph = EpochGraph(
-        graph=torch.cuda.CUDAGraph(),
-        steps=steps,
-        order=torch.arange(len(train), device=device),
-        flipped=torch.zeros(len(train), dtype=torch.bool, device=device) if flip else None,
-        offset=torch.zeros((), dtype=torch.int64, device=device),
-        loss_sum=torch.zeros((), dtype=torch.float64, device=device),
-        correct=torch.zeros((), dtype=torch.int64, device=device),
-    )
-    bf16 = settings.precision == "bf16"
-    adam = run.optimizer
-    state = [run.head.weight, run.head.bias, *adam.exp_avgs, *adam.exp_avg_sqs, *adam.steps]
-    saved = [tensor.detach().clone() for tensor in state]
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            graphed_step(run, train, settings.batch_size, bf16, graph)
-            graph.offset.zero_()  # the first batch again: an epoch may hold only one
-    torch.cuda.current_stream(device).wait_stream(side)
-    with torch.no_grad():
-        for tensor, value in zip(state, saved):
-            tensor.copy_(value)
-    with torch.cuda.graph(graph.graph):
-        for _ in range(steps):
-            graphed_step(run, train, settings.batch_size, bf16, graph)
-    return graph
-
-
-def graphed_epoch(run: Run, train: SplitTensors, settings: Settings, bar: tqdm) -> Scores:
-    """`train_epoch` for in-memory features on CUDA: the full batches replayed from the graph,
-    the last, shorter one (if any) stepped eagerly from the same order."""
-    if run.graph is None:
-        run.graph = build_epoch_graph(run, train, settings)
-    graph = run.graph
-    order, flipped = epoch_order(len(train), run.generator, graph.flipped is not None)
-    graph.order.copy_(order, non_blocking=True)
-    if flipped is not None:
-        graph.flipped.copy_(flipped, non_blocking=True)
-    graph.offset.zero_()
-    graph.loss_sum.zero_()
-    graph.correct.zero_()
-    full_steps = len(train) // settings.batch_size
-    for _ in range(full_steps // graph.steps):
-        graph.graph.replay()
-        bar.update(graph.steps * settings.batch_size)
-    done = full_steps * settings.batch_size
-    if done < len(train):
-        rows = graph.order[done:]
-        features = train.features.index_select(0, rows)
-        if flipped is not None:
-            features = torch.where(
-                graph.flipped[done:, None], train.features_flip.index_select(0, rows), features
-            )
-        labels = train.labels.index_select(0, rows)
-        bf16 = settings.precision == "bf16"
-        train_step(run, features, labels, bf16, graph.loss_sum, graph.correct)
-        bar.update(len(train) - done)
-    return Scores(
-        loss=graph.loss_sum.item() / len(train),
-        top1=100.0 * graph.correct.item() / len(train),
-        top5=math.nan,
-    )
-
-
-def uses_graphs(run: Run, train: SplitTensors | StreamedSplit, settings: Settings) -> bool:
-    return (
-        settings.cuda_graphs
-        and run.head.weight.device.type == "cuda"
-        and isinstance(train, SplitTensors)
-        and len(train) >= settings.batch_size
-    )
 
 
 def train_epoch(
@@ -404,13 +138,13 @@ def record(
 ) -> bool:
     """Append one epoch to the history; returns whether it is the best so far."""
     for key, value in (
-        ("history_epochs", epoch),
+        ("epoch", epoch),
         ("train_loss", train_scores.loss),
-        ("train_accuracy", train_scores.top1),
-        ("validation_loss", val_scores.loss),
-        ("validation_accuracy", val_scores.top1),
-        ("validation_top5", val_scores.top5),
-        ("time", seconds),
+        ("train_top1", train_scores.top1),
+        ("val_loss", val_scores.loss),
+        ("val_top1", val_scores.top1),
+        ("val_top5", val_scores.top5),
+        ("seconds", seconds),
     ):
         run.history[key].append(value)
     run.epoch = epoch
@@ -419,7 +153,7 @@ def record(
     if math.isnan(run.best_score) or score > run.best_score:
         run.best_score = score
         run.best_epoch = epoch
-        run.best_accuracy = val_scores.top1 if has_val else train_scores.top1
+        run.best_top1 = val_scores.top1 if has_val else train_scores.top1
         return True
     return False
 
@@ -439,32 +173,31 @@ def epoch_line(
     )
 
 
-def to_checkpoint(run: Run, data: FeatureSet, settings: Settings, has_val: bool) -> dict:
-    """The saved dict: the seed's keys, the provenance, and what resuming needs."""
+def to_checkpoint(run: Run, data: FeatureSet, settings: Settings, has_val: bool) -> Checkpoint:
+    """The run as a checkpoint: the layer on raw features, the provenance, and what resuming
+    needs."""
     exported = run.exported()
-    return {
-        "epoch": run.epoch,
-        "best_accuracy": run.best_accuracy,
-        "state_dict": {
-            "weight": exported["weight"].cpu().float(),
-            "bias": exported["bias"].cpu().float(),
-        },
-        "optimizer": run.optimizer.state_dict(),
-        **{key: list(values) for key, values in run.history.items()},
-        "numeric_class_names": list(data.wnids),
-        "tiny_class": dict(zip(data.wnids, data.names)),
-        "features": dict(data.provenance),
-        "best_epoch": run.best_epoch,
-        "selection": "validation top-1" if has_val else "train loss",
-        "args": settings.recorded(),
-        "generator": run.generator.get_state(),
-        "trainable": {
+    return Checkpoint(
+        weight=exported["weight"].cpu().float(),
+        bias=exported["bias"].cpu().float(),
+        wnids=list(data.wnids),
+        class_names=dict(zip(data.wnids, data.names)),
+        provenance=dict(data.provenance),
+        epoch=run.epoch,
+        best_top1=run.best_top1,
+        history={key: list(values) for key, values in run.history.items()},
+        optimizer_state=run.optimizer.state_dict(),
+        best_epoch=run.best_epoch,
+        best_by="validation top-1" if has_val else "train loss",
+        settings=settings.recorded(),
+        generator_state=run.generator.get_state(),
+        trained_layer={
             name: value.detach().cpu().clone() for name, value in run.head.state_dict().items()
         },
-        "standardization": None
+        standardization=None
         if run.mean is None
         else {"mean": run.mean.cpu(), "std": run.std.cpu()},
-    }
+    )
 
 
 def adam(head: nn.Linear, settings: Settings) -> Adam:
@@ -500,12 +233,12 @@ def new_run(data: FeatureSet, settings: Settings, device: torch.device) -> Run:
 def resumed_run(path: Path, data: FeatureSet, settings: Settings, device: torch.device) -> Run:
     """Rebuild the run from `last.pt` after checking it continues this very training."""
     state = checkpoint.load(path)
-    if "args" not in state or "trainable" not in state or "generator" not in state:
+    if state.settings is None or state.trained_layer is None or state.generator_state is None:
         raise UserError(f"{path}: not written by head.train (no training state); cannot resume")
     checkpoint.check_compatible(
         state, str(path), data.path, data.provenance, data.wnids, data.feature_dim
     )
-    saved = {**Settings().recorded(), **state["args"]}  # a setting added later: its default
+    saved = {**Settings().recorded(), **state.settings}  # a setting added later: its default
     changed = [
         f"--{key.replace('_', '-')} {saved[key]} -> {getattr(settings, key)}"
         for key in SAME_ON_RESUME
@@ -514,13 +247,13 @@ def resumed_run(path: Path, data: FeatureSet, settings: Settings, device: torch.
     if changed:
         raise UserError(f"{path}: cannot resume with other settings ({'; '.join(changed)})")
     head = initial_head(data.feature_dim, data.num_classes, settings.seed)
-    head.load_state_dict(state["trainable"])
+    head.load_state_dict(state.trained_layer)
     head = head.to(device)
     optimizer = adam(head, settings)
-    optimizer.load_state_dict(state["optimizer"])
+    optimizer.load_state_dict(state.optimizer_state)
     generator = torch.Generator()
-    generator.set_state(state["generator"])
-    standard = state["standardization"]
+    generator.set_state(state.generator_state)
+    standard = state.standardization
     run = Run(
         head=head,
         optimizer=optimizer,
@@ -528,14 +261,14 @@ def resumed_run(path: Path, data: FeatureSet, settings: Settings, device: torch.
         mean=None if standard is None else standard["mean"].to(device),
         std=None if standard is None else standard["std"].to(device),
     )
-    run.history = {key: list(state[key]) for key in history.LISTS}
-    run.epoch = int(state["epoch"])
-    run.best_epoch = int(state["best_epoch"])
-    run.best_accuracy = float(state["best_accuracy"])
-    best = run.history["history_epochs"].index(run.best_epoch)
+    run.history = {key: list(values) for key, values in state.history.items()}
+    run.epoch = state.epoch
+    run.best_epoch = state.best_epoch
+    run.best_top1 = state.best_top1
+    best = run.history["epoch"].index(run.best_epoch)
     run.best_score = (
-        run.history["validation_accuracy"][best]
-        if state["selection"] == "validation top-1"
+        run.history["val_top1"][best]
+        if state.best_by == "validation top-1"
         else -run.history["train_loss"][best]
     )
     return run
@@ -543,16 +276,16 @@ def resumed_run(path: Path, data: FeatureSet, settings: Settings, device: torch.
 
 def save(
     run: Run, data: FeatureSet, settings: Settings, save_dir: Path, has_val: bool, is_best: bool
-) -> dict:
+) -> Checkpoint:
     """best.pt (when this epoch is the best), then last.pt, then history.csv, each replaced
     whole. A write that fails (a full disk) stops the run with one line and leaves the files of
     the epoch before, or a best.pt one epoch ahead of last.pt, which --resume then redoes."""
     state = to_checkpoint(run, data, settings, has_val)
     try:
         if is_best:
-            checkpoint.save_atomic(state, save_dir / checkpoint.BEST)
-        checkpoint.save_atomic(state, save_dir / checkpoint.LAST)
-        history.write_csv(state, save_dir / history.CSV)
+            checkpoint.save(state, save_dir / checkpoint.BEST)
+        checkpoint.save(state, save_dir / checkpoint.LAST)
+        history.write_csv(state.history, save_dir / history.CSV)
     except OSError as error:
         raise UserError(
             f"{save_dir}: cannot save epoch {run.epoch} ({error.strerror or first_line(error)}); "
@@ -577,8 +310,8 @@ def check_save_dir(save_dir: Path, settings: Settings) -> None:
 
 def train(
     data: FeatureSet, save_dir: Path, settings: Settings, device: torch.device, report=print
-) -> dict:
-    """Train (or resume training) the head on `data`; returns the last checkpoint dict."""
+) -> Checkpoint:
+    """Train (or resume training) the head on `data`; returns the last checkpoint."""
     check_save_dir(save_dir, settings)
     last = save_dir / checkpoint.LAST
     if settings.flip and not (
@@ -599,7 +332,7 @@ def train(
         else new_run(data, settings, device)
     )
     state = None
-    if run.epoch == 0 and settings.init in PRETRAINED_INITS and not run.history["history_epochs"]:
+    if run.epoch == 0 and settings.init in PRETRAINED_INITS and not run.history["epoch"]:
         # Before any step: how well ImageNet's own classifier rows already do, as epoch 0.
         started = time.perf_counter()
         train_scores = split_scores(run.exported(), data.train, device)
@@ -638,7 +371,7 @@ def train(
     if state is None:
         state = to_checkpoint(run, data, settings, has_val)
     try:
-        history.write_plots(state, save_dir)
+        history.write_plots(state.history, save_dir)
     except OSError as error:
         raise UserError(
             f"{save_dir}: cannot write the plots ({error.strerror or first_line(error)}); "

@@ -71,6 +71,10 @@ class WideLayer:
         for optimizer in self.optimizers:
             optimizer.step()
 
+    def head_optimizer_state(self, head: int) -> dict:
+        """Head `head`'s Adam state as its own run's optimizer would save it."""
+        return self.optimizers[head].state_dict()
+
 
 def new_layer(
     cells: list[Cell],

@@ -10,15 +10,14 @@ features it never saw.
 A video frame is BGR (OpenCV's order); `frame_pixels` converts it to RGB explicitly and then hands
 it to `extract.preprocess`, the one preprocessing of the project.
 
-The checkpoint is read with ``weights_only=True`` (by `head.checkpoint.load`) and everything in it
-that says how to rebuild the model (the feature provenance, the preprocessing JSON, the class
-names) is checked for type and parsed as JSON, never evaluated; anything else is refused.
+The checkpoint is read by `head.checkpoint.load`, with ``weights_only=True``; it checks everything
+in it that says how to rebuild the model (the feature provenance, the preprocessing JSON, the
+class names) for type and parses it as JSON, never evaluates it, and refuses anything else.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 
@@ -26,15 +25,14 @@ import cv2
 import numpy as np
 import torch
 from torch import nn
-from torchvision.transforms import InterpolationMode
 
-from extract import backbone, store
+from extract import backbone
 from extract.device import resolve_device
 from extract.errors import UserError
 from extract.precisions import DTYPES, LIVE_CHOICES, checked
 from extract.preprocess import Preprocess, normalize, rgb_array_to_uint8
 from head import checkpoint
-from head.model import head_from_state, imagenet_wnids
+from head.model import head_from_layer, imagenet_wnids
 
 WARM_UP_RUNS = 2
 
@@ -112,56 +110,13 @@ def default_threads() -> int:
     return max(1, cores or 1)
 
 
-def checked_metadata(
-    state: dict, origin: str
-) -> tuple[dict[str, str], Preprocess, list[str], list[str]]:
-    """The provenance, preprocessing, wnids and names a checkpoint carries, checked for type.
-
-    The preprocessing is JSON text, parsed with `json.loads`; nothing is evaluated.
-    """
-    features = state["features"]
-    if not isinstance(features, dict) or not all(
-        isinstance(features.get(key), str) for key in store.PROVENANCE_KEYS
-    ):
-        raise UserError(
-            f"{origin}: 'features' must record {', '.join(store.PROVENANCE_KEYS)} as strings"
-        )
-    try:
-        params = Preprocess.from_json(features["preprocess"])
-        numbers = (*params.mean, *params.std)
-        if not (
-            isinstance(params.resize_size, int)
-            and isinstance(params.crop_size, int)
-            and 0 < params.crop_size <= params.resize_size
-            and len(numbers) == 6
-            and all(isinstance(x, (int, float)) for x in numbers)
-            and min(params.std) > 0
-        ):
-            raise ValueError("not the parameters")
-        InterpolationMode(params.interpolation)
-    except (ValueError, TypeError, KeyError, AttributeError) as error:
-        reason = "not JSON" if isinstance(error, json.JSONDecodeError) else "not the parameters"
-        raise UserError(
-            f"{origin}: the recorded preprocessing is {reason} of extract.preprocess.Preprocess"
-        ) from None
-    wnids, names = state["numeric_class_names"], state["tiny_class"]
-    if not (
-        isinstance(wnids, list)
-        and all(isinstance(wnid, str) for wnid in wnids)
-        and isinstance(names, dict)
-        and all(isinstance(name, str) for name in names.values())
-    ):
-        raise UserError(f"{origin}: class names must be a list of wnids and a dict of names")
-    return features, params, wnids, [names.get(wnid, wnid) for wnid in wnids]
-
-
 def from_checkpoint(
     model: Path, weights: str | None = None, device: str = "cpu", precision: str = "fp32"
 ) -> Classifier:
     """Rebuild backbone and head from a checkpoint (a file, or a folder holding best.pt)."""
     dtype = DTYPES[checked(precision, LIVE_CHOICES)]
     state = checkpoint.load(model)
-    features, params, wnids, names = checked_metadata(state, str(model))
+    features, params = state.provenance, checkpoint.preprocess_of(state, str(model))
     if features["backbone"] not in backbone.architectures():
         raise UserError(
             f"{model}: trained on features of {features['backbone']}, which is not a "
@@ -174,18 +129,13 @@ def from_checkpoint(
             f"differs from {features['weights_sha256'][:12]}... of the weights the head was "
             f"trained on (extracted with --weights {features['weights']})"
         )
-    head = head_from_state(state["state_dict"], str(model), frozen.feature_dim)
-    if head.out_features != len(wnids):
-        raise UserError(
-            f"{model}: the head has {head.out_features} outputs but the checkpoint "
-            f"names {len(wnids)} classes"
-        )
+    head = head_from_layer(state.weight, state.bias, str(model), frozen.feature_dim)
     resolved = resolve_device(device)
     return Classifier(
         network=prepare(Stitched(frozen.extractor, head), resolved, dtype),
         params=params,
-        wnids=wnids,
-        names=names,
+        wnids=state.wnids,
+        names=state.names,
         device=resolved,
         weights_sha256=frozen.weights_sha256,
         dtype=dtype,

@@ -18,7 +18,7 @@ from PIL import Image
 from torchvision.models import alexnet
 
 from extract import backbone, runner, store
-from head.checkpoint import KEYS, save_atomic
+from head import checkpoint
 
 WNIDS = ("n01443537", "n01629819", "n01641577")
 NAMES = ("goldfish", "European fire salamander", "bullfrog")
@@ -176,19 +176,17 @@ def write_checkpoint(root: Path, weights_file: Path) -> Path:
         provenance = store.provenance(file)
         train = store.read_split(file, "train")
     head = class_mean_head(train.features, train.labels)
-    state = dict.fromkeys(KEYS, [])
-    state.update(
+    trained = checkpoint.Checkpoint(
+        weight=head.weight.detach(),
+        bias=head.bias.detach(),
+        wnids=classes.wnids,
+        class_names=dict(zip(classes.wnids, classes.names)),
+        provenance=provenance,
         epoch=1,
-        best_accuracy=0.0,
-        state_dict=head.state_dict(),
-        optimizer={},
-        numeric_class_names=classes.wnids,
-        tiny_class=dict(zip(classes.wnids, classes.names)),
-        features=provenance,
     )
     folder = root / "model"
     folder.mkdir()
-    save_atomic(state, folder / "best.pt")
+    checkpoint.save(trained, folder / checkpoint.BEST)
     return folder
 
 

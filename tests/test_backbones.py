@@ -230,8 +230,8 @@ def test_head_trains_resumes_and_evaluates_on_resnet_features(resnet_run, tmp_pa
     assert status == 0 and "train 12 x 512 float16" in out
     straight = checkpoint.load(tmp_path / "straight" / "last.pt")
     split = checkpoint.load(tmp_path / "split" / "last.pt")
-    assert straight["state_dict"]["weight"].shape == (3, 512)
-    torch.testing.assert_close(split["state_dict"], straight["state_dict"], rtol=0, atol=0)
+    assert straight.weight.shape == (3, 512)
+    torch.testing.assert_close(split.layer, straight.layer, rtol=0, atol=0)
     status, out, _ = cli(
         evaluate, ["--model", tmp_path / "straight", "--features", features], capsys
     )
@@ -244,7 +244,7 @@ def test_live_and_export_rebuild_the_resnet_from_the_checkpoint(resnet_run, tmp_
     classifier = model.from_checkpoint(tmp_path / "model")
     with store.open_complete(features) as file:
         arrays = store.read_split(file, "val")
-    head = checkpoint.load(tmp_path / "model")["state_dict"]
+    head = checkpoint.load(tmp_path / "model").layer
     pixels = torch.stack([to_uint8(Image.open(data / p), classifier.params) for p in arrays.paths])
     with torch.inference_mode():
         logits = classifier.network(normalize(pixels, classifier.params))
@@ -279,7 +279,7 @@ def test_init_classifier_starts_from_the_backbones_imagenet_rows(
     assert status == 0
     rows = [imagenet_wnids().index(wnid) for wnid in WNIDS]
     fc = backbone.load_network("resnet18", "imagenet").fc
-    untrained = checkpoint.load(tmp_path / "m")["state_dict"]
+    untrained = checkpoint.load(tmp_path / "m").layer
     torch.testing.assert_close(untrained["weight"], fc.weight[rows], rtol=0, atol=0)
     torch.testing.assert_close(untrained["bias"], fc.bias[rows], rtol=0, atol=0)
 

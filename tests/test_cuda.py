@@ -178,15 +178,11 @@ def test_head_on_cuda_follows_the_cpu_and_resumes_exactly(cached, tmp_path, prec
     train_on(cached, tmp_path / "split", "cuda", epochs=3, **common)
     resumed = train_on(cached, tmp_path / "split", "cuda", epochs=6, resume=True, **common)
     for name in ("weight", "bias"):
-        torch.testing.assert_close(
-            resumed["state_dict"][name], straight["state_dict"][name], rtol=0, atol=1e-6
-        )
+        torch.testing.assert_close(resumed.layer[name], straight.layer[name], rtol=0, atol=1e-6)
         tolerance = 1e-3 if precision == "fp32" else 2e-2
-        torch.testing.assert_close(
-            straight["state_dict"][name], cpu["state_dict"][name], rtol=0, atol=tolerance
-        )
+        torch.testing.assert_close(straight.layer[name], cpu.layer[name], rtol=0, atol=tolerance)
     rel = 1e-3 if precision == "fp32" else 2e-2  # bf16 products round differently per device
-    assert straight["train_loss"] == pytest.approx(cpu["train_loss"], rel=rel)
+    assert straight.history["train_loss"] == pytest.approx(cpu.history["train_loss"], rel=rel)
 
 
 @pytest.mark.parametrize("batch_size", [4, 5])  # 12 rows: full batches only, and a short one
@@ -205,10 +201,12 @@ def test_graphed_epochs_equal_eager_epochs(cached, tmp_path, batch_size):
     }
     for name in ("weight", "bias"):
         torch.testing.assert_close(
-            results[True]["state_dict"][name], results[False]["state_dict"][name], rtol=0, atol=1e-6
+            results[True].layer[name], results[False].layer[name], rtol=0, atol=1e-6
         )
-    assert results[True]["train_loss"] == pytest.approx(results[False]["train_loss"], abs=1e-6)
-    assert results[True]["train_accuracy"] == results[False]["train_accuracy"]
+    assert results[True].history["train_loss"] == pytest.approx(
+        results[False].history["train_loss"], abs=1e-6
+    )
+    assert results[True].history["train_top1"] == results[False].history["train_top1"]
 
 
 def test_live_on_cuda_gives_the_cpu_probabilities(model_dir):

@@ -162,7 +162,10 @@ def start_cli(args: list[str]) -> subprocess.Popen:
 
 
 def rows_written(part: Path) -> int:
-    """Rows committed in an interrupted file; opened without HDF5 locking, read only."""
+    """Rows committed in an interrupted file; opened without HDF5 locking, read only.
+
+    h5py directly, not extract.store: the writer still holds the file, which store's readers
+    (with HDF5's locking) would refuse; the test reads the raw progress counters."""
     with h5py.File(part, "r", locking=False) as file:
         return sum(int(file[s].attrs["next_index"]) for s in store.splits(file))
 

@@ -111,6 +111,7 @@ def test_a_run_killed_while_creating_its_file_leaves_nothing_half_made(tmp_path,
     attrs = {"store_dtype": "float16", "feature_dim": 4096}
 
     def crash(file, *args):
+        # Writes into the file behind store's back on purpose: a skeleton left half-made.
         file.attrs["format"] = store.FORMAT
         raise KeyboardInterrupt  # stands in for the kill, after part of the file is written
 

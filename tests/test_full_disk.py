@@ -167,8 +167,8 @@ def test_head_train_on_a_disk_that_fills_keeps_last_and_best_and_resume_complete
     assert_one_line(full, f"{save}: cannot save epoch 3", "No space left on device")
     for name in (checkpoint.LAST, checkpoint.BEST):
         state, expected = checkpoint.load(save / name), checkpoint.load(tmp_path / "2" / name)
-        assert state["epoch"] == expected["epoch"]
-        torch.testing.assert_close(state["state_dict"], expected["state_dict"], rtol=0, atol=0)
+        assert state.epoch == expected.epoch
+        torch.testing.assert_close(state.layer, expected.layer, rtol=0, atol=0)
     assert not [path.name for path in save.iterdir() if path.name.endswith(".tmp")]
 
     filler.unlink()
@@ -176,5 +176,5 @@ def test_head_train_on_a_disk_that_fills_keeps_last_and_best_and_resume_complete
     assert resumed.returncode == 0, resumed.stderr
     assert "epoch 3/5" in resumed.stdout and "epoch 2/5" not in resumed.stdout
     state, expected = checkpoint.load(save / "last.pt"), checkpoint.load(tmp_path / "5" / "last.pt")
-    torch.testing.assert_close(state["state_dict"], expected["state_dict"], rtol=0, atol=1e-6)
-    assert state["best_epoch"] == expected["best_epoch"]
+    torch.testing.assert_close(state.layer, expected.layer, rtol=0, atol=1e-6)
+    assert state.best_epoch == expected.best_epoch

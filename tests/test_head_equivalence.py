@@ -79,12 +79,8 @@ def test_head_trained_on_cached_features_equals_the_seed_training(
     state = train(data, tmp_path / "model", settings, torch.device("cpu"), report=lambda line: None)
 
     reference = seed_training(tiny_imagenet, weights_file)
-    torch.testing.assert_close(
-        state["state_dict"]["weight"], reference.weight.detach(), rtol=0, atol=1e-5
-    )
-    torch.testing.assert_close(
-        state["state_dict"]["bias"], reference.bias.detach(), rtol=0, atol=1e-5
-    )
+    torch.testing.assert_close(state.weight, reference.weight.detach(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(state.bias, reference.bias.detach(), rtol=0, atol=1e-5)
     # Not vacuous: the weights moved by many times the tolerance.
     initial = torch.load(tmp_path / "model" / "last.pt", weights_only=True)["state_dict"]
     torch.manual_seed(SEED)

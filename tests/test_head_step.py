@@ -10,17 +10,10 @@ from tqdm import tqdm
 
 from head.adam import Adam
 from head.features import SplitTensors
+from head.graphs import EpochGraph, graphed_epoch, graphed_step
 from head.model import initial_head
-from head.training import (
-    EpochGraph,
-    Run,
-    Settings,
-    adam,
-    closed_form_step,
-    graphed_epoch,
-    graphed_step,
-    train_epoch,
-)
+from head.step import closed_form_step
+from head.training import Run, Settings, adam, train_epoch
 
 
 def batch(seed: int, rows: int = 37, dim: int = 64, classes: int = 11):

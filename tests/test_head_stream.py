@@ -13,7 +13,8 @@ import torch
 from benchmarks import synthetic
 from extract import store
 from head import features
-from head.features import StreamedSplit, stream_batches
+from head.features import StreamedSplit
+from head.step import stream_batches
 from head.training import Settings, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,8 +70,8 @@ def test_streamed_training_matches_in_memory_accuracy_and_resumes_exactly(noisy,
     streamed_data = features.load(noisy, report=lines.append, stream=True, max_memory=80 * MB)
     assert isinstance(streamed_data.train, StreamedSplit) and "(2 blocks of 1024" in lines[0]
     streamed = train(streamed_data, tmp_path / "stream", settings, cpu, report=NONE)
-    assert 30 < in_memory["validation_accuracy"][-1] < 95  # a task where accuracy can differ
-    assert abs(streamed["validation_accuracy"][-1] - in_memory["validation_accuracy"][-1]) < 3
+    assert 30 < in_memory.history["val_top1"][-1] < 95  # a task where accuracy can differ
+    assert abs(streamed.history["val_top1"][-1] - in_memory.history["val_top1"][-1]) < 3
     # Resumed in stream mode after two epochs: exactly the uninterrupted streamed run.
     two = Settings(epochs=2, batch_size=50, progress=False)
     train(streamed_data, tmp_path / "resumed", two, cpu, report=NONE)
@@ -82,10 +83,8 @@ def test_streamed_training_matches_in_memory_accuracy_and_resumes_exactly(noisy,
         report=NONE,
     )
     for name in ("weight", "bias"):
-        torch.testing.assert_close(
-            resumed["state_dict"][name], streamed["state_dict"][name], rtol=0, atol=0
-        )
-    assert resumed["validation_accuracy"] == streamed["validation_accuracy"]
+        torch.testing.assert_close(resumed.layer[name], streamed.layer[name], rtol=0, atol=0)
+    assert resumed.history["val_top1"] == streamed.history["val_top1"]
 
 
 def test_max_memory_accepts_sizes_with_units():

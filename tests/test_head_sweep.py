@@ -93,9 +93,9 @@ def test_each_head_ends_with_the_weights_head_train_gives_with_its_settings(
         best = checkpoint.load(tmp_path / "sweep" / "heads" / head_name(lr, decay, standardize))
         reference = checkpoint.load(tmp_path / head_name(lr, decay, standardize))
         for key in ("weight", "bias"):
-            assert relative_error(best["state_dict"][key], reference["state_dict"][key]) < 1e-5
-        assert best["best_epoch"] == reference["best_epoch"]
-        assert best["best_accuracy"] == reference["best_accuracy"]
+            assert relative_error(best.layer[key], reference.layer[key]) < 1e-5
+        assert best.best_epoch == reference.best_epoch
+        assert best.best_top1 == reference.best_top1
     # Negative control: another cell's head is far from this run's.
     other = order.index(CELLS[1])
     assert (
@@ -115,10 +115,10 @@ def test_best_pt_is_the_best_row_and_what_evaluate_recomputes(hard_features, tmp
         for row in others
     )
     state = checkpoint.load(tmp_path / "sweep" / checkpoint.BEST)
-    assert state["args"]["lr"] == winner["lr"]
-    assert state["args"]["standardize"] == winner["standardize"]
-    assert state["selection"] == "validation top-1"
-    assert state["sweep"]["lr"] == [1e-3, 3e-2]
+    assert state.settings["lr"] == winner["lr"]
+    assert state.settings["standardize"] == winner["standardize"]
+    assert state.best_by == "validation top-1"
+    assert state.selected_from["lr"] == [1e-3, 3e-2]
     measured = head.report(tmp_path / "sweep", hard_features)
     assert measured["top1"] == pytest.approx(winner["val_top1"])
     assert measured["epoch"] == winner["best_epoch"]
@@ -215,7 +215,7 @@ def test_holdout_selects_on_train_rows_and_refits_the_winner_on_all_of_train(
     )
     winner = next(row for row in rows if row["best"])
     state = checkpoint.load(tmp_path / "sweep" / checkpoint.BEST)
-    assert state["selection"].startswith("holdout top-1 (0.25 of train)")
+    assert state.best_by.startswith("holdout top-1 (0.25 of train)")
     alone = head.fit(
         hard_features,
         tmp_path / "alone",
@@ -224,8 +224,8 @@ def test_holdout_selects_on_train_rows_and_refits_the_winner_on_all_of_train(
         standardize=True,
         **{**QUICK, "epochs": winner["best_epoch"]},
     )
-    assert relative_error(state["state_dict"]["weight"], alone["state_dict"]["weight"]) < 1e-6
-    assert state["epoch"] == winner["best_epoch"]
+    assert relative_error(state.weight, alone["state_dict"]["weight"]) < 1e-6
+    assert state.epoch == winner["best_epoch"]
     # Not what a selection on val would have trained: 240 of the 320 rows.
     trained = torch.load(tmp_path / "sweep" / sweeping.STATE, weights_only=True)
     assert trained["holdout"] == 0.25
@@ -311,7 +311,7 @@ def test_a_sweep_killed_at_random_moments_resumes_to_the_uninterrupted_result(
     assert torch.equal(ours["best_weight"], theirs["best_weight"])
     best_ours = checkpoint.load(killed / checkpoint.BEST)
     best_theirs = checkpoint.load(straight / checkpoint.BEST)
-    assert torch.equal(best_ours["state_dict"]["weight"], best_theirs["state_dict"]["weight"])
+    assert torch.equal(best_ours.weight, best_theirs.weight)
 
     def columns(path: Path) -> list[list[str]]:
         with open(path / sweep_report.CSV) as stream:
@@ -329,7 +329,7 @@ def test_help_shows_real_invocations(capsys):
 def test_best_pt_runs_in_live_with_the_winning_layer(features_file, tiny_imagenet, tmp_path):
     """CPU, fp32: live's top-1 on the val images is the stored features' under best.pt."""
     head.sweep(features_file, tmp_path / "sweep", lr="1e-3,1e-2", weight_decay="0", **QUICK)
-    layer = checkpoint.load(tmp_path / "sweep" / checkpoint.BEST)["state_dict"]
+    layer = checkpoint.load(tmp_path / "sweep" / checkpoint.BEST).layer
     cache = extract.load(features_file)["val"]
     features = torch.from_numpy(cache.features).double()
     expected = (features @ layer["weight"].double().T + layer["bias"].double()).argmax(1)
