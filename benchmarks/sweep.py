@@ -5,7 +5,8 @@ training time scaled to 40; the sweep trains the whole default grid in one proce
 the epochs (train and val passes), not the file's loading. The streamed sweep reports the bytes
 read from the file per epoch (from /proc/self/io, between two epoch lines): one pass over the
 train and val features for all heads. The features are `synthetic.write_features(hard=True)`:
-a weak signal under badly scaled dimensions, so the grid's best and worst cells differ.
+a weak signal under badly scaled dimensions, so the grid's best and worst cells differ. Then
+`benchmarks.probes` times the ridge probe and k-NN on the same file (`--no-probes` skips it).
 
 Examples:
     python -m benchmarks.head --sweep                        # 100k x 4096, 40 heads, 10 epochs
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -129,6 +132,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--features", type=Path, help="reuse (or create) the feature file here")
     parser.add_argument("--profile", action="store_true", help="profile 20 steps of 40 heads")
+    parser.add_argument(
+        "--no-probes", action="store_true", help="skip benchmarks.probes' ridge and k-NN tables"
+    )
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--save", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -208,6 +214,10 @@ def main(argv: list[str] | None = None) -> None:
         f"{(train_bytes + val_bytes) / MB:,.0f} MB of train and val features: one pass for "
         f"all heads.",
     )
+    if not args.no_probes:
+        command = [sys.executable, "-m", "benchmarks.probes", "--parts", "ridge,knn"]
+        command += ["--rows", str(args.rows), "--features", str(features)]
+        subprocess.run(command, cwd=report.REPO, check=True)
 
 
 if __name__ == "__main__":
