@@ -98,20 +98,20 @@ def alone_variant(features: Path, save: Path, epochs: int, device: str, cell: in
     return {"seconds": sum(state["time"]), "best_top1": state["best_accuracy"]}
 
 
-def profile(rows: int, heads: int, steps: int) -> None:
-    """Where a step of `heads` heads goes (torch.profiler, CPU), on random features."""
+def profile(rows: int, steps: int) -> None:
+    """Where a step of the default grid's 40 heads goes (torch.profiler, CPU), random features."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as profiled
 
     from head import grid, wide
 
-    cells = grid.cells(",".join(f"{1e-3 * (i + 1):g}" for i in range(heads)), "0", "off")
+    cells = grid.cells(grid.DEFAULT_LRS, grid.DEFAULT_WEIGHT_DECAYS, "both")
     start = torch.nn.Linear(4096, CLASSES)
-    layer = wide.new_layer(cells, start, start, None, None)
+    layer = wide.new_layer(cells, start, start, torch.zeros(4096), torch.ones(4096))
     features = torch.rand(rows, 4096).half()
     labels = torch.randint(0, CLASSES, (rows,))
-    sums = torch.zeros(heads, dtype=torch.float64)
-    hits = torch.zeros(heads, dtype=torch.int64)
+    sums = torch.zeros(len(cells), dtype=torch.float64)
+    hits = torch.zeros(len(cells), dtype=torch.int64)
     batches = [(features[i : i + 100], labels[i : i + 100]) for i in range(0, rows, 100)]
     wide.train_step(layer, *batches[0], False, sums, hits)
     with profiled(activities=[ProfilerActivity.CPU]) as trace:
@@ -131,7 +131,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stream-epochs", type=int, default=2, help="epochs of the streamed run")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--features", type=Path, help="reuse (or create) the feature file here")
-    parser.add_argument("--profile", action="store_true", help="profile 20 steps of 40 heads")
+    parser.add_argument(
+        "--profile", action="store_true", help="profile 20 steps of the default 40-head grid"
+    )
     parser.add_argument(
         "--no-probes", action="store_true", help="skip benchmarks.probes' ridge and k-NN tables"
     )
@@ -139,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--save", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.profile:
-        profile(2000, 40, 20)
+        profile(2000, 20)
         return
     if args.variant:
         kind, _, detail = args.variant.partition(":")

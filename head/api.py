@@ -151,13 +151,11 @@ def sweep(
     chosen = checked_settings(settings)
     cells = grid.cells(lr, weight_decay, standardize)
     grid.check_holdout(holdout)
-    if knn is not None:
-        grid.parse_list("--knn", knn, 0.0, strict=True)
     plan = selection.Plan(
         cells=cells,
         settings=chosen,
         holdout=holdout,
-        knn=grid.knn_values(knn, 2**62),
+        knn=grid.knn_values(knn),
         ridge=ridge,
         save_all=save_all,
     )

@@ -14,8 +14,10 @@ damaged, pickled code, missing entries, metadata of the wrong type, a layer of t
 preprocessing for `live` (it needs torchvision, which training does not load).
 `check_compatible` decides whether a checkpoint goes with a feature file.
 
-Optional fields are written only when set and read with a default, so a field added later (a
-live server's per-class teaching data) leaves older checkpoints loadable.
+Optional fields are written only when set and read with a default, so a field added later
+leaves older checkpoints loadable. One such is `replay`: a few train features of each class in
+float16 with their labels (`replay_entry`), which `head.train` stores so that `live` can teach a
+new class against the old ones without the feature file.
 """
 
 from __future__ import annotations
@@ -75,6 +77,9 @@ class Checkpoint:
     # How this head was chosen among others: None for one `head.train` run; a sweep records
     # its grid and the winning settings here.
     selected_from: dict | None = None
+    # A few train features of each class, float16 (N, D), and their labels (N,): what `live`
+    # teaches new classes against (`replay_entry`, `replay_rows`).
+    replay: dict[str, torch.Tensor] | None = None
 
     @property
     def names(self) -> list[str]:
@@ -110,6 +115,8 @@ class Checkpoint:
             state["standardization"] = self.standardization
         if self.selected_from is not None:
             state["selected_from"] = self.selected_from
+        if self.replay is not None:
+            state["replay"] = self.replay
         return state
 
     @classmethod
@@ -175,7 +182,47 @@ class Checkpoint:
             trained_layer=state.get("trainable"),
             standardization=state.get("standardization"),
             selected_from=state.get("selected_from"),
+            replay=checked_replay(state.get("replay"), origin, *weight.shape),
         )
+
+    def replay_rows(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The replay set's features as float32 and its labels, or None for a checkpoint
+        written before it existed."""
+        if self.replay is None:
+            return None
+        return self.replay["features"].float(), self.replay["labels"]
+
+
+def replay_entry(features: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The `replay` field: features (N, D) stored as float16 (2 D bytes a row) and their labels."""
+    return {"features": features.detach().cpu().half(), "labels": labels.detach().cpu().long()}
+
+
+def checked_replay(
+    replay: object, origin: str, num_classes: int, feature_dim: int
+) -> dict[str, torch.Tensor] | None:
+    """`replay` as read, None when absent; refused unless it holds finite features of the head's
+    width and labels of its classes."""
+    if replay is None:
+        return None
+    features = replay.get("features") if isinstance(replay, dict) else None
+    labels = replay.get("labels") if isinstance(replay, dict) else None
+    if not (
+        isinstance(features, torch.Tensor)
+        and isinstance(labels, torch.Tensor)
+        and features.is_floating_point()
+        and features.ndim == 2
+        and features.shape[1] == feature_dim
+        and labels.shape == features.shape[:1]
+        and not labels.is_floating_point()
+        and bool(((labels >= 0) & (labels < num_classes)).all())
+        and bool(features.isfinite().all())
+    ):
+        raise UserError(
+            f"{origin}: 'replay' must hold finite features (N, {feature_dim}) and N labels "
+            f"in 0..{num_classes - 1}"
+        )
+    return {"features": features, "labels": labels.long()}
 
 
 def preprocess_of(checkpoint: Checkpoint, origin: str) -> Preprocess:

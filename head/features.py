@@ -31,6 +31,8 @@ FINITE_CHECK_ROWS = 8192
 MIB = 2**20
 CPU = torch.device("cpu")
 BLOCK_CHUNKS = 8  # a streamed block: this many HDF5 chunks (8 x 128 rows, 8 MiB in float16)
+REPLAY_PER_CLASS = 10  # 10 kept the old classes within 4 points when teaching, 5 within 6
+REPLAY_MAX_ROWS = 2000  # 16 MB of float16 at D = 4096: 2 a class for ImageNet-1k
 UNITS = {
     "": 1,
     "b": 1,
@@ -362,6 +364,20 @@ def load(
     )
 
 
+def split_blocks(
+    split: SplitTensors | StreamedSplit, rows: int = 8192, device: torch.device = CPU
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(features, labels) of a split in row order, in the stored dtype: slices of `rows` rows in
+    memory, the file's blocks when streamed. What reads a whole split once (statistics, k-NN,
+    the ridge probe) takes either kind of split through this."""
+    if isinstance(split, StreamedSplit):
+        yield from split.chunks(device)
+        return
+    for start in range(0, len(split), rows):
+        stop = start + rows
+        yield split.features[start:stop].to(device), split.labels[start:stop].to(device)
+
+
 def standardization(chunks: Iterable[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-dimension mean and std of the rows of `chunks`, accumulated in float64.
 
@@ -382,3 +398,34 @@ def standardization(chunks: Iterable[torch.Tensor]) -> tuple[torch.Tensor, torch
     std = (squares / count - mean * mean).clamp_min(0).sqrt()
     std = torch.where(std > 1e-6, std, torch.ones_like(std))
     return mean.float(), std.float()
+
+
+def replay_set(data: FeatureSet, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A few train rows of each class (features, labels), drawn with `seed`, for the checkpoint's
+    replay set: what `live` teaches a new class against when the feature file is not at hand.
+
+    Up to REPLAY_PER_CLASS rows a class, fewer when the classes are many, so that the set stays
+    within REPLAY_MAX_ROWS (16 MB of float16 at D = 4096).
+    """
+    labels = data.train.labels.cpu()
+    per_class = max(1, min(REPLAY_PER_CLASS, REPLAY_MAX_ROWS // data.num_classes))
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(labels), generator=generator)
+    rows = (
+        torch.cat([order[labels[order] == label][:per_class] for label in range(data.num_classes)])
+        .sort()
+        .values
+    )
+    if data.streamed:
+        with store.open_complete(data.path) as file:
+            features = torch.from_numpy(
+                np.concatenate(
+                    [
+                        store.read_rows(file, "train", "features", int(row), int(row) + 1)
+                        for row in rows
+                    ]
+                )
+            )
+    else:
+        features = data.train.features[rows.to(data.train.features.device)].cpu()
+    return features.float(), labels[rows]

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from extract.errors import UserError
+from head import adam
 
 DEFAULT_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 DEFAULT_WEIGHT_DECAYS = (0.0, 1e-5, 1e-4, 1e-3)
@@ -94,18 +95,14 @@ def cells(
     ]
 
 
-def knn_values(values: str | Sequence[int] | None, train_rows: int) -> tuple[int, ...]:
-    """The k of ``--knn``, each a whole number from 1 to the train split's rows."""
+def knn_values(values: str | Sequence[int] | None) -> tuple[int, ...]:
+    """The k of ``--knn`` as whole numbers (`knn.check_ks` checks them against the train split)."""
     if values is None:
         return ()
     numbers = parse_list("--knn", values, 0.0, strict=True)
-    if any(number != int(number) for number in numbers):
-        raise UserError(f"--knn: {', '.join(map(str, values))} must be whole numbers")
-    too_large = [int(number) for number in numbers if number > train_rows]
-    if too_large:
-        raise UserError(
-            f"--knn: k {too_large[0]} is larger than the {train_rows} rows it votes among"
-        )
+    fractional = [number for number in numbers if number != int(number)]
+    if fractional:
+        raise UserError(f"--knn: {fractional[0]:g} is not a whole number")
     return tuple(int(number) for number in numbers)
 
 
@@ -128,11 +125,15 @@ def holdout_rows(count: int, fraction: float, seed: int) -> tuple[torch.Tensor, 
 
 
 def check_memory(cell_count: int, classes: int, feature_dim: int, available: int) -> int:
-    """Refuse, before any work, a grid whose weights and Adam state do not fit in `available`
-    bytes; returns the bytes it needs."""
-    needed = grid_memory_bytes(cell_count, classes, feature_dim)
+    """Refuse, before any work, a grid whose weights, Adam state and best copies do not fit in
+    `available` bytes; returns the bytes it needs.
+
+    `adam.grid_memory_bytes` counts the weight, its gradient and Adam's two moments; the sweep
+    also keeps each head's best weights, one copy more.
+    """
+    needed = sweep_memory_bytes(cell_count, classes, feature_dim)
     if needed > available:
-        fits = largest_grid(classes, feature_dim, available)
+        fits = available // sweep_memory_bytes(1, classes, feature_dim)
         raise UserError(
             f"--lr x --weight-decay x --standardize: {cell_count} heads of {classes} x "
             f"{feature_dim} need {needed / MIB:,.0f} MiB, only {available / MIB:,.0f} MiB is "
@@ -141,10 +142,6 @@ def check_memory(cell_count: int, classes: int, feature_dim: int, available: int
     return needed
 
 
-def grid_memory_bytes(heads: int, classes: int, feature_dim: int) -> int:
-    """Placeholder until the wide Adam module lands: weight, gradient, two moments, best copy."""
-    return 5 * heads * classes * (feature_dim + 1) * 4
-
-
-def largest_grid(classes: int, feature_dim: int, available: int) -> int:
-    return available // grid_memory_bytes(1, classes, feature_dim)
+def sweep_memory_bytes(heads: int, classes: int, feature_dim: int) -> int:
+    trained = adam.grid_memory_bytes(heads, classes, feature_dim)
+    return trained + trained // adam.COPIES  # the best copies

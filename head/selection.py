@@ -23,7 +23,7 @@ import torch
 from extract import store
 from extract.device import available_memory
 from extract.errors import UserError
-from head import checkpoint, grid, sweep_report, sweeping, training
+from head import checkpoint, grid, knn, sweep_report, sweeping, training
 from head import features as feature_sets
 from head.checkpoint import Checkpoint
 from head.features import FeatureSet, SplitTensors
@@ -222,8 +222,12 @@ def run(
     settings = plan.settings
     sweeping.check_save_dir(save_dir, settings)
     train_rows, classes, feature_dim = file_shape(features_path)
-    grid.knn_values(plan.knn or None, train_rows)
+    if plan.knn:
+        held = 0 if plan.holdout is None else max(1, round(train_rows * plan.holdout))
+        knn.check_ks(plan.knn, train_rows - held)
     grid.check_memory(len(plan.cells), classes, feature_dim, memory_available(device))
+    if plan.holdout is not None and stream:
+        raise UserError("--holdout needs the train split in memory; drop --stream")
     if settings.overwrite:  # what an earlier sweep here left beside its state
         for folder in (REFIT, HEADS):
             shutil.rmtree(save_dir / folder, ignore_errors=True)

@@ -17,7 +17,6 @@ checkpoint for head.evaluate, head.report and live.
 from __future__ import annotations
 
 import argparse
-import sys
 
 from extract.errors import run_cli
 from head import api, grid
@@ -102,12 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     selection = "holdout" if args.holdout is not None else "val"
     print(sweep_report.table(rows, selection))
     best = next(row for row in rows if row.get("best"))
-    print(
-        f"best.pt: {best['method']} lr {best['lr']:g} weight decay {best['weight_decay']:g} "
-        f"standardize {'on' if best['standardize'] else 'off'}, epoch {best['best_epoch']}, "
-        f"{selection} top-1 {best['val_top1']:.2f}%; saved in {args.save}",
-        file=sys.stdout,
+    view = "on" if best["standardize"] else "off"
+    chosen = (
+        f"ridge l2 {best['weight_decay']:.3g} standardize {view}"
+        if best["method"] == "ridge"
+        else f"adam lr {best['lr']:g} weight decay {best['weight_decay']:g} standardize {view}, "
+        f"epoch {best['best_epoch']}"
     )
+    print(f"best.pt: {chosen}, {selection} top-1 {best['val_top1']:.2f}%; saved in {args.save}")
     return 0
 
 

@@ -95,7 +95,7 @@ def table(rows: list[dict], selection: str) -> str:
             (
                 row["method"],
                 number(row.get("lr"), "g"),
-                number(row.get("weight_decay"), "g"),
+                number(row.get("weight_decay"), ".3g"),
                 "-" if standardize is None else ("on" if standardize else "off"),
                 number(row.get("best_epoch"), "d"),
                 number(row.get("val_top1"), ".2f"),
@@ -103,7 +103,11 @@ def table(rows: list[dict], selection: str) -> str:
                 number(row.get("val_loss"), ".3f"),
                 number(row.get("train_top1"), ".2f"),
                 number(row.get("seconds"), ".1f"),
-                "<- best.pt" if row.get("best") else (row.get("note") or ""),
+                " ".join(
+                    part
+                    for part in ("<- best.pt" if row.get("best") else "", row.get("note") or "")
+                    if part
+                ),
             )
         )
     widths = [max(len(line[column]) for line in lines) for column in range(len(header))]

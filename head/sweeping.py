@@ -209,7 +209,7 @@ def state(sweep: Sweep, data: FeatureSet, settings: Settings, holdout: float | N
         "numeric_class_names": list(data.wnids),
         "weight": layer.weight.detach().cpu().clone(),
         "bias": layer.bias.detach().cpu().clone(),
-        "optimizers": [optimizer.state_dict() for optimizer in layer.optimizers],
+        "optimizer": layer.optimizer.state_dict(),
         "standardization": None
         if layer.mean is None
         else {"mean": layer.mean.cpu(), "std": layer.std.cpu()},
@@ -265,8 +265,7 @@ def resumed_sweep(
         mean=None if standard is None else standard["mean"].to(device),
         std=None if standard is None else standard["std"].to(device),
     )
-    for optimizer, optimizer_state in zip(layer.optimizers, saved["optimizers"]):
-        optimizer.load_state_dict(optimizer_state)
+    layer.optimizer.load_state_dict(saved["optimizer"])
     generator = torch.Generator()
     generator.set_state(saved["generator"])
     return Sweep(

@@ -28,7 +28,7 @@ from extract.errors import UserError, first_line
 from head import checkpoint, history
 from head.adam import Adam
 from head.checkpoint import Checkpoint
-from head.features import FeatureSet, SplitTensors, StreamedSplit, standardization
+from head.features import FeatureSet, SplitTensors, StreamedSplit, replay_set, standardization
 from head.graphs import EpochGraph, graphed_epoch, uses_graphs
 from head.model import (
     fold_standardization,
@@ -91,6 +91,7 @@ class Run:
     best_top1: float = 0.0
     best_score: float = math.nan
     graph: EpochGraph | None = None  # built at the first graphed epoch, replayed by the rest
+    replay: dict[str, torch.Tensor] | None = None  # checkpoint.replay_entry of the train split
 
     def exported(self) -> dict[str, torch.Tensor]:
         """The layer on raw features: what the checkpoint's `weight` and `bias` hold."""
@@ -197,6 +198,7 @@ def to_checkpoint(run: Run, data: FeatureSet, settings: Settings, has_val: bool)
         standardization=None
         if run.mean is None
         else {"mean": run.mean.cpu(), "std": run.std.cpu()},
+        replay=run.replay,
     )
 
 
@@ -331,6 +333,7 @@ def train(
         if settings.resume
         else new_run(data, settings, device)
     )
+    run.replay = checkpoint.replay_entry(*replay_set(data, settings.seed))
     state = None
     if run.epoch == 0 and settings.init in PRETRAINED_INITS and not run.history["epoch"]:
         # Before any step: how well ImageNet's own classifier rows already do, as epoch 0.

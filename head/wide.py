@@ -36,20 +36,53 @@ class WideLayer:
     cells: list[Cell]
     mean: torch.Tensor | None  # standardisation of the standardised heads' view
     std: torch.Tensor | None
-    optimizers: list[Adam] = dataclasses.field(default_factory=list)
+    optimizer: Adam | None = None  # a learning rate and weight decay per head
 
     def __post_init__(self) -> None:
         self.weight.grad = torch.zeros_like(self.weight)
         self.bias.grad = torch.zeros_like(self.bias)
-        if not self.optimizers:
-            self.optimizers = [
-                Adam(
-                    self.rows_of(head),
-                    lr=cell.lr,
-                    weight_decay=cell.weight_decay,
-                )
-                for head, cell in enumerate(self.cells)
-            ]
+        if self.optimizer is None:
+            self.optimizer = self.new_optimizer()
+
+    def new_optimizer(self) -> Adam:
+        """Adam over each view's rows, head k of every view with the k-th (lr, weight decay).
+
+        The grid repeats the same (lr, weight decay) list in each view, so Adam's head k is the
+        k-th cell of every view at once: one fused-kernel call steps a raw head and its
+        standardised twin together, half the calls of one per head (the step's largest cost on
+        a CPU).
+        """
+        params = []
+        for rows, _ in self.groups():
+            for tensor in (self.weight, self.bias):
+                view = tensor[rows]
+                view.grad = tensor.grad[rows]
+                params.append(view)
+        per_view = self.heads // len(self.groups())
+        settings = [(cell.lr, cell.weight_decay) for cell in self.cells]
+        if settings != settings[:per_view] * len(self.groups()):
+            raise ValueError("each view must hold the same (lr, weight decay) list")
+        return Adam(
+            params,
+            lr=[lr for lr, _ in settings[:per_view]],
+            weight_decay=[decay for _, decay in settings[:per_view]],
+        )
+
+    def groups(self) -> list[tuple[slice, bool]]:
+        """(rows of the wide tensors, standardised) of each view present, raw first."""
+        split = self.raw_heads * self.classes
+        present = [(slice(0, split), False), (slice(split, len(self.bias)), True)]
+        return [(rows, standardized) for rows, standardized in present if rows.stop > rows.start]
+
+    def head_optimizer_state(self, head: int) -> dict:
+        """Head `head`'s Adam state as its own run's optimizer would save it (weight, bias)."""
+        per_view = self.heads // len(self.groups())
+        view, index = divmod(head, per_view)
+        state = self.optimizer.head_state_dict(index)
+        entries = state["state"]
+        state["state"] = {0: entries[2 * view], 1: entries[2 * view + 1]}
+        state["param_groups"][0]["params"] = [0, 1]
+        return state
 
     @property
     def heads(self) -> int:
@@ -59,21 +92,6 @@ class WideLayer:
     def raw_heads(self) -> int:
         """Heads on raw features: the first ones (`grid.cells` puts them first)."""
         return sum(not cell.standardize for cell in self.cells)
-
-    def rows_of(self, head: int) -> list[torch.Tensor]:
-        """Head `head`'s weight and bias as views of the wide tensors, gradients attached."""
-        rows = slice(head * self.classes, (head + 1) * self.classes)
-        weight, bias = self.weight[rows], self.bias[rows]
-        weight.grad, bias.grad = self.weight.grad[rows], self.bias.grad[rows]
-        return [weight, bias]
-
-    def step(self) -> None:
-        for optimizer in self.optimizers:
-            optimizer.step()
-
-    def head_optimizer_state(self, head: int) -> dict:
-        """Head `head`'s Adam state as its own run's optimizer would save it."""
-        return self.optimizers[head].state_dict()
 
 
 def new_layer(
@@ -97,13 +115,10 @@ def new_layer(
 
 def views(layer: WideLayer, features: torch.Tensor) -> list[tuple[slice, torch.Tensor]]:
     """(rows of the wide layer, the view of the float32 batch they read), one per group."""
-    split = layer.raw_heads * layer.classes
-    groups = []
-    if split > 0:
-        groups.append((slice(0, split), features))
-    if split < len(layer.bias):
-        groups.append((slice(split, len(layer.bias)), (features - layer.mean) / layer.std))
-    return groups
+    return [
+        (rows, (features - layer.mean) / layer.std if standardized else features)
+        for rows, standardized in layer.groups()
+    ]
 
 
 def train_step(
@@ -148,7 +163,7 @@ def train_step(
             for rows, view in groups:
                 torch.mm(gradient[:, rows].t(), view, out=layer.weight.grad[rows])
             torch.sum(gradient, 0, out=layer.bias.grad)
-        layer.step()
+        layer.optimizer.step()
         loss_sums.add_(loss.double() * count)
         correct.add_((logits.argmax(2) == labels[:, None]).sum(0))
 

@@ -12,6 +12,7 @@ Examples:
     python -m live --model build/demo/model --source build/demo/data/test/images --no-display \\
         --output live.mp4 --log live.jsonl
     python -m live --model build/demo/model --source clip.mp4 --no-display --precision bf16
+    python -m live --model build/demo/model --teach mug=photos/mug --teach 'cup=cups/*.jpg'
 """
 
 from __future__ import annotations
@@ -102,6 +103,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="no window (automatic when no display is available)",
     )
+    parser.add_argument(
+        "--teach",
+        action="append",
+        type=lesson,
+        default=[],
+        metavar="NAME=IMAGES",
+        help="before classifying, teach the class NAME from an image folder, glob or video "
+        "file (its last 50 frames); repeatable (docs/live.md, Teaching a class)",
+    )
     parser.add_argument("--output", type=Path, help="annotated video to write (.mp4)")
     parser.add_argument("--log", type=Path, help="JSONL file, one line per classified frame")
     parser.add_argument("--max-frames", type=int, help="stop after this many frames")
@@ -124,6 +134,43 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def lesson(text: str) -> tuple[str, str]:
+    """--teach NAME=IMAGES as (NAME, IMAGES)."""
+    name, equals, images = text.partition("=")
+    if not equals or not images:
+        raise argparse.ArgumentTypeError(f"{text!r}: give NAME=IMAGES (a folder, glob or video)")
+    return name, images
+
+
+def taught_classifier(args: argparse.Namespace) -> model.Classifier:
+    """The classifier with the --teach classes taught, from frames read as --source reads them
+    (a camera or a stream never ends, so they are refused)."""
+    from live.predictor import BATCH, load
+
+    predictor = load(
+        None if args.imagenet else args.model,
+        args.device,
+        args.weights,
+        args.precision,
+        backbone=args.backbone if args.imagenet else None,
+        imagenet=args.imagenet,
+    )
+    for name, images in args.teach:
+        predictor.lessons.check_name(name)
+        if images.isdigit() or "://" in images or images.startswith("/dev/video"):
+            raise UserError(f"--teach {name}={images}: give an image folder, glob or video file")
+        frames = []
+        with open_source(images) as source:
+            for frame in source.frames():
+                frames.append(frame.bgr)
+                if len(frames) == BATCH:
+                    predictor.teach(name, frames, bgr=True)
+                    frames = []
+        count = predictor.teach(name, frames, bgr=True) if frames else predictor.taught[name]
+        print(f"taught {name}: {count} examples from {images}")
+    return predictor.classifier
+
+
 def default_threads(device: str) -> int:
     """One thread on CUDA: the CPU only resizes frames there, and more threads contended with
     the read-ahead thread (556 FPS with one against 272 with sixteen, on one H200); every core
@@ -138,7 +185,9 @@ def classify(args: argparse.Namespace) -> session.Summary:
     try:
         # The source first: a camera that is not there should not cost the model's loading time.
         with open_source(args.source, loop=args.loop) as source:
-            if args.imagenet:
+            if args.teach:
+                classifier = taught_classifier(args)
+            elif args.imagenet:
                 classifier = model.imagenet(
                     args.weights or "imagenet", args.device, args.precision, args.backbone
                 )

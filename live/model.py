@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from pathlib import Path
 
 import cv2
@@ -61,6 +62,7 @@ class Classifier:
     device: torch.device
     weights_sha256: str
     dtype: torch.dtype = torch.float32
+    provenance: dict[str, str] = dataclasses.field(default_factory=dict)  # as a checkpoint's
 
     @property
     def num_classes(self) -> int:
@@ -77,11 +79,33 @@ class Classifier:
             logits = self.network(images)
             return torch.softmax(logits.float(), dim=1).cpu().numpy()
 
+    def batch_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The backbone's features (N, D), float32 on the CPU, of (N, 3, crop, crop) uint8 images:
+        what the head reads, and what teaching a class keeps."""
+        with torch.inference_mode():
+            images = normalize(pixels.to(self.device), self.params, self.dtype)
+            return self.network.features(images).float().cpu()
+
+    def replace_head(self, head: nn.Linear, wnids: list[str], names: list[str]) -> None:
+        """Classify with `head` (float32, any device) and these classes from the next batch on."""
+        self.network.head = head.eval().requires_grad_(False).to(self.device, dtype=self.dtype)
+        self.wnids, self.names = list(wnids), list(names)
+
     def warm_up(self) -> None:
         """Run the network before the first frame, so that frame's latency is not the slowest."""
         blank = torch.zeros(3, self.params.crop_size, self.params.crop_size, dtype=torch.uint8)
         for _ in range(WARM_UP_RUNS):
             self.probabilities(blank)
+
+
+def linear(weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
+    """A linear layer holding `weight` (C, D) and `bias` (C,); C may be 0, before any class is
+    taught (torch warns that initialising such a layer does nothing: it is not initialised)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Initializing zero-element tensors")
+        layer = nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0])
+    layer.load_state_dict({"weight": weight, "bias": bias})
+    return layer
 
 
 def frame_pixels(bgr: np.ndarray, params: Preprocess) -> torch.Tensor:
@@ -114,8 +138,18 @@ def from_checkpoint(
     model: Path, weights: str | None = None, device: str = "cpu", precision: str = "fp32"
 ) -> Classifier:
     """Rebuild backbone and head from a checkpoint (a file, or a folder holding best.pt)."""
+    return from_state(checkpoint.load(model), model, weights, device, precision)
+
+
+def from_state(
+    state: checkpoint.Checkpoint,
+    model: Path,
+    weights: str | None = None,
+    device: str = "cpu",
+    precision: str = "fp32",
+) -> Classifier:
+    """`from_checkpoint` on a checkpoint already loaded from `model`."""
     dtype = DTYPES[checked(precision, LIVE_CHOICES)]
-    state = checkpoint.load(model)
     features, params = state.provenance, checkpoint.preprocess_of(state, str(model))
     if features["backbone"] not in backbone.architectures():
         raise UserError(
@@ -139,6 +173,36 @@ def from_checkpoint(
         device=resolved,
         weights_sha256=frozen.weights_sha256,
         dtype=dtype,
+        provenance=dict(features),
+    )
+
+
+def untrained(
+    architecture: str = backbone.DEFAULT_BACKBONE,
+    weights: str = backbone.IMAGENET,
+    device: str = "cpu",
+    precision: str = "fp32",
+) -> Classifier:
+    """The backbone with a head of no classes yet, for teaching classes from scratch."""
+    dtype = DTYPES[checked(precision, LIVE_CHOICES)]
+    frozen = backbone.build(architecture, weights)
+    resolved = resolve_device(device)
+    return Classifier(
+        network=prepare(
+            Stitched(
+                frozen.extractor,
+                linear(torch.zeros(0, frozen.feature_dim), torch.zeros(0)),
+            ),
+            resolved,
+            dtype,
+        ),
+        params=frozen.preprocess,
+        wnids=[],
+        names=[],
+        device=resolved,
+        weights_sha256=frozen.weights_sha256,
+        dtype=dtype,
+        provenance=frozen.provenance(),
     )
 
 
@@ -168,4 +232,5 @@ def imagenet(
         device=resolved,
         weights_sha256=frozen.weights_sha256,
         dtype=dtype,
+        provenance=frozen.provenance(),
     )

@@ -20,6 +20,7 @@ from conftest import WNIDS, extract_features, write_tiny_imagenet
 from extract import store
 from extract.backbone import load_network
 from extract.errors import UserError, run_cli
+from extract.provenance import PROVENANCE_KEYS
 from head import checkpoint, evaluate, evaluation, features, train, training
 from head.model import classifier_head, imagenet_wnids, initial_head, pretrained_classifier_head
 from head.step import epoch_order
@@ -423,3 +424,49 @@ def test_command_line_error_exits_2_with_one_line_and_no_traceback(tmp_path):
 def test_help_shows_real_invocations(command, example, capsys):
     status, out, _ = cli(command, ["--help"], capsys)
     assert status == 0 and example in out
+
+
+def test_checkpoint_carries_a_seeded_float16_replay_set_of_train_rows(
+    cached, tmp_path, capsys, monkeypatch
+):
+    """CPU, exact: the replay rows are rows of the train split (float16 as stored) with their
+    labels, `REPLAY_PER_CLASS` of each class, the same in memory and streamed, drawn by --seed."""
+    monkeypatch.setattr(features, "REPLAY_PER_CLASS", 2)
+    status, _, _ = train_cli(cached, tmp_path / "model", capsys, "--epochs", "1")
+    assert status == 0
+    replay = torch.load(tmp_path / "model" / "best.pt", weights_only=True)["replay"]
+    assert replay["features"].dtype == torch.float16 and replay["features"].shape == (6, 4096)
+    assert replay["labels"].tolist() == [0, 0, 1, 1, 2, 2]
+    with store.open_complete(cached) as file:
+        rows = store.read_rows(file, "train")
+        labels = store.read_labels(file, "train")
+    for row, label in zip(replay["features"].numpy(), replay["labels"].numpy()):
+        matches = np.flatnonzero((rows == row).all(axis=1))
+        assert len(matches) == 1 and labels[matches[0]] == label
+    in_memory = features.load(cached, report=lambda line: None, stream=False)
+    streamed = features.load(cached, report=lambda line: None, stream=True)
+    chosen = features.replay_set(in_memory, seed=0)
+    assert torch.equal(chosen[0].half(), replay["features"])
+    assert all(map(torch.equal, features.replay_set(streamed, seed=0), chosen))
+    other = features.replay_set(in_memory, seed=1)  # negative control: another draw
+    assert not torch.equal(other[0], chosen[0]) and torch.equal(other[1], chosen[1])
+
+
+def test_replay_set_that_does_not_fit_the_head_is_refused():
+    layer = torch.nn.Linear(8, 3)
+    saved = checkpoint.Checkpoint(
+        weight=layer.weight.detach(),
+        bias=layer.bias.detach(),
+        wnids=["a", "b", "c"],
+        class_names={},
+        provenance=dict.fromkeys(PROVENANCE_KEYS, "x"),
+    )
+    state = saved.to_dict()
+    assert "replay" not in state  # absent, as in a checkpoint written before it existed
+    assert checkpoint.Checkpoint.from_dict(state, "old.pt").replay_rows() is None
+    state["replay"] = checkpoint.replay_entry(torch.zeros(2, 8), torch.tensor([0, 3]))
+    with pytest.raises(UserError, match=r"m.pt: 'replay' must hold .* labels in 0\.\.2"):
+        checkpoint.Checkpoint.from_dict(state, "m.pt")
+    state["replay"]["labels"] = torch.tensor([0, 2])
+    features_back, labels_back = checkpoint.Checkpoint.from_dict(state, "m.pt").replay_rows()
+    assert features_back.dtype == torch.float32 and labels_back.tolist() == [0, 2]

@@ -17,6 +17,7 @@ import time
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from test_head import assert_one_line_error
@@ -25,6 +26,7 @@ import extract
 import head
 import live
 from benchmarks import synthetic
+from conftest import extract_features
 from extract.errors import UserError, run_cli
 from head import checkpoint, grid, selection, sweep_report, sweeping
 
@@ -150,7 +152,8 @@ def test_outputs_csv_png_and_the_printed_table_sorted_by_val_top1(hard_features,
         ("--lr", "fast", "--lr: 'fast' is not a number"),
         ("--lr", "1e-3,0.001", "--lr: 0.001 given twice"),
         ("--weight-decay", "-1", "--weight-decay: -1 must be >= 0"),
-        ("--knn", "10,1000", "--knn: k 1000 is larger than the 320 rows"),
+        ("--knn", "10,1000", "--knn: k = 1000 is larger than the train split (320 images)"),
+        ("--knn", "2.5", "--knn: 2.5 is not a whole number"),
         ("--holdout", "0.6", "--holdout 0.6: must be in (0, 0.5]"),
         ("--holdout", "0", "--holdout 0: must be in (0, 0.5]"),
     ],
@@ -167,7 +170,7 @@ def test_bad_grid_input_is_one_line_naming_the_flag_and_exit_2(
 def test_a_grid_beyond_the_memory_is_refused_with_its_estimate_and_the_largest_that_fits(
     hard_features, tmp_path, monkeypatch, capsys
 ):
-    one_head = grid.grid_memory_bytes(1, 4, 64)
+    one_head = grid.sweep_memory_bytes(1, 4, 64)
     monkeypatch.setattr(selection, "memory_available", lambda device: 7 * one_head)
     status, out, err = run_command(
         ["--features", hard_features, "--save", tmp_path / "sweep"], capsys
@@ -350,3 +353,112 @@ def test_a_sweep_on_cuda_follows_the_cpu_sweep(hard_features, tmp_path):
     on_cuda = torch.load(tmp_path / "cuda" / sweeping.STATE, weights_only=True)
     assert relative_error(on_cuda["weight"], on_cpu["weight"]) < 1e-4
     assert relative_error(on_cuda["best_weight"], on_cpu["best_weight"]) < 1e-4
+
+
+def test_knn_rows_are_a_numpy_brute_force_of_the_weighted_vote(hard_features, tmp_path):
+    """CPU, float64 NumPy reference: cosine similarity, exp(sim / 0.07) votes, every k."""
+    rows = head.sweep(
+        hard_features, tmp_path / "sweep", lr="1e-3", weight_decay="0", knn="1,5,20", **QUICK
+    )
+    cache = extract.load(hard_features)
+    train, val = cache["train"], cache["val"]
+
+    def unit(features):
+        rows64 = features.astype(np.float64)
+        return rows64 / np.linalg.norm(rows64, axis=1, keepdims=True)
+
+    similarity = unit(val.features) @ unit(train.features).T
+    order = np.argsort(-similarity, axis=1)
+    for k in (1, 5, 20):
+        votes = np.zeros((len(val.labels), 4))
+        for query, neighbours in enumerate(order[:, :k]):
+            for neighbour in neighbours:
+                weight = np.exp(similarity[query, neighbour] / 0.07)
+                votes[query, train.labels[neighbour]] += weight
+        expected = 100.0 * np.mean(votes.argmax(1) == val.labels)
+        row = next(row for row in rows if row["method"] == f"knn k={k}")
+        assert row["val_top1"] == pytest.approx(expected)
+        assert not row["best"]
+    assert sum(row["method"].startswith("knn") for row in rows) == 3
+
+
+def test_the_best_ridge_layer_wins_best_pt_with_its_temperature_folded_in(hard_features, tmp_path):
+    """CPU, fp32: a sweep of heads that barely train (lr 1e-7, one epoch) loses to ridge;
+    best.pt's logits are the ridge scores divided by the fitted temperature."""
+    rows = head.sweep(
+        hard_features,
+        tmp_path / "sweep",
+        lr="1e-7",
+        weight_decay="0",
+        standardize="off",
+        ridge=True,
+        **{**QUICK, "epochs": 1},
+    )
+    ridge_rows = [row for row in rows if row["method"] == "ridge"]
+    assert len(ridge_rows) == 20
+    winner = next(row for row in rows if row["best"])
+    assert winner["method"] == "ridge"
+    assert winner["val_top1"] == max(row["val_top1"] for row in rows)
+    state = checkpoint.load(tmp_path / "sweep")
+    assert state.settings["method"] == "ridge" and state.settings["l2"] == winner["weight_decay"]
+    measured = head.report(tmp_path / "sweep", hard_features)
+    assert measured["top1"] == pytest.approx(winner["val_top1"])
+    val = extract.load(hard_features)["val"]
+    logits = torch.from_numpy(val.features).double() @ state.weight.double().T + state.bias
+    loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(val.labels).long())
+    assert loss.item() == pytest.approx(winner["val_loss"], rel=1e-4)
+
+
+def test_with_holdout_the_ridge_winner_is_solved_again_on_all_of_train(hard_features, tmp_path):
+    """CPU: best.pt is ridge.fit_ridge on the whole train split at the chosen l2, over the
+    temperature fitted on the held-out rows (float32 within 1e-5)."""
+    from head import features, ridge
+
+    head.sweep(
+        hard_features,
+        tmp_path / "sweep",
+        holdout=0.25,
+        lr="1e-7",
+        weight_decay="0",
+        standardize="off",
+        ridge=True,
+        **{**QUICK, "epochs": 1},
+    )
+    state = checkpoint.load(tmp_path / "sweep")
+    assert state.settings["method"] == "ridge"
+    assert state.best_by.startswith("holdout top-1 (0.25 of train)")
+    whole = features.load(hard_features, report=lambda line: None).train
+    fit = ridge.fit_ridge(whole, 4, [state.settings["l2"]], state.settings["standardize"])
+    expected = fit.weights[0] / state.settings["temperature"]
+    assert relative_error(state.weight, expected) < 1e-5
+    # Negative control: solved on the 240 rows trained on, the layer differs.
+    kept, _ = grid.holdout_rows(320, 0.25, seed=0)
+    part = features.SplitTensors("train", whole.features[kept], whole.labels[kept])
+    other = ridge.fit_ridge(part, 4, [state.settings["l2"]], False).weights[0]
+    assert relative_error(state.weight, other / state.settings["temperature"]) > 1e-3
+
+
+@pytest.mark.slow
+def test_with_flip_each_head_draws_the_views_its_own_run_draws(
+    tiny_imagenet, tmp_path, weights_file
+):
+    """CPU, fp32, within 1e-5 relative: flipped views drawn from the one generator."""
+    cached = extract_features(
+        tiny_imagenet, tmp_path / "f.h5", flip=True, weights=str(weights_file)
+    )
+    options = {"epochs": 3, "batch_size": 5, "progress": False}
+    head.sweep(
+        cached,
+        tmp_path / "sweep",
+        lr="1e-3,1e-2",
+        weight_decay="0",
+        standardize="on",
+        flip=True,
+        **options,
+    )
+    saved = torch.load(tmp_path / "sweep" / sweeping.STATE, weights_only=True)
+    flipped = head.fit(cached, tmp_path / "flip", lr=1e-2, standardize=True, flip=True, **options)
+    plain = head.fit(cached, tmp_path / "plain", lr=1e-2, standardize=True, **options)
+    rows = slice(3, 6)  # the second head: lr 1e-2
+    assert relative_error(saved["weight"][rows], flipped["trainable"]["weight"]) < 1e-5
+    assert relative_error(saved["weight"][rows], plain["trainable"]["weight"]) > 1e-3
