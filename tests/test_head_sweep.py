@@ -330,15 +330,28 @@ def test_help_shows_real_invocations(capsys):
 
 
 def test_best_pt_runs_in_live_with_the_winning_layer(features_file, tiny_imagenet, tmp_path):
-    """CPU, fp32: live's top-1 on the val images is the stored features' under best.pt."""
-    head.sweep(features_file, tmp_path / "sweep", lr="1e-3,1e-2", weight_decay="0", **QUICK)
-    layer = checkpoint.load(tmp_path / "sweep" / checkpoint.BEST).layer
+    """CPU, fp32: live's probabilities on the val images are the softmax of the stored
+    (float16) features under best.pt's layer, within 2e-3; another head's are not."""
+    rows = head.sweep(
+        features_file, tmp_path / "sweep", lr="1e-3,1e-2", weight_decay="0", save_all=True, **QUICK
+    )
+    loser = next(row for row in rows if not row["best"])
     cache = extract.load(features_file)["val"]
     features = torch.from_numpy(cache.features).double()
-    expected = (features @ layer["weight"].double().T + layer["bias"].double()).argmax(1)
+
+    def probabilities(layer: dict) -> torch.Tensor:
+        logits = features @ layer["weight"].double().T + layer["bias"].double()
+        return logits.softmax(1)
+
     model = live.load(tmp_path / "sweep", device="cpu")
-    predicted = model.predict([tiny_imagenet / path for path in cache.paths], topk=1)
-    assert [top[0]["index"] for top in predicted] == expected.tolist()
+    predicted = model.predict([tiny_imagenet / path for path in cache.paths], topk=3)
+    seen = torch.tensor([[entry["prob"] for entry in top] for top in predicted]).double()
+    indices = torch.tensor([[entry["index"] for entry in top] for top in predicted])
+    expected = probabilities(checkpoint.load(tmp_path / "sweep").layer)
+    assert torch.allclose(seen, expected.gather(1, indices), atol=2e-3)
+    other = head_name(loser["lr"], loser["weight_decay"], loser["standardize"])
+    layer = checkpoint.load(tmp_path / "sweep" / "heads" / other).layer
+    assert not torch.allclose(seen, probabilities(layer).gather(1, indices), atol=2e-3)
 
 
 @pytest.mark.cuda
