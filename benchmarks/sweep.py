@@ -71,7 +71,7 @@ def sweep_variant(features: Path, save: Path, epochs: int, device: str, stream: 
     adam = [row for row in rows if row["method"] == "adam"]
     top1 = [row["val_top1"] for row in adam]
     return {
-        "seconds": sum(state["histories"][0]["time"]),
+        "seconds": sum(state["heads"][0]["history"]["seconds"]),
         "total_seconds": finished - started,
         "heads": len(adam),
         "best_top1": max(top1),
