@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO := build/demo
 
-.PHONY: env demo test test-all test-cuda lint mutation bench clean
+.PHONY: env demo test test-all test-cuda browser lint mutation bench clean
 
 env: $(STAMP)
 
@@ -30,6 +30,16 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q
+
+# The browser tests of live.serve (tests/test_live_serve_browser.py) drive Debian's chromium
+# through its chromedriver; installed here where missing (as root, or through sudo).
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then \
+		echo "chromium and chromedriver: present"; \
+	else \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium chromium-driver; \
+	fi
 
 # The CUDA paths against their CPU references (tests/test_cuda.py); all skip without CUDA.
 test-cuda: $(STAMP)

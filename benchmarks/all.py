@@ -6,7 +6,8 @@ Presets:
     h100  (sized for 8 minutes on one H100 or H200 with 16 cores, data included; not yet timed
           on one) Tiny ImageNet's size: 100,000 training and 10,000 validation images, batch
           512, a worker per core; 10,000 photo-sized files decoded in workers and on the GPU;
-          the host path alone
+          the host path alone; the end-to-end extract on the same files as tar shards (not
+          yet run on a GPU); live.serve under 8 WebSocket clients
 
 A step that fails is reported and the others still run; the exit status is then 1.
 
@@ -67,8 +68,23 @@ PRESETS = {
                 ["--rows", "100000", "--epochs", "50", "--variants", "plain,ours,ours:bf16"],
             ),
             ("live", "live", []),
+            ("serve", "live", ["--serve"]),
             ("sweep", "sweep", ["--rows", "100000", "--epochs", "10"]),
             ("host", "host", ["--images", "5000", "--photos", "500"]),
+            (
+                "extract-shards",
+                "extract",
+                [
+                    "--data",
+                    "{data}",
+                    "--batch-size",
+                    "512",
+                    "--precisions",
+                    "auto",
+                    "--sources",
+                    "files,shards",
+                ],
+            ),
             (
                 "extract-photos",
                 "extract",
@@ -106,7 +122,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, help="where to write (or reuse) the images")
     parser.add_argument(
         "--only",
-        help="comma-separated subset of host,extract,extract-photos,head,sweep,pipeline,live",
+        help="comma-separated subset of host,extract,extract-photos,extract-shards,head,sweep,"
+        "pipeline,live,serve",
     )
     args = parser.parse_args()
     preset = PRESETS[args.preset]

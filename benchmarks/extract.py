@@ -14,6 +14,10 @@ Examples:
     python -m benchmarks.extract --images 110000 --data /tmp/bench-data --batch-size 512 \
         --workers 16 --precisions auto,bf16
     python -m benchmarks.extract --photos --images 20000 --precisions auto --decodes workers,device
+    python -m benchmarks.extract --images 100000 --precisions auto --sources files,shards
+
+With ``--sources files,shards`` ours also reads the same files as WebDataset tar shards of
+1,000 samples (`benchmarks.synthetic.write_shards`), end to end.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ import numpy as np
 import torch
 
 from benchmarks import report, synthetic
+
+SHARD_SAMPLES = 1000
 
 
 def plain(
@@ -63,14 +69,16 @@ def ours(
     device: str,
     precision: str,
     decode: str = "workers",
+    source: str = "files",
     backbone: str = "alexnet",
 ) -> dict:
     from extract import runner
 
+    shards = {"train": synthetic.shard_pattern(data)} if source == "shards" else None
     options = runner.Options(
-        data=data,
+        data=shards or data,
         out=out,
-        splits=["train"],
+        splits=None if shards else ["train"],
         backbone=backbone,
         weights="random",
         device=device,
@@ -135,8 +143,9 @@ def max_relative_difference(ours_file: Path, plain_file: Path, plain_paths: list
     with store.open_complete(ours_file) as file:
         arrays = store.read_split(file, "train")
     reference = np.load(plain_file)
-    order = {path: row for row, path in enumerate(plain_paths)}
-    reference = reference[[order[p] for p in arrays.paths]]
+    # A shard's row is named "<shard>:<path without its suffix>"; a file's row by its path.
+    order = {path.rsplit(".", 1)[0]: row for row, path in enumerate(plain_paths)}
+    reference = reference[[order[p.split(".tar:")[-1].rsplit(".", 1)[0]] for p in arrays.paths]]
     ours_rows = arrays.features.astype(np.float32)
     norms = np.linalg.norm(reference, axis=1)
     return float((np.linalg.norm(ours_rows - reference, axis=1) / norms).max())
@@ -161,6 +170,9 @@ def main() -> None:
         "--decodes", default="workers", help="where ours decodes JPEG files: workers,device"
     )
     parser.add_argument("--photos", action="store_true", help="photo-sized files, not 64x64")
+    parser.add_argument(
+        "--sources", default="files", help="what ours reads the files as: files,shards"
+    )
     parser.add_argument(
         "--backbone", default="alexnet", help="torchvision network to compare (default: alexnet)"
     )
@@ -209,19 +221,27 @@ def main() -> None:
             "-",
         ]
     ]
-    variants = [(p, d) for d in args.decodes.split(",") for p in args.precisions.split(",")]
-    for precision, decode in variants:
-        out = scratch / f"ours-{precision}-{decode}.h5"
+    if "shards" in args.sources and not synthetic.shard_folder(data).is_dir():
+        synthetic.write_shards(data, synthetic.shard_folder(data), SHARD_SAMPLES)
+    variants = [
+        (p, d, s)
+        for s in args.sources.split(",")
+        for d in args.decodes.split(",")
+        for p in args.precisions.split(",")
+    ]
+    for precision, decode, source in variants:
+        out = scratch / f"ours-{precision}-{decode}-{source}.h5"
         result = report.run_variant(
             "benchmarks.extract",
-            [*common, "--variant", f"ours:{precision}:{decode}", "--out", str(out)],
+            [*common, "--variant", f"ours:{precision}:{decode}:{source}", "--out", str(out)],
         )
         difference = max_relative_difference(out, scratch / "p.npy", plain_result["paths"])
         ours_rate = result["images"] / result["seconds"]
         rows.append(
             [
                 f"ours --precision {precision}"
-                + (f" --decode {decode}" if decode != "workers" else ""),
+                + (f" --decode {decode}" if decode != "workers" else "")
+                + (f", {source}" if source != "files" else ""),
                 result["images"],
                 result["seconds"],
                 ours_rate,

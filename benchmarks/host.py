@@ -12,6 +12,12 @@ Rows, each on the same files in its own process:
     ours, PIL decode   our loader with every file decoded by PIL (before torchvision's decoder)
     ours               our loader: JPEG files by torchvision's `decode_jpeg`, the rest by PIL
     ours, --decode device  the workers only read the files; the GPU would decode them
+    ours, tar shards   the same 64x64 JPEG files as WebDataset tar shards of 500 samples
+    ours, Parquet      the same files as one Parquet file (Hugging Face's image struct),
+                       row groups of 500
+
+Then Parquet's peak memory on the same files repeated 1x and 16x (same row groups): what a
+worker holds is a row group, so the peak stays where it is while the file grows.
 
 Examples:
     python -m benchmarks.host                      # 2,000 64x64 and 300 photo-sized files
@@ -21,6 +27,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import tempfile
 import time
@@ -33,13 +40,33 @@ from benchmarks import report, synthetic
 
 FEATURE_DIM = 4096
 REPEATS = 3
-VARIANTS = ("plain", "ours:pil", "ours", "ours:device")
+VARIANTS = ("plain", "ours:pil", "ours", "ours:device", "ours:shards", "ours:parquet")
 LABELS = {
     "plain": "plain torchvision (PIL, transforms in the loader)",
     "ours:pil": "ours, every file decoded by PIL",
     "ours": "ours (decode_jpeg for JPEG files)",
     "ours:device": "ours, --decode device (files read, GPU decodes)",
+    "ours:shards": "ours, the files as tar shards",
+    "ours:parquet": "ours, the files as a Parquet file",
+    "ours:parquet:x16": "ours, Parquet, the files 16x over",
 }
+# Sources made of the 64x64 files only (the photos are compared as files).
+SOURCES = ("shards", "parquet")
+SHARD_SAMPLES = 500
+ROW_GROUP = 500
+
+
+def parquet_of(data: Path, copies: int) -> Path:
+    return data.with_name(f"{data.name}-x{copies}.parquet")
+
+
+def write_sources(data: Path) -> None:
+    """The 64x64 files as tar shards and as Parquet files (1x and 16x), unless already there."""
+    if not synthetic.shard_folder(data).is_dir():
+        synthetic.write_shards(data, synthetic.shard_folder(data), SHARD_SAMPLES)
+    for copies in (1, 16):
+        if not parquet_of(data, copies).is_file():
+            synthetic.write_parquet(data, parquet_of(data, copies), ROW_GROUP, copies)
 
 
 def plain(data: Path, batch_size: int, workers: int) -> dict:
@@ -77,11 +104,16 @@ def one_pass(data: Path, batch_size: int, workers: int, options: list[str], out:
     from extract.writer import BackgroundWriter, HostRows
 
     if "pil" in options:
-        images.read_pixels = images.read_pixels_with_pil
+        images.pixels_of = lambda data, name: images.read_pixels_with_pil(io.BytesIO(data), name)
+    source: Path | dict[str, str] = data
+    if "shards" in options:
+        source = {"train": synthetic.shard_pattern(data)}
+    elif "parquet" in options:
+        source = {"train": str(parquet_of(data, 16 if "x16" in options else 1))}
     settings = runner.Options(
-        data=data,
+        data=source,
         out=out,
-        splits=["train"],
+        splits=None if isinstance(source, dict) else ["train"],
         batch_size=batch_size,
         workers=workers,
         decode="device" if "device" in options else "workers",
@@ -102,7 +134,7 @@ def one_pass(data: Path, batch_size: int, workers: int, options: list[str], out:
     ):
         manifest = manifests[0]
         started = time.perf_counter()  # the manifest and the empty file are made once per run
-        loader = runner.make_loader(data, manifest, 0, settings, Preprocess(), torch.device("cuda"))
+        loader = runner.make_loader(manifest, 0, settings, Preprocess(), torch.device("cuda"))
         for batch in loader:
             zeros = torch.zeros((len(batch.indices), FEATURE_DIM), dtype=torch.float16)
             rows = HostRows(zeros, np.float16)
@@ -132,7 +164,7 @@ def variant_main(args) -> None:
     print(json.dumps(result))
 
 
-def measure(data: Path, args, scratch: Path) -> list[list]:
+def measure(data: Path, args, scratch: Path, variants: list[str]) -> list[list]:
     common = ["--data", str(data), "--batch-size", str(args.batch_size)]
     common += ["--workers", str(args.workers)]
     results = {
@@ -140,7 +172,7 @@ def measure(data: Path, args, scratch: Path) -> list[list]:
             "benchmarks.host",
             [*common, "--variant", variant, "--out", str(scratch / f"{variant}.h5")],
         )
-        for variant in args.variants.split(",")
+        for variant in variants
     }
     baseline = results.get("plain")
     rows = []
@@ -148,7 +180,17 @@ def measure(data: Path, args, scratch: Path) -> list[list]:
         rate = result["images"] / result["seconds"]
         per_worker = rate / max(1, args.workers)
         ratio = rate / (baseline["images"] / baseline["seconds"]) if baseline else float("nan")
-        rows.append([LABELS[variant], result["images"], result["seconds"], rate, per_worker, ratio])
+        rows.append(
+            [
+                LABELS[variant],
+                result["images"],
+                result["seconds"],
+                rate,
+                per_worker,
+                ratio,
+                result["peak_rss_mb"],
+            ]
+        )
     return rows
 
 
@@ -174,24 +216,41 @@ def main() -> None:
 
     scratch = Path(tempfile.mkdtemp(prefix="bench-host-"))
     base = args.data or scratch
-    header = ["loader", "images", "seconds", "images/s", "per worker", "x plain"]
+    header = ["loader", "images", "seconds", "images/s", "per worker", "x plain", "peak RSS MB"]
     for name, count, photos in (("64x64", args.images, False), ("photo", args.photos, True)):
         if not count:
             continue
         data = base / f"host-{name}-{count}"
         if not (data / "wnids.txt").is_file():
             synthetic.write_images(data, count, 20, photos=photos)
+        variants = [
+            v
+            for v in args.variants.split(",")
+            if not photos or not set(v.split(":")) & set(SOURCES)
+        ]
+        if not photos and set(":".join(variants).split(":")) & set(SOURCES):
+            write_sources(data)
         sizes = "64x64" if not photos else "about 500x375 (4 sizes mixed)"
         report.publish(
             f"host path: {count} JPEG files {sizes}, batch {args.batch_size}, "
             f"{args.workers} workers, no network",
             header,
-            measure(data, args, scratch),
+            measure(data, args, scratch, variants),
             "Read, decode, batch, pin (where CUDA is present) and a stand-in block of zero "
             "rows written to HDF5 by the background writer; 'per worker' is images/s divided "
             f"by the workers (by 1 with none: the main process decodes). Ours: the fastest of "
             f"{REPEATS} passes; plain: one pass.",
         )
+        if not photos and "ours:parquet" in variants:
+            report.publish(
+                f"Parquet's peak memory: the {count} 64x64 files 1x and 16x over, row groups of "
+                f"{ROW_GROUP}, batch {args.batch_size}, {args.workers} workers",
+                header,
+                measure(data, args, scratch, ["ours:parquet", "ours:parquet:x16"]),
+                "A worker holds one row group of the image column at a time, so the peak "
+                "should not grow with the file; what does grow is the listing (a source id "
+                "and a label a row).",
+            )
 
 
 if __name__ == "__main__":

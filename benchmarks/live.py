@@ -10,8 +10,13 @@ frames over the loop's wall time (loading excluded); latency is from a frame rea
 probabilities known. Each variant runs in a fresh process. Ours reports its per-stage times too,
 and every variant's top-1 per frame is compared with the plain way's.
 
+With --serve it measures `python -m live.serve` instead: 8 WebSocket clients x 200 frames against
+`live --no-display` on the same JPEG files (benchmarks/serve.py says what and how).
+
 Examples:
     python -m benchmarks.live
+    python -m benchmarks.live --serve
+    python -m benchmarks.live --serve --clients 4 --frames 100
     python -m benchmarks.live --frames 300 --device cpu
     BENCHMARK_RESULTS=/tmp/trial.md python -m benchmarks.live --frames 150 --variants fp32,bf16
 """
@@ -28,7 +33,7 @@ import cv2
 import numpy as np
 import torch
 
-from benchmarks import report
+from benchmarks import report, serve
 
 WIDTH, HEIGHT, FPS = 640, 480, 30.0
 CLASSES = 200
@@ -174,7 +179,9 @@ def main() -> None:
         epilog=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--frames", type=int, default=300)
+    parser.add_argument("--frames", type=int, help="frames of the video (300; 200 with --serve)")
+    parser.add_argument("--serve", action="store_true", help="measure live.serve under load")
+    parser.add_argument("--clients", type=int, default=8, help="with --serve: clients at once")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--variants",
@@ -185,14 +192,22 @@ def main() -> None:
     parser.add_argument("--video", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--scratch", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-process", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
         variant_main(args)
         return
+    if args.serve_process:
+        serve.server_main(args.model, args.device)
+        return
+    args.frames = args.frames or (200 if args.serve else 300)
 
     scratch = Path(tempfile.mkdtemp(prefix="bench-live-"))
     video = write_video(scratch / "clip.mp4", args.frames)
     model_dir = write_model(scratch / "model")
+    if args.serve:
+        serve.main(scratch, video, model_dir, args.device, args.clients)
+        return
     common = [
         "--video",
         str(video),

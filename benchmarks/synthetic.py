@@ -96,6 +96,75 @@ def write_images(
     return root
 
 
+def train_files(root: Path) -> tuple[list[str], list[str]]:
+    """The train split's paths and wnids, in the order extract reads the folder."""
+    from extract.dataset import read_classes, read_manifest
+
+    classes = read_classes(root)
+    manifest = read_manifest(root, "train", classes)
+    return manifest.paths, [classes.wnids[label] for label in manifest.labels]
+
+
+def shard_folder(root: Path) -> Path:
+    """Where the benchmarks keep `root`'s train split as tar shards: beside it."""
+    return root.with_name(f"{root.name}-shards")
+
+
+def shard_pattern(root: Path) -> str:
+    return f"{shard_folder(root)}/train-*.tar"
+
+
+def write_shards(root: Path, out: Path, per_shard: int = 1000) -> str:
+    """The train split of `root` as WebDataset tar shards in `out`, in the folder's order: each
+    sample's key is its path without the suffix, with a ``.jpg`` and a ``.txt`` (the wnid)
+    member, as img2dataset writes them. Returns the brace pattern naming the shards."""
+    import io
+    import tarfile
+
+    paths, wnids = train_files(root)
+    out.mkdir(parents=True, exist_ok=True)
+    count = -(-len(paths) // per_shard)
+    for number in range(count):
+        with tarfile.open(out / f"train-{number:05d}.tar", "w") as tar:
+            for path, name in list(zip(paths, wnids))[number * per_shard :][:per_shard]:
+                key = path.rsplit(".", 1)[0]
+                for member, data in (
+                    (f"{key}.jpg", (root / path).read_bytes()),
+                    (f"{key}.txt", name.encode()),
+                ):
+                    info = tarfile.TarInfo(member)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return f"{out}/train-{{00000..{count - 1:05d}}}.tar"
+
+
+def write_parquet(root: Path, path: Path, row_group: int = 500, copies: int = 1) -> Path:
+    """The train split of `root` as one Parquet file as Hugging Face stores images (a
+    ``{"bytes", "path"}`` struct and a label column), `copies` times over, a row group of
+    `row_group` rows at a time, so the file never sits in memory whole."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    paths, wnids = train_files(root)
+    schema = pa.schema(
+        [
+            ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+            ("label", pa.string()),
+        ]
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [(p, name) for _ in range(copies) for p, name in zip(paths, wnids)]
+    with pq.ParquetWriter(path, schema) as writer:
+        for start in range(0, len(rows), row_group):
+            part = rows[start : start + row_group]
+            images = [{"bytes": (root / p).read_bytes(), "path": p} for p, _ in part]
+            writer.write_table(
+                pa.table({"image": images, "label": [n for _, n in part]}, schema=schema),
+                row_group_size=row_group,
+            )
+    return path
+
+
 def write_features(
     path: Path,
     rows: int,

@@ -1,12 +1,14 @@
-"""Run a frozen, pretrained torchvision network once over an image folder; cache its features.
+"""Run a frozen, pretrained torchvision network once over a dataset; cache its features.
 
 Python API (``python -m extract`` is a thin wrapper around ``run``):
 
     extract.run(data, out, **options) -> Summary
-        Extract the features of an image folder into one HDF5 file; the options and their
+        Extract the features of an image folder, or of a source per split
+        (``{"train": "train.csv", "val": "shards/val-{0000..0007}.tar"}``: folders, CSV
+        manifests, tar shards, Parquet files), into one HDF5 file; the options and their
         defaults are those of ``python -m extract`` (``backbone``, ``node``, ``weights``,
-        ``splits``, ``device``, ``precision``, ``batch_size``, ``workers``, ``resume``,
-        ``overwrite``, ``flip``, ...).
+        ``splits``, ``classes``, ``device``, ``precision``, ``batch_size``, ``workers``,
+        ``resume``, ``overwrite``, ``flip``, ...).
     extract.load(path, lazy=None) -> FeatureFile
         Per split: ``features`` (N x D NumPy array in the stored dtype, or lazily read from the
         file when larger than memory), ``labels``, ``paths``; and ``wnids``, ``names``,

@@ -1,7 +1,13 @@
-"""python -m extract: cache a frozen network's features of an image folder in one HDF5 file.
+"""python -m extract: cache a frozen network's features of a dataset in one HDF5 file.
 
 Examples:
     python -m extract --data tiny-imagenet-200 --out features.h5   # AlexNet fc7
+    python -m extract --data train=photos/train --data val=photos/val --out features.h5
+    python -m extract --data labels.csv --out features.h5   # path,label[,split] columns
+    python -m extract --data 'train=shards/train-{00000..00127}.tar' \
+        --data 'val=shards/val-{00000..00007}.tar' --out features.h5 --classes classes.txt
+    python -m extract --data 'train=hf/data/train-*.parquet' \
+        --data 'val=hf/data/validation-*.parquet' --out features.h5 --image-column img
     python -m extract --data tiny-imagenet-200 --out resnet50.h5 --backbone resnet50
     python -m extract --data tiny-imagenet-200 --out vit.h5 --backbone vit_b_16 \\
         --weights IMAGENET1K_SWAG_LINEAR_V1
@@ -30,6 +36,11 @@ from extract.api import run
 from extract.errors import UserError, run_cli
 from extract.images import DECODERS
 from extract.precisions import EXTRACT_CHOICES
+from extract.runner import Options
+from extract.sources import parse_data
+
+# Defaults live in the options dataclass; argparse reads them from there.
+DEFAULTS = Options(data=Path(), out=Path())
 
 
 @dataclasses.dataclass
@@ -45,12 +56,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace | Listing:
         prog="python -m extract",
         description="Run a frozen torchvision network (by default pretrained AlexNet up to fc7: "
         "4096-d, after the second fully connected layer and its ReLU, eval mode) over a Tiny "
-        "ImageNet or ImageFolder dataset and cache features, labels, paths, classes and "
-        "provenance in one HDF5 file. The preprocessing is that of the weights' own transforms.",
+        "ImageNet or ImageFolder dataset, a CSV manifest, WebDataset tar shards or Parquet "
+        "files, and cache features, labels, source ids, classes and provenance in one HDF5 "
+        "file. The preprocessing is that of the weights' own transforms.",
         epilog=__doc__.split("\n", 2)[2],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--data", type=Path, help="dataset folder (read only; required)")
+    parser.add_argument(
+        "--data",
+        action="append",
+        help="a dataset folder, or SPLIT=SOURCE for each split (repeatable; required): "
+        "SOURCE is an ImageFolder tree, a .csv/.tsv manifest (path and label columns, "
+        "optionally split), .tar shards (a {00000..00127} range, a glob or a .txt list) or "
+        ".parquet files (a file, glob or folder); docs/inputs.md. Read only",
+    )
     parser.add_argument("--out", type=Path, help="HDF5 file to write (required)")
     parser.add_argument(
         "--backbone",
@@ -82,6 +101,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace | Listing:
         help="imagenet (the architecture's DEFAULT torchvision weights), one of its weights "
         "names such as IMAGENET1K_V2, random (seeded) or a path to a state_dict file of "
         "the architecture (default: imagenet)",
+    )
+    parser.add_argument(
+        "--classes",
+        type=Path,
+        default=DEFAULTS.classes,
+        help="class file: one class a line, optionally TAB and a readable name (default: the "
+        "sorted labels of the train split; a folder's own classes for a bare --data FOLDER)",
+    )
+    parser.add_argument(
+        "--image-column",
+        default=DEFAULTS.image_column,
+        help=f"Parquet column of the image bytes (default: {DEFAULTS.image_column})",
+    )
+    parser.add_argument(
+        "--label-column",
+        default=DEFAULTS.label_column,
+        help=f"Parquet or CSV column of the labels (default: {DEFAULTS.label_column})",
     )
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     parser.add_argument("--batch-size", type=int, default=128, help="images per batch (128)")
@@ -134,6 +170,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace | Listing:
         return Listing(args.backbone, nodes=args.list_nodes)
     if args.data is None or args.out is None:
         parser.error("--data and --out are required")
+    args.data = parse_data(args.data)
     return args
 
 

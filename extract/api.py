@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,8 +27,16 @@ if TYPE_CHECKING:
     from extract.runner import Summary
 
 
-def run(data: str | os.PathLike, out: str | os.PathLike, **options: Any) -> Summary:
-    """Extract the features of the image folder `data` into the HDF5 file `out`.
+def run(
+    data: str | os.PathLike | Mapping[str, str | os.PathLike],
+    out: str | os.PathLike,
+    **options: Any,
+) -> Summary:
+    """Extract the features of `data` into the HDF5 file `out`.
+
+    `data` is what ``--data`` takes: a dataset folder, one SOURCE, or a mapping of split to
+    SOURCE (``{"train": "train.csv", "val": "shards/val-{0000..0007}.tar"}``): an ImageFolder
+    tree, a CSV or TSV manifest, WebDataset tar shards or Parquet files (docs/inputs.md).
 
     `options` are the options of ``python -m extract``, spelled with underscores and with the
     same defaults: ``splits`` (a list or "train,val"; default: train and val where present),
@@ -37,8 +46,9 @@ def run(data: str | os.PathLike, out: str | os.PathLike, **options: Any) -> Summ
     ``batch_size`` (128), ``workers`` (decoding processes; None: one per core with CUDA, at
     most 8 on the CPU; 0 decodes in this process), ``decode`` ("workers", or "device": JPEG
     files decoded on the GPU), ``precision`` ("auto"), ``store_dtype`` ("float16"),
-    ``resume``, ``overwrite``, ``strict``, ``flip`` (all False) and ``progress`` (True: a tqdm
-    bar, also in notebooks).
+    ``resume``, ``overwrite``, ``strict``, ``flip`` (all False), ``progress`` (True: a tqdm
+    bar, also in notebooks), ``classes`` (a class file; None: the train split's sorted labels),
+    ``image_column`` ("image") and ``label_column`` ("label").
 
     Returns the `Summary` the command prints (images, failed, seconds, file_bytes). Under
     ``torchrun`` each process extracts its share and the first merges them, as the command does.
@@ -46,6 +56,7 @@ def run(data: str | os.PathLike, out: str | os.PathLike, **options: Any) -> Summ
     option.
     """
     from extract import distributed, runner  # the image pipeline, only when extracting
+    from extract.sources import parse_data
 
     fields = {field.name for field in dataclasses.fields(runner.Options)} - {"data", "out"}
     unknown = sorted(set(options) - fields)
@@ -57,7 +68,13 @@ def run(data: str | os.PathLike, out: str | os.PathLike, **options: Any) -> Summ
         options["splits"] = [s.strip() for s in options["splits"].split(",") if s.strip()] or None
     if isinstance(options.get("weights"), os.PathLike):
         options["weights"] = os.fspath(options["weights"])
-    settings = runner.Options(data=Path(data), out=Path(out), **options)
+    if isinstance(data, Mapping):
+        sources = parse_data([f"{split}={os.fspath(spec)}" for split, spec in data.items()])
+    else:
+        sources = parse_data([data])
+    if options.get("classes") is not None:
+        options["classes"] = Path(options["classes"])
+    settings = runner.Options(data=sources, out=Path(out), **options)
     if settings.batch_size < 1 or (settings.workers is not None and settings.workers < 0):
         raise UserError("--batch-size must be >= 1 and --workers >= 0")
     if settings.resume and settings.overwrite:

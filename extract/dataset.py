@@ -35,11 +35,45 @@ class Classes:
 
 @dataclasses.dataclass(frozen=True)
 class Manifest:
-    """The images of one split, in the order their features are stored."""
+    """The images of one split, in the order their features are stored.
+
+    `units` are the first rows of the source's shards (or Parquet row groups): a batch never
+    spans two, so a worker reads one shard per batch, and whole shards can go to `torchrun`'s
+    ranks with every batch as one process makes it. A folder or a CSV is one unit. `failures`
+    are rows known to fail before any image is read (a sample with no image, a label that is
+    not a class), by row, with the reason. `reader` reads the images (`extract.sources`); row i
+    is the reader's sample ``reader_offset + i``, so a slice of the manifest keeps its reader.
+    """
 
     split: str
-    paths: list[str]  # relative to the dataset root, with '/' separators
+    paths: list[str]  # the source id of each row: for a folder, relative to it, '/'-separated
     labels: list[int]
+    units: tuple[int, ...] = (0,)
+    failures: dict[int, str] = dataclasses.field(default_factory=dict)
+    reader: object = dataclasses.field(default=None, compare=False, repr=False)
+    reader_offset: int = 0
+
+    def batches(self, start: int, batch_size: int) -> list[range]:
+        """The rows of each batch from `start` (a batch's first row) on, none across a unit."""
+        ends = [*self.units[1:], len(self.paths)]
+        return [
+            range(first, min(first + batch_size, end))
+            for unit, end in zip(self.units, ends)
+            for first in range(unit, end, batch_size)
+            if first >= start
+        ]
+
+    def slice(self, first: int, last: int) -> Manifest:
+        """Rows first..last-1, their units, failures and place in the reader kept."""
+        return Manifest(
+            self.split,
+            self.paths[first:last],
+            self.labels[first:last],
+            tuple(sorted({0, *(unit - first for unit in self.units if first < unit < last)})),
+            {row - first: why for row, why in self.failures.items() if first <= row < last},
+            self.reader,
+            self.reader_offset + first,
+        )
 
     def sha256(self) -> str:
         """Fingerprint of the image list, so a resumed run can tell it is the same one."""

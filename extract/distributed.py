@@ -1,12 +1,13 @@
 """Sharded extraction under PyTorch's own launcher, `torchrun`.
 
-Each rank takes a contiguous slice of every split's manifest and writes it, resumably, to its
+Each rank takes a contiguous slice of every split's manifest (whole tar shards or Parquet row
+groups where the source has them, whole batches of a folder) and writes it, resumably, to its
 own file ``<out>.rank<r>-of-<n>`` next to the output, with the single-process code path. When
 all ranks are done, rank 0 merges the slices in rank order into ``<out>``: the same layout and
-the same values as one process would write. Slice boundaries fall on multiples of the batch
-size, so every batch holds the same images as in a single-process run and the features are
-bit-for-bit the same. The merge is a copy rather than an HDF5 virtual dataset: a virtual
-dataset reads a missing part file as zeros without a word, and reads about 3x slower.
+the same values as one process would write. Slice boundaries fall where a single process's
+batches begin, so every batch holds the same images as in a single-process run and the
+features are bit-for-bit the same. The merge is a copy rather than an HDF5 virtual dataset:
+a virtual dataset reads a missing part file as zeros without a word, and reads about 3x slower.
 """
 
 from __future__ import annotations
@@ -32,11 +33,16 @@ def launched() -> bool:
 
 
 def shard(manifest: Manifest, rank: int, world: int, batch_size: int) -> Manifest:
-    """Rank's contiguous slice, with boundaries on batch-size multiples."""
-    batches = -(-len(manifest.paths) // batch_size)
-    first = batches * rank // world * batch_size
-    last = batches * (rank + 1) // world * batch_size
-    return Manifest(manifest.split, manifest.paths[first:last], manifest.labels[first:last])
+    """Rank's contiguous slice: whole shards (or Parquet row groups) of a source that has
+    them, else whole batches, so each batch is the one a single process makes."""
+    if len(manifest.units) > 1:
+        cuts = list(manifest.units)
+    else:
+        cuts = [batch.start for batch in manifest.batches(0, batch_size)]
+    first, last = (
+        cuts[len(cuts) * r // world] if r < world else len(manifest.paths) for r in (rank, rank + 1)
+    )
+    return manifest.slice(first, last)
 
 
 def rank_path(out: Path, rank: int, world: int) -> Path:

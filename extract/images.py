@@ -1,6 +1,7 @@
-"""Decoding image files into uint8 tensors in DataLoader workers, with failures kept, not raised.
+"""Decoding images into uint8 tensors in DataLoader workers, with failures kept, not raised.
 
-An unreadable file (truncated, empty, not an image, too large) must not stop a long run: the
+The bytes come from the split's source (`extract.sources`: files, tar shards, Parquet rows).
+An unreadable image (truncated, empty, not an image, too large) must not stop a long run: the
 worker returns the reason instead of the pixels, and the run records it in the split's
 ``failed`` list.
 
@@ -20,10 +21,11 @@ import warnings
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from extract.dataset import Manifest
 from extract.errors import first_line
 from extract.preprocess import Preprocess, decode, resize_crop
 
@@ -48,11 +50,20 @@ def jpeg_to_rgb(
         return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
 
 
-def read_pixels_with_pil(path: str | Path | io.BytesIO) -> torch.Tensor:
-    """Read one file fully with PIL as (3, H, W) uint8 RGB; raises for anything unreadable."""
+def read_pixels_with_pil(path: str | Path | io.BytesIO, name: str = "") -> torch.Tensor:
+    """Read one file fully with PIL as (3, H, W) uint8 RGB; raises for anything unreadable.
+
+    `name`: what to call bytes in memory when PIL cannot identify them, instead of the
+    object's address, so the reason recorded is the same in every run."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as image:
+        try:
+            image = Image.open(path)
+        except UnidentifiedImageError:
+            if not name:
+                raise
+            raise UnidentifiedImageError(f"cannot identify image file {name!r}") from None
+        with image:
             image.load()
             return decode(image)
 
@@ -111,19 +122,25 @@ def decodes_like_pil(header: bytes | bytearray) -> bool:
 
 def read_pixels(path: str | Path) -> torch.Tensor:
     """Read one file fully as (3, H, W) uint8 RGB; raises for anything unreadable."""
-    data = read_bytes(path)
+    return pixels_of(read_bytes(path), os.fspath(path))
+
+
+def pixels_of(data: bytearray, name: str) -> torch.Tensor:
+    """An encoded image as (3, H, W) uint8 RGB; raises for anything unreadable. `name` (a file
+    path or a source id) stands for the bytes in PIL's message when it cannot identify them."""
     if decodes_like_pil(data):
         try:
             return jpeg_to_rgb(as_tensor(data))
         except RuntimeError:  # libjpeg refused it: PIL says why, or reads what it can
             pass
-    return read_pixels_with_pil(path)
+    return read_pixels_with_pil(io.BytesIO(data), name)
 
 
-def read_for_device(path: str | Path) -> torch.Tensor:
-    """The bytes of a JPEG file the GPU can decode (1-D), else the pixels (3, H, W) from PIL."""
-    data = read_bytes(path)
-    return as_tensor(data) if decodes_like_pil(data) else read_pixels_with_pil(path)
+def for_device(data: bytearray, name: str) -> torch.Tensor:
+    """The bytes of a JPEG the GPU can decode (1-D), else the pixels (3, H, W) from PIL."""
+    return (
+        as_tensor(data) if decodes_like_pil(data) else read_pixels_with_pil(io.BytesIO(data), name)
+    )
 
 
 def failure_reason(error: BaseException) -> str:
@@ -134,28 +151,47 @@ def failure_reason(error: BaseException) -> str:
 
 
 class ManifestImages(Dataset):
-    """A split's image files, as listed in its manifest, for the extraction's DataLoader.
+    """A split's images, as listed in its manifest, for the extraction's DataLoader.
 
-    Items are (manifest index, uint8 pixels at their own size or None, failure reason).
+    Items are (manifest index, uint8 pixels at their own size or None, failure reason). A batch
+    is fetched whole (`__getitems__`): its rows are consecutive samples of one shard or row
+    group, which the manifest's reader reads in one pass, front to back. Rows the manifest
+    already knows to fail (no image, a label that is not a class) are not read.
 
     With ``decode="device"``, JPEG files come as their bytes (1-D) for `crops_on_device`.
     """
 
-    def __init__(self, root: Path, paths: list[str], indices: range, decode: str = "workers"):
-        self.root = os.fspath(root)  # joined as strings: pathlib's joins cost as much as decoding
-        self.paths = paths
+    def __init__(self, manifest: Manifest, indices: range, decode: str = "workers"):
+        self.manifest = manifest
         self.indices = indices
-        self.read = read_for_device if decode == "device" else read_pixels
+        self.decode = for_device if decode == "device" else pixels_of
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, position: int) -> tuple[int, torch.Tensor | None, str]:
-        index = self.indices[position]
-        try:
-            return index, self.read(os.path.join(self.root, self.paths[index])), ""
-        except Exception as error:  # every decoder error is a property of the file
-            return index, None, failure_reason(error)
+        return self.__getitems__([position])[0]
+
+    def __getitems__(self, positions: list[int]) -> list[tuple[int, torch.Tensor | None, str]]:
+        manifest = self.manifest
+        rows = [self.indices[position] for position in positions]
+        wanted = [row for row in rows if row not in manifest.failures]
+        read = dict(
+            zip(wanted, manifest.reader.read([manifest.reader_offset + row for row in wanted]))
+        )
+        items = []
+        for row in rows:
+            if row in manifest.failures:
+                items.append((row, None, manifest.failures[row]))
+                continue
+            name, data = read[row]
+            try:
+                if isinstance(data, BaseException):
+                    raise data
+                items.append((row, self.decode(data, name), ""))
+            except Exception as error:  # every reader and decoder error is the sample's own
+                items.append((row, None, failure_reason(error)))
+        return items
 
 
 @dataclasses.dataclass

@@ -26,7 +26,7 @@ import torchvision
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from extract import backbone, precisions, store
+from extract import backbone, precisions, sources, store
 from extract.backbone import DEFAULT_BACKBONE, IMAGENET
 from extract.dataset import Classes, Manifest, default_splits, read_classes, read_manifest
 from extract.device import resolve_device
@@ -38,9 +38,12 @@ from extract.writer import BackgroundWriter, HostRows
 
 @dataclasses.dataclass
 class Options:
-    data: Path
+    data: Path | dict[str, str]  # a folder, or SOURCE (`extract.sources`) by split name
     out: Path
     splits: list[str] | None = None  # None: train and val where present
+    classes: Path | None = None  # a class file; None: the train split's sorted labels
+    image_column: str = "image"  # of Parquet files
+    label_column: str = "label"  # of Parquet files and CSV manifests
     backbone: str = DEFAULT_BACKBONE
     node: str | None = None  # None: the input of the backbone's classifier
     weights: str = IMAGENET
@@ -103,20 +106,22 @@ def default_workers(device: torch.device) -> int:
 
 
 def make_loader(
-    root: Path,
     manifest: Manifest,
     start: int,
     options: Options,
     params: Preprocess,
     device: torch.device,
 ) -> DataLoader:
-    """Workers decode (and on the CPU also resize); on CUDA the GPU resizes whole batches."""
+    """Workers decode (and on the CPU also resize); on CUDA the GPU resizes whole batches.
+
+    Batch k goes to worker k mod the workers, and comes back in order: the workers divide each
+    shard's batches among themselves, each reading its own front to back, and rows reach the
+    file in manifest order, as resume needs."""
     workers = default_workers(device) if options.workers is None else options.workers
-    files = ManifestImages(root, manifest.paths, range(start, len(manifest.paths)), options.decode)
+    images = ManifestImages(manifest, range(len(manifest.paths)), options.decode)
     return DataLoader(
-        files,
-        batch_size=options.batch_size,
-        shuffle=False,
+        images,
+        batch_sampler=manifest.batches(start, options.batch_size),
         num_workers=workers,
         collate_fn=Collate(params, defer_resize=device.type == "cuda", decode=options.decode),
         pin_memory=device.type == "cuda",
@@ -125,9 +130,7 @@ def make_loader(
     )
 
 
-def check_readable(
-    root: Path, manifests: list[Manifest], options: Options, params: Preprocess
-) -> None:
+def check_readable(manifests: list[Manifest], options: Options, params: Preprocess) -> None:
     """--strict: decode every image before anything is written; fail on the first bad one."""
     failures = []
     total = sum(len(m.paths) for m in manifests)
@@ -135,13 +138,14 @@ def check_readable(
         for manifest in manifests:
             cpu = torch.device("cpu")
             checking = dataclasses.replace(options, decode="workers")
-            for batch in make_loader(root, manifest, 0, checking, params, cpu):
-                failures.extend((manifest.paths[i], reason) for i, reason in batch.failed)
+            for batch in make_loader(manifest, 0, checking, params, cpu):
+                failures.extend((manifest, i, reason) for i, reason in batch.failed)
                 bar.update(options.batch_size)
     if failures:
-        path, reason = failures[0]
+        manifest, index, reason = failures[0]
+        name = manifest.reader.read([manifest.reader_offset + index])[0][0]
         more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
-        raise UserError(f"{root / path}: unreadable image, {reason}{more}; --strict stops here")
+        raise UserError(f"{name}: unreadable image, {reason}{more}; --strict stops here")
 
 
 def acquire_lock(out: Path):
@@ -161,10 +165,26 @@ def acquire_lock(out: Path):
 
 
 def read_dataset(options: Options) -> tuple[Classes, list[Manifest]]:
-    """The class list and the manifest of every requested split."""
-    classes = read_classes(options.data)
-    split_names = options.splits or default_splits(options.data)
-    return classes, [read_manifest(options.data, split, classes) for split in split_names]
+    """The class list and the manifest of every requested split, each with its reader."""
+    data = options.data
+    if isinstance(data, dict) and options.splits:
+        raise UserError("--splits: with --data SPLIT=SOURCE the sources name the splits")
+    if not isinstance(data, dict) and sources.is_source_name(os.fspath(data)):
+        data = sources.bare_splits(os.fspath(data), options.splits)
+    if isinstance(data, dict):
+        return sources.read_sources(
+            data, options.classes, options.image_column, options.label_column
+        )
+    if options.classes is not None:
+        raise UserError(f"--classes: {data} has its own classes (use --data train={data})")
+    root = Path(data)
+    classes = read_classes(root)
+    manifests = [
+        read_manifest(root, split, classes) for split in options.splits or default_splits(root)
+    ]
+    return classes, [
+        dataclasses.replace(m, reader=sources.folder_files(root, m.paths)) for m in manifests
+    ]
 
 
 def run(options: Options) -> Summary:
@@ -186,7 +206,6 @@ def extract_to(
     `called`: the `time.perf_counter()` the run started at, for `Summary.first_batch_seconds`.
     """
     called = time.perf_counter() if called is None else called
-    root = options.data
     device = resolve_device(options.device)
     precision = precisions.resolve(options.precision, device)
     if options.store_dtype not in ("float16", "float32"):
@@ -212,7 +231,7 @@ def extract_to(
         # network is built and hashed (a resumed run learns where to start from the file).
         params = backbone.preprocess_for(options.backbone, options.weights)
         first_batches = (
-            iter(make_loader(root, manifests[0], 0, options, params, device)) if fresh else None
+            iter(make_loader(manifests[0], 0, options, params, device)) if fresh else None
         )
         frozen = backbone.build(options.backbone, options.weights, options.node)
         attrs = store.root_attributes(
@@ -224,7 +243,7 @@ def extract_to(
             torchvision_version=torchvision.__version__,
         )
         if options.strict:
-            check_readable(root, manifests, options, params)
+            check_readable(manifests, options, params)
         if options.resume and part.exists():
             file = store.open_for_resume(part, attrs, classes, manifests, options.flip)
         else:
@@ -234,7 +253,6 @@ def extract_to(
                 images, failed, seconds, timeline = extract_splits(
                     file,
                     frozen.extractor,
-                    root,
                     manifests,
                     options,
                     params,
@@ -281,7 +299,6 @@ def close_quietly(file) -> None:
 def extract_splits(
     file,
     extractor: torch.nn.Module,
-    root: Path,
     manifests: list[Manifest],
     options: Options,
     params: Preprocess,
@@ -313,7 +330,7 @@ def extract_splits(
             batches = (
                 first_batches
                 if number == 0 and first_batches is not None and start == 0
-                else make_loader(root, manifest, start, options, params, device)
+                else make_loader(manifest, start, options, params, device)
             )
             for batch in batches:
                 computed = write_batch(

@@ -1,7 +1,8 @@
 """Stitch the frozen backbone and the trained head back together and classify images and video.
 
 Python API (``python -m live`` runs it on cameras, videos and folders; ``python -m live.export``
-writes it as a torch.export program):
+writes it as a torch.export program; ``python -m live.serve`` serves it to a browser's camera,
+see `live.serve`):
 
     live.load(model, device="auto", weights=None, precision="fp32", *, backbone=None,
               imagenet=False, teach_max=50) -> Predictor

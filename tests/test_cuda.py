@@ -19,8 +19,10 @@ from conftest import (
     write_lossless_video,
 )
 from extract import store
+from extract.dataset import Manifest
 from extract.images import Collate, ManifestImages, crops_on_device
 from extract.preprocess import Preprocess, decode, resize_crop
+from extract.sources import folder_files
 from head import features
 from head.training import Settings, train
 from live import model
@@ -143,13 +145,14 @@ def test_device_decoded_pixels_are_close_to_the_workers_pixels(tmp_path):
         path = tmp_path / f"{index}.jpg"
         pattern_image(index % 3, index, size=200).resize((200 + 40 * index, 150)).save(path)
         paths.append(path.name)
-    files = ManifestImages(tmp_path, paths, range(len(paths)), decode="device")
+    manifest = Manifest("train", paths, [0] * 4, reader=folder_files(tmp_path, paths))
+    files = ManifestImages(manifest, range(len(paths)), decode="device")
     batch = Collate(Preprocess(), defer_resize=True, decode="device")([files[i] for i in range(4)])
     on_device, refused = crops_on_device(batch.unstacked, Preprocess(), torch.device("cuda"))
     on_device = on_device.cpu()
     assert refused == []
     workers = Collate(Preprocess(), defer_resize=False)(
-        [ManifestImages(tmp_path, paths, range(4))[i] for i in range(4)]
+        [ManifestImages(manifest, range(4))[i] for i in range(4)]
     )
     difference = (on_device.int() - workers.pixels.int()).abs().float()
     assert on_device.shape == (4, 3, 224, 224)

@@ -104,7 +104,9 @@ def test_features_of_the_corpus_equal_those_read_through_pil(tmp_path, weights_f
     (root / "train" / "plain").mkdir()
     pattern_image(0, 3).save(root / "train" / "plain" / "a.jpg")
     fast = extract_features(root, tmp_path / "fast.h5", weights=str(weights_file))
-    monkeypatch.setattr(images, "read_pixels", images.read_pixels_with_pil)
+    monkeypatch.setattr(
+        images, "pixels_of", lambda data, name: images.read_pixels_with_pil(io.BytesIO(data), name)
+    )
     slow = extract_features(root, tmp_path / "slow.h5", weights=str(weights_file))
     with store.open_complete(fast) as a, store.open_complete(slow) as b:
         ours, reference = store.read_split(a, "train"), store.read_split(b, "train")
@@ -153,13 +155,16 @@ def test_files_the_device_decoder_refuses_go_to_pil_or_fail_with_pils_reason(tmp
     """`crops_on_device` on the CPU (the same code path as on the GPU, with libjpeg): a bad
     JPEG fails the batched decode; the rest are still decoded, and the bad one is reported
     with the reason the workers would have recorded."""
+    from extract.dataset import Manifest
     from extract.images import Collate, ManifestImages, crops_on_device
     from extract.preprocess import Preprocess
+    from extract.sources import folder_files
 
     corpus = write_corpus(tmp_path / "corpus")
     names = ["baseline.jpg", "truncated.jpg", "cmyk.jpg", "progressive.jpg", "header_only.jpg"]
     assert all(name in corpus for name in names)
-    files = ManifestImages(tmp_path / "corpus", names, range(len(names)), decode="device")
+    manifest = Manifest("train", names, [0] * 5, reader=folder_files(tmp_path / "corpus", names))
+    files = ManifestImages(manifest, range(len(names)), decode="device")
     batch = Collate(Preprocess(), defer_resize=True, decode="device")([files[i] for i in range(5)])
     assert [tensor.dim() for tensor in batch.unstacked] == [1, 1, 3, 1, 1]
     crops, refused = crops_on_device(batch.unstacked, Preprocess(), torch.device("cpu"))
@@ -169,7 +174,7 @@ def test_files_the_device_decoder_refuses_go_to_pil_or_fail_with_pils_reason(tmp
     ]
     assert refused == list(zip((1, 4), expected_reasons))
     assert all(reason.startswith(("OSError", "SyntaxError")) for reason in expected_reasons)
-    workers = ManifestImages(tmp_path / "corpus", names, range(len(names)))
+    workers = ManifestImages(manifest, range(len(names)))
     good = Collate(Preprocess(), defer_resize=False)([workers[i] for i in (0, 2, 3)])
     torch.testing.assert_close(crops, good.pixels, rtol=0, atol=0)
 
