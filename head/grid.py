@@ -40,7 +40,9 @@ class Cell:
         return f"lr{self.lr:g}-wd{self.weight_decay:g}-{view}"
 
 
-def parse_list(flag: str, values: str | float | Sequence[float], minimum: float, strict: bool):
+def parse_list(
+    flag: str, values: str | float | Sequence[float], minimum: float, strict: bool
+) -> tuple[float, ...]:
     """The numbers of a comma list (or a Python number or sequence) given to `flag`.
 
     Refused: an empty list, a value that is not a finite number, one below `minimum` (or equal
