@@ -69,6 +69,7 @@ PRESETS = {
             ),
             ("live", "live", []),
             ("serve", "live", ["--serve"]),
+            ("sweep", "sweep", ["--rows", "100000", "--epochs", "10"]),
             ("host", "host", ["--images", "5000", "--photos", "500"]),
             (
                 "extract-shards",
@@ -121,7 +122,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, help="where to write (or reuse) the images")
     parser.add_argument(
         "--only",
-        help="comma-separated subset of host,extract,extract-photos,head,pipeline,live,serve",
+        help="comma-separated subset of host,extract,extract-photos,extract-shards,head,sweep,"
+        "pipeline,live,serve",
     )
     args = parser.parse_args()
     preset = PRESETS[args.preset]

@@ -13,6 +13,7 @@ Examples:
     python -m benchmarks.head --rows 20000 --epochs 3 --variants plain,ours,ours:stream
     python -m benchmarks.head --variants plain,ours,ours:bf16     # bf16 matmuls
     python -m benchmarks.head --device cuda --variants ours,ours:eager  # CUDA graphs or not
+    python -m benchmarks.head --sweep     # head.sweep's 40 heads against 40 runs, benchmarks.sweep
 """
 
 from __future__ import annotations
@@ -145,9 +146,21 @@ def main() -> None:
     parser.add_argument(
         "--features", type=Path, help="reuse (or create) the synthetic feature file here"
     )
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="run benchmarks.sweep instead (its own defaults; --rows, --device and --features "
+        "are passed on)",
+    )
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--save", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.sweep:
+        from benchmarks import sweep
+
+        passed = ["--rows", str(args.rows), "--device", args.device]
+        sweep.main(passed + (["--features", str(args.features)] if args.features else []))
+        return
     if args.variant:
         variant_main(args)
         return

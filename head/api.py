@@ -14,12 +14,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from extract.device import DEFAULT_DEVICE
 from extract.errors import Option, UserError, contradiction
 from head.checkpoint import BEST, LAST, Checkpoint
+from head.grid import DEFAULT_LRS, DEFAULT_STANDARDIZE, DEFAULT_WEIGHT_DECAYS
 from head.settings import INITS, PRETRAINED_INITS, Settings
 
 
@@ -65,51 +66,27 @@ def fit(
     (`head.checkpoint.Checkpoint`, optimizer state included) is its ``checkpoint``.
     """
     from extract.device import resolve_device
-    from extract.precisions import HEAD_CHOICES, checked
     from head import features as feature_sets
     from head.training import check_save_dir, train
 
-    chosen = Settings(
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        weight_decay=weight_decay,
-        seed=seed,
-        init=init,
-        standardize=standardize,
-        flip=flip,
-        precision=precision,
-        cuda_graphs=cuda_graphs,
-        resume=resume,
-        overwrite=overwrite,
-        progress=progress,
+    chosen = checked_settings(
+        Settings(
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            weight_decay=weight_decay,
+            seed=seed,
+            init=init,
+            standardize=standardize,
+            flip=flip,
+            precision=precision,
+            cuda_graphs=cuda_graphs,
+            resume=resume,
+            overwrite=overwrite,
+            progress=progress,
+        )
     )
-    if chosen.init not in INITS:
-        raise UserError(Option("init", chosen.init), f": choose from {', '.join(INITS)}")
-    checked(chosen.precision, HEAD_CHOICES)
-    if chosen.batch_size < 1 or chosen.lr <= 0 or chosen.weight_decay < 0:
-        raise UserError(
-            Option("batch_size"),
-            " must be >= 1, ",
-            Option("lr"),
-            " > 0 and ",
-            Option("weight_decay"),
-            " >= 0",
-        )
-    if chosen.epochs < (0 if chosen.init in PRETRAINED_INITS else 1):
-        raise UserError(
-            Option("epochs"),
-            " must be >= 1 (0 is allowed with ",
-            Option("init", "classifier"),
-            " or fc8: measure only)",
-        )
-    if chosen.resume and chosen.overwrite:
-        raise contradiction()
-    if isinstance(max_memory, str):
-        try:
-            max_memory = feature_sets.parse_size(max_memory)
-        except ValueError as error:
-            raise UserError(Option("max_memory", max_memory), f": {error}") from None
+    max_memory = parsed_size(max_memory)
     log = log or progress_lines(chosen.progress)
     save = Path(save)
     resolved = resolve_device(device)
@@ -164,6 +141,125 @@ class FitResult:
             f"({self.best_by}), epochs={self.epochs}, best={str(self.best)!r}, "
             f"last={str(self.last)!r}, history=<{len(self.history['epoch'])} epochs>)"
         )
+
+
+def checked_settings(chosen: Settings) -> Settings:
+    """`chosen` after the checks `fit` and `sweep` (and so both commands) make, in the caller's
+    words: keywords from Python, flags from a command."""
+    from extract.precisions import HEAD_CHOICES, checked
+
+    if chosen.init not in INITS:
+        raise UserError(Option("init", chosen.init), f": choose from {', '.join(INITS)}")
+    checked(chosen.precision, HEAD_CHOICES)
+    if chosen.batch_size < 1 or chosen.lr <= 0 or chosen.weight_decay < 0:
+        raise UserError(
+            Option("batch_size"),
+            " must be >= 1, ",
+            Option("lr"),
+            " > 0 and ",
+            Option("weight_decay"),
+            " >= 0",
+        )
+    if chosen.epochs < (0 if chosen.init in PRETRAINED_INITS else 1):
+        raise UserError(
+            Option("epochs"),
+            " must be >= 1 (0 is allowed with ",
+            Option("init", "classifier"),
+            " or fc8: measure only)",
+        )
+    if chosen.resume and chosen.overwrite:
+        raise contradiction()
+    return chosen
+
+
+def parsed_size(max_memory: int | str | None) -> int | None:
+    """`max_memory` in bytes: a number, or a size such as "2GB"."""
+    from head import features as feature_sets
+
+    if isinstance(max_memory, str):
+        try:
+            return feature_sets.parse_size(max_memory)
+        except ValueError as error:
+            raise UserError(Option("max_memory", max_memory), f": {error}") from None
+    return max_memory
+
+
+def sweep(
+    features: str | os.PathLike,
+    save: str | os.PathLike,
+    *,
+    lr: str | Sequence[float] = DEFAULT_LRS,
+    weight_decay: str | Sequence[float] = DEFAULT_WEIGHT_DECAYS,
+    standardize: str | bool = DEFAULT_STANDARDIZE,
+    knn: str | Sequence[int] | None = None,
+    ridge: bool = False,
+    holdout: float | None = None,
+    save_all: bool = False,
+    epochs: int = Settings.epochs,
+    batch_size: int = Settings.batch_size,
+    seed: int = Settings.seed,
+    init: str = Settings.init,
+    flip: bool = Settings.flip,
+    precision: str = Settings.precision,
+    resume: bool = Settings.resume,
+    overwrite: bool = Settings.overwrite,
+    progress: bool = Settings.progress,
+    device: str = DEFAULT_DEVICE,
+    stream: bool | None = None,
+    max_memory: int | str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """Train a grid of heads at once on the feature file `features` and save the best in `save`,
+    as ``python -m head.sweep`` does.
+
+    The grid is every `lr` x `weight_decay` x `standardize` ("on", "off" or "both"), each a
+    comma list or a sequence (40 heads by default); all heads see the same batches in the same
+    order and each ends with the weights ``fit`` gives with its settings. `knn` (k values, such
+    as "10,20,100,200") and `ridge` add the zero-training baselines to the report. `holdout`
+    (in (0, 0.5]) selects on that seeded fraction of train instead of on val, and trains the
+    winner again on all of train. `save_all` keeps each head's best.pt under ``save/heads``.
+    The other keywords mean what they mean in ``fit``, with its defaults.
+
+    Returns one dict per head and baseline (the columns of sweep.csv: ``method``, ``lr``,
+    ``weight_decay``, ``standardize``, ``best_epoch``, ``val_top1``, ``val_top5``,
+    ``val_loss``, ``train_top1``, ``seconds``, ``note``), the winner's with ``best`` True.
+    Writes best.pt, sweep.csv, sweep.png and sweep.pt (the state ``resume`` continues).
+    """
+    from extract.device import resolve_device
+    from head import grid, selection
+
+    chosen = checked_settings(
+        Settings(
+            epochs=epochs,
+            batch_size=batch_size,
+            seed=seed,
+            init=init,
+            flip=flip,
+            precision=precision,
+            resume=resume,
+            overwrite=overwrite,
+            progress=progress,
+        )
+    )
+    cells = grid.cells(lr, weight_decay, standardize)
+    grid.check_holdout(holdout)
+    plan = selection.Plan(
+        cells=cells,
+        settings=chosen,
+        holdout=holdout,
+        knn=grid.knn_values(knn),
+        ridge=ridge,
+        save_all=save_all,
+    )
+    return selection.run(
+        Path(features),
+        Path(save),
+        plan,
+        resolve_device(device),
+        stream,
+        parsed_size(max_memory),
+        log or progress_lines(chosen.progress),
+    )
 
 
 def progress_lines(progress: bool) -> Callable[[str], None]:

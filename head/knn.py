@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from extract.errors import UserError
+from extract.errors import Option, UserError
 from head.features import CPU, SplitTensors, StreamedSplit, split_blocks
 
 TEMPERATURE = 0.07
@@ -42,12 +42,13 @@ def check_ks(ks: Iterable[int], train_rows: int) -> list[int]:
     between 1 and the number of train rows."""
     values = sorted(set(ks))
     if not values:
-        raise UserError("--knn: give at least one k")
+        raise UserError(Option("knn"), ": give at least one k")
     if values[0] < 1:
-        raise UserError(f"--knn: k must be at least 1 (got {values[0]})")
+        raise UserError(Option("knn"), f": k must be at least 1 (got {values[0]})")
     if values[-1] > train_rows:
         raise UserError(
-            f"--knn: k = {values[-1]} is larger than the train split ({train_rows} images)"
+            Option("knn"),
+            f": k = {values[-1]} is larger than the train split ({train_rows} images)",
         )
     return values
 

@@ -36,6 +36,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog=__doc__.split("\n", 2)[2],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_training_arguments(parser)
+    parser.add_argument(
+        "--lr", type=float, default=defaults.lr, help=f"Adam learning rate (default: {defaults.lr})"
+    )
+    parser.add_argument(
+        "--weight-decay",
+        type=float,
+        default=defaults.weight_decay,
+        help=f"Adam weight decay (default: {defaults.weight_decay:g})",
+    )
+    parser.add_argument(
+        "--standardize",
+        action="store_true",
+        help="train on features standardised with train statistics; the saved "
+        "layer has them folded in and takes raw features",
+    )
+    return parser.parse_args(argv)
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags `head.train` and `head.sweep` share, with the same meaning and defaults."""
+    defaults = Settings()
     parser.add_argument("--features", type=Path, required=True, help="HDF5 file from extract")
     parser.add_argument("--save", type=Path, required=True, help="folder for checkpoints/plots")
     parser.add_argument(
@@ -49,15 +71,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=defaults.batch_size,
         help=f"images per step (default: {defaults.batch_size})",
-    )
-    parser.add_argument(
-        "--lr", type=float, default=defaults.lr, help=f"Adam learning rate (default: {defaults.lr})"
-    )
-    parser.add_argument(
-        "--weight-decay",
-        type=float,
-        default=defaults.weight_decay,
-        help=f"Adam weight decay (default: {defaults.weight_decay:g})",
     )
     parser.add_argument(
         "--seed",
@@ -88,12 +101,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         f"for it (default: {defaults.init})",
     )
     parser.add_argument(
-        "--standardize",
-        action="store_true",
-        help="train on features standardised with train statistics; the saved "
-        "layer has them folded in and takes raw features",
-    )
-    parser.add_argument(
         "--flip",
         action="store_true",
         help="per image and epoch, use the plain or the flipped features at "
@@ -122,7 +129,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "they are streamed (default: the memory available)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser.parse_args(argv)
 
 
 def size(text: str) -> int:
