@@ -106,31 +106,32 @@ class Adam:
         for param in self.params:
             param.grad = None
 
-    @torch.no_grad()
     def step(self) -> None:
-        torch._foreach_add_(self.steps, 1)
-        tensors = [self.params, [p.grad for p in self.params], self.exp_avgs, self.exp_avg_sqs]
-        for first, end, lr, decay in self.spans():
-            # The kernel updates the views of the span's rows in place; one span is all rows.
-            params, grads, exp_avgs, exp_avg_sqs = (
-                group if (first, end) == (0, self.heads) else self.rows(group, first, end)
-                for group in tensors
-            )
-            torch._fused_adam_(
-                params,
-                grads,
-                exp_avgs,
-                exp_avg_sqs,
-                [],
-                self.steps,
-                amsgrad=False,
-                lr=lr,
-                beta1=BETAS[0],
-                beta2=BETAS[1],
-                weight_decay=decay,
-                eps=EPS,
-                maximize=False,
-            )
+        # A context, not a decorator, so that the mutation run (make mutation) can reach the body.
+        with torch.no_grad():
+            torch._foreach_add_(self.steps, 1)
+            tensors = [self.params, [p.grad for p in self.params], self.exp_avgs, self.exp_avg_sqs]
+            for first, end, lr, decay in self.spans():
+                # The kernel updates the views of the span's rows in place; one span is all rows.
+                params, grads, exp_avgs, exp_avg_sqs = (
+                    group if (first, end) == (0, self.heads) else self.rows(group, first, end)
+                    for group in tensors
+                )
+                torch._fused_adam_(
+                    params,
+                    grads,
+                    exp_avgs,
+                    exp_avg_sqs,
+                    [],
+                    self.steps,
+                    amsgrad=False,
+                    lr=lr,
+                    beta1=BETAS[0],
+                    beta2=BETAS[1],
+                    weight_decay=decay,
+                    eps=EPS,
+                    maximize=False,
+                )
 
     def state_dict(self) -> dict:
         """The layout of `torch.optim.Adam(fused=True).state_dict()`, tensors copied (with K

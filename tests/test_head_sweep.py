@@ -90,7 +90,10 @@ def test_each_head_ends_with_the_weights_head_train_gives_with_its_settings(
         )
         index = order.index((lr, decay, standardize))
         rows_of = slice(4 * index, 4 * index + 4)
-        assert relative_error(saved["weight"][rows_of], alone.checkpoint.trained_layer["weight"]) < 1e-5
+        assert (
+            relative_error(saved["weight"][rows_of], alone.checkpoint.trained_layer["weight"])
+            < 1e-5
+        )
         assert relative_error(saved["bias"][rows_of], alone.checkpoint.trained_layer["bias"]) < 1e-5
         best = checkpoint.load(tmp_path / "sweep" / "heads" / head_name(lr, decay, standardize))
         reference = checkpoint.load(tmp_path / head_name(lr, decay, standardize))
@@ -101,7 +104,9 @@ def test_each_head_ends_with_the_weights_head_train_gives_with_its_settings(
     # Negative control: another cell's head is far from this run's.
     other = order.index(CELLS[1])
     assert (
-        relative_error(saved["weight"][4 * other : 4 * other + 4], alone.checkpoint.trained_layer["weight"])
+        relative_error(
+            saved["weight"][4 * other : 4 * other + 4], alone.checkpoint.trained_layer["weight"]
+        )
         > 1e-2
     )
 
