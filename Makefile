@@ -46,14 +46,18 @@ browser:
 test-cuda: $(STAMP)
 	$(PY) -m pytest -q -m cuda
 
-# Mutation testing (tests/MUTATION.md): mutants of the preprocessing, the head's training step
-# and live's frame path, each run against the fast tests that cover it ([tool.mutmut] in
-# pyproject.toml lists them). `mutmut show NAME` prints a mutant's diff.
+# Mutation testing (tests/MUTATION.md): mutants of the preprocessing, the head's training step,
+# the sweep's step, live's frame path and the server's, each run against the fast tests that
+# cover it ([tool.mutmut] in pyproject.toml lists them). `mutmut show NAME` prints a mutant's diff.
 MUTANTS := 'extract.preprocess.*' 'head.step.x_closed_form_step*' \
 	'head.step.x_train_step*' 'head.training.x_train_epoch*' \
 	'head.step.x_memory_batches*' 'head.step.x_gather*' 'live.model.x_frame_pixels*' \
 	'live.model.xǁClassifierǁprobabilities*' 'live.session.x_smoothed*' \
-	'live.session.x_top_indices*' 'live.session.x_class_entry*' 'live.session.x_log_record*'
+	'live.session.x_top_indices*' 'live.session.x_class_entry*' 'live.session.x_log_record*' \
+	'head.wide.x_train_step*' 'head.wide.x_views*' 'head.wide.x_exported*' \
+	'head.wide.x_split_scores*' 'head.adam.xǁAdamǁsettings*' 'head.adam.xǁAdamǁspans*' \
+	'head.adam.xǁAdamǁrows*' 'head.adam.xǁAdamǁstep*' 'live.serve.inference.x_decode_received*' \
+	'live.serve.inference.x_rgb_array*' 'live.serve.inference.xǁWorkerǁrun_batch*'
 
 mutation: $(STAMP)
 	rm -rf mutants

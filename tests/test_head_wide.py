@@ -12,9 +12,11 @@ import pytest
 import torch
 from torch import nn
 
+from benchmarks import synthetic
+from extract import store
 from head import wide
 from head.adam import Adam
-from head.features import SplitTensors
+from head.features import SplitTensors, StreamedSplit
 from head.grid import Cell
 from head.scoring import split_scores
 from head.step import train_step
@@ -116,17 +118,28 @@ def test_exported_heads_are_the_layers_their_single_runs_save(cells):
         assert relative_error(layer.weight[own], weight[own]) > 1e-2
 
 
-def test_split_scores_are_each_heads_scores_over_every_chunk():
-    """1500 rows: a full chunk of `wide.EVAL_ROWS` and a short one."""
+@pytest.mark.parametrize("streamed", [False, True], ids=["in memory", "streamed"])
+def test_split_scores_are_each_heads_scores_over_every_chunk(streamed, tmp_path):
+    """1500 val rows: in memory, a full chunk of `wide.EVAL_ROWS` and a short one; streamed,
+    three blocks of 500 read from the file."""
+    path = synthetic.write_features(
+        tmp_path / "f.h5", 64, CLASSES, val_rows=1500, block=100, dim=DIM
+    )
+    with store.open_complete(path) as file:
+        stored = store.read_split(file, "val")
+    in_memory = SplitTensors(
+        "val", torch.from_numpy(stored.features), torch.from_numpy(stored.labels).long()
+    )
+    split = StreamedSplit(path, "val", in_memory.labels, block_rows=500, buffer_blocks=1)
     torch.manual_seed(4)
     heads = 3
     weight, bias = torch.randn(heads * CLASSES, DIM) * 0.3, torch.randn(heads * CLASSES)
-    features, labels = rows(1500, seed=5)
-    split = SplitTensors("val", features, labels)
-    measured = wide.split_scores(weight, bias, CLASSES, split, torch.device("cpu"))
+    measured = wide.split_scores(
+        weight, bias, CLASSES, split if streamed else in_memory, torch.device("cpu")
+    )
     for head in range(heads):
         own = slice(head * CLASSES, (head + 1) * CLASSES)
-        expected = split_scores({"weight": weight[own], "bias": bias[own]}, split, "cpu")
+        expected = split_scores({"weight": weight[own], "bias": bias[own]}, in_memory, "cpu")
         assert measured.loss[head].item() == pytest.approx(expected.loss, rel=1e-5)
         assert measured.top1[head].item() == pytest.approx(expected.top1, rel=1e-12)
         assert measured.top5[head].item() == pytest.approx(expected.top5, rel=1e-12)

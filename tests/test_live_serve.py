@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 import selectors
 import shutil
 import signal
 import subprocess
 import sys
 import threading
+import types
 from pathlib import Path
 
 import aiohttp
@@ -174,6 +176,51 @@ def test_each_bad_message_gets_one_error_and_the_next_frame_is_answered(predicto
     status, body = asyncio.run(post(server.url("/predict?topk=3"), good))
     assert status == 200
     assert_same_top(body["top"], expected)
+
+
+def test_decode_received_refuses_in_whole_sentences_before_decoding_too_many_pixels(
+    predictor, monkeypatch
+):
+    """CPU. The replies above are matched by a part of the sentence; here the whole of it. The
+    pixel limit admits an image of exactly that many pixels, and PIL's own decompression-bomb
+    limits (lowered here) refuse before any decoding, whatever --max-pixels allows."""
+    params = predictor.params
+    png = encoded(1, 7, fmt="PNG")  # 96 x 96
+
+    def refusal(data: bytes, max_pixels: int = 96 * 96) -> str:
+        with pytest.raises(inference.BadImage) as refused:
+            inference.decode_received(data, params, max_pixels)
+        return str(refused.value)
+
+    assert refusal(b"") == "empty message: send one JPEG, PNG or WebP image"
+    assert refusal(b"\x00garbage bytes" * 50) == "not a JPEG, PNG or WebP image"
+    assert refusal(png, 96 * 96 - 1) == (
+        "image of 96 x 96 pixels: over the limit of 9215 (--max-pixels)"
+    )
+    jpeg = encoded(1, 7)
+    assert re.fullmatch(r"unreadable JPEG image \(OSError: .+\)", refusal(jpeg[: len(jpeg) // 2]))
+    # Negative control: at the limit itself the image is decoded, as `predict` decodes it.
+    decoded = inference.decode_received(png, params, 96 * 96)
+    assert decoded.rgb.shape == (3, 96, 96)
+    assert decoded.pixels.shape == (3, params.crop_size, params.crop_size)
+    # PIL warns over MAX_IMAGE_PIXELS and raises over twice it: both are refused.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)
+    for side, pixels in ((70, 4900), (96, 9216)):
+        assert refusal(encoded(1, 7, fmt="PNG", size=side), 10**9).startswith(
+            f"a decompression bomb (Image size ({pixels} pixels) exceeds limit of "
+        )
+
+
+def test_decode_and_preprocess_times_are_read_from_the_clock_in_milliseconds(
+    predictor, monkeypatch
+):
+    """A clock that reads 10 s, 10.25 s and 10.75 s: decoding took 250 ms, resizing 500 ms."""
+    readings = iter([10.0, 10.25, 10.75])
+    monkeypatch.setattr(
+        inference, "time", types.SimpleNamespace(perf_counter=lambda: next(readings))
+    )
+    decoded = inference.decode_received(encoded(1, 7), predictor.params, 96 * 96)
+    assert (decoded.decode_ms, decoded.preprocess_ms) == (250.0, 500.0)
 
 
 def gif() -> bytes:

@@ -62,7 +62,8 @@ def decode_received(data: bytes, params: Preprocess, max_pixels: int) -> Decoded
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as header:  # reads the header only
                 image_format, (width, height) = header.format, header.size
-    except Image.DecompressionBombError as error:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        # Over PIL's MAX_IMAGE_PIXELS it warns (an error by the filter above); over twice, raises.
         raise BadImage(f"a decompression bomb ({error})") from None
     except Exception:  # anything PIL cannot even identify
         raise BadImage("not a JPEG, PNG or WebP image") from None
