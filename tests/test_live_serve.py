@@ -18,11 +18,13 @@ import subprocess
 import sys
 import threading
 import types
+from concurrent.futures import Future
 from pathlib import Path
 
 import aiohttp
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import live
@@ -345,6 +347,50 @@ def test_waiting_frames_go_through_the_network_as_one_batch_with_each_its_own_ro
     for pixel, result in zip(pixels, results):
         single = predictor.classifier.probabilities(pixel)
         np.testing.assert_allclose(result.probs, single, rtol=0, atol=TOLERANCE)
+
+
+def test_a_network_error_reaches_every_frame_of_its_batch_and_the_batch_time_is_the_clocks(
+    monkeypatch,
+):
+    """No network: a stand-in classifier fails the first batch and returns fixed rows for the
+    second; a clock that reads 5 s, then 5.125 s, says the second batch took 125 ms."""
+    failure = RuntimeError("CUDA out of memory")
+    rows = np.eye(3, dtype=np.float32)[:2]
+    batches = []
+
+    def batch_probabilities(batch: torch.Tensor) -> np.ndarray:
+        batches.append(len(batch))
+        if len(batches) == 1:
+            raise failure
+        return rows
+
+    stand_in = types.SimpleNamespace(
+        classifier=types.SimpleNamespace(batch_probabilities=batch_probabilities),
+        wnids=["n01", "n02", None],
+        names=["one", "two", "three"],
+    )
+
+    def frames() -> list:
+        return [(torch.zeros(3, 4, 4, dtype=torch.uint8), Future()) for _ in range(2)]
+
+    worker = inference.Worker(stand_in)
+    try:
+        failed = frames()
+        worker.run_batch(failed)
+        readings = iter([5.0, 5.125])
+        clock = types.SimpleNamespace(perf_counter=lambda: next(readings))
+        monkeypatch.setattr(inference, "time", clock)
+        answered = frames()
+        worker.run_batch(answered)
+    finally:
+        worker.stop()
+    assert batches == [2, 2]
+    assert all(future.exception(0) is failure for _, future in failed)
+    results = [future.result(0) for _, future in answered]
+    assert [(result.network_ms, result.batch) for result in results] == [(125.0, 2)] * 2
+    for row, result in zip(rows, results):
+        np.testing.assert_array_equal(result.probs, row)
+        assert result.classes == inference.Classes(["n01", "n02", None], ["one", "two", "three"])
 
 
 def test_smoothed_is_each_clients_moving_average_and_top_is_the_frames_own(
