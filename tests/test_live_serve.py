@@ -14,10 +14,12 @@ import re
 import selectors
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import threading
 import types
+import zlib
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -205,6 +207,13 @@ def test_decode_received_refuses_in_whole_sentences_before_decoding_too_many_pix
     decoded = inference.decode_received(png, params, 96 * 96)
     assert decoded.rgb.shape == (3, 96, 96)
     assert decoded.pixels.shape == (3, params.crop_size, params.crop_size)
+    # PIL warns of an APNG that declares no frames and reads it as the plain PNG: so does the
+    # server (only the bomb's warning is made an error).
+    chunk = b"acTL" + bytes(8)  # 0 frames, 0 plays
+    apng = png[:33] + struct.pack(">I", 8) + chunk + struct.pack(">I", zlib.crc32(chunk)) + png[33:]
+    with pytest.warns(UserWarning, match="Invalid APNG"):
+        as_png = inference.decode_received(apng, params, 96 * 96)
+    assert torch.equal(as_png.rgb, decoded.rgb)
     # PIL warns over MAX_IMAGE_PIXELS and raises over twice it: both are refused.
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)
     for side, pixels in ((70, 4900), (96, 9216)):
