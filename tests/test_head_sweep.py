@@ -90,8 +90,11 @@ def test_each_head_ends_with_the_weights_head_train_gives_with_its_settings(
         )
         index = order.index((lr, decay, standardize))
         rows_of = slice(4 * index, 4 * index + 4)
-        assert relative_error(saved["weight"][rows_of], alone["trainable"]["weight"]) < 1e-5
-        assert relative_error(saved["bias"][rows_of], alone["trainable"]["bias"]) < 1e-5
+        assert (
+            relative_error(saved["weight"][rows_of], alone.checkpoint.trained_layer["weight"])
+            < 1e-5
+        )
+        assert relative_error(saved["bias"][rows_of], alone.checkpoint.trained_layer["bias"]) < 1e-5
         best = checkpoint.load(tmp_path / "sweep" / "heads" / head_name(lr, decay, standardize))
         reference = checkpoint.load(tmp_path / head_name(lr, decay, standardize))
         for key in ("weight", "bias"):
@@ -101,7 +104,9 @@ def test_each_head_ends_with_the_weights_head_train_gives_with_its_settings(
     # Negative control: another cell's head is far from this run's.
     other = order.index(CELLS[1])
     assert (
-        relative_error(saved["weight"][4 * other : 4 * other + 4], alone["trainable"]["weight"])
+        relative_error(
+            saved["weight"][4 * other : 4 * other + 4], alone.checkpoint.trained_layer["weight"]
+        )
         > 1e-2
     )
 
@@ -475,5 +480,5 @@ def test_with_flip_each_head_draws_the_views_its_own_run_draws(
     flipped = head.fit(cached, tmp_path / "flip", lr=1e-2, standardize=True, flip=True, **options)
     plain = head.fit(cached, tmp_path / "plain", lr=1e-2, standardize=True, **options)
     rows = slice(3, 6)  # the second head: lr 1e-2
-    assert relative_error(saved["weight"][rows], flipped["trainable"]["weight"]) < 1e-5
-    assert relative_error(saved["weight"][rows], plain["trainable"]["weight"]) > 1e-3
+    assert relative_error(saved["weight"][rows], flipped.checkpoint.trained_layer["weight"]) < 1e-5
+    assert relative_error(saved["weight"][rows], plain.checkpoint.trained_layer["weight"]) > 1e-3
