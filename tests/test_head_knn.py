@@ -7,7 +7,9 @@ holds the device to the CPU's predictions exactly and its probabilities within 1
 
 from __future__ import annotations
 
-import gc
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -134,14 +136,38 @@ def resident_bytes(field: str) -> int:
     raise AssertionError(field)
 
 
-def peak_growth(run) -> int:
-    """How far resident memory rose above its level before `run` (Linux: the peak is reset
-    through /proc/self/clear_refs)."""
-    gc.collect()
-    Path("/proc/self/clear_refs").write_text("5")
-    before = resident_bytes("VmRSS")
-    run()
-    return resident_bytes("VmHWM") - before
+# Run in a fresh process: in the suite's own process, pages freed by earlier tests stay
+# resident and are reused, so the peak would not show what one search allocates.
+MEASURE = """
+import gc
+from pathlib import Path
+
+from head import knn
+from tests.test_head_knn import random_split, resident_bytes
+
+train = random_split(20_000, 32, 10, 0, "train")
+query = random_split(2_000, 32, 10, 1, "val")
+gc.collect()
+Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
+before = resident_bytes("VmRSS")
+knn.classify(train, query, [10, 200], 10, query_rows={query_rows}, train_rows={train_rows})
+print(resident_bytes("VmHWM") - before)
+"""
+
+
+def peak_growth(query_rows: int, train_rows: int) -> int:
+    """How far resident memory rises above its level before one search, in a fresh process."""
+    script = MEASURE.format(query_rows=query_rows, train_rows=train_rows)
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=Path(__file__).resolve().parents[1],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    return int(done.stdout.split()[-1])
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc")
@@ -149,16 +175,10 @@ def test_peak_memory_stays_within_the_stated_bound_and_the_full_matrix_does_not(
     """CPU: 2,000 queries against 20,000 train rows, whose whole similarity matrix would take
     160 MB; searched in chunks, the rise in resident memory stays within `memory_bytes` plus
     20 MB for the allocator's slack."""
-    train = random_split(20_000, 32, 10, 0, "train")
-    query = random_split(2_000, 32, 10, 1, "val")
-    chunks = {"query_rows": 256, "train_rows": 1024}
-    bound = knn.memory_bytes(len(query), 10, 32, [10, 200], **chunks)
+    bound = knn.memory_bytes(2_000, 10, 32, [10, 200], query_rows=256, train_rows=1024)
     assert bound < 20 * 2**20
-    chunked = peak_growth(lambda: knn.classify(train, query, [10, 200], 10, **chunks))
-    assert chunked < bound + 20 * 2**20
-    whole = peak_growth(
-        lambda: knn.classify(train, query, [10, 200], 10, query_rows=2000, train_rows=20_000)
-    )
+    assert peak_growth(query_rows=256, train_rows=1024) < bound + 20 * 2**20
+    whole = peak_growth(query_rows=2000, train_rows=20_000)
     assert whole > 160 * 10**6, "negative control: one chunk holds the whole matrix"
 
 
