@@ -50,7 +50,7 @@ test-cuda: $(STAMP)
 # the sweep's step, live's frame path and the server's, each run against the fast tests that
 # cover it ([tool.mutmut] in pyproject.toml lists them). `mutmut show NAME` prints a mutant's diff.
 MUTANTS := 'extract.preprocess.*' 'head.step.x_closed_form_step*' \
-	'head.step.x_train_step*' 'head.training.x_train_epoch*' \
+	'head.step.x_train_step*' 'head.training.x_train_epoch*' 'head.loop.x_train_pass*' \
 	'head.step.x_memory_batches*' 'head.step.x_gather*' 'live.model.x_frame_pixels*' \
 	'live.model.xǁClassifierǁprobabilities*' 'live.session.x_smoothed*' \
 	'live.session.x_top_indices*' 'live.session.x_class_entry*' 'live.session.x_log_record*' \

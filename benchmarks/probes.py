@@ -153,7 +153,10 @@ def bench_knn(data, plain_queries: int) -> list[list]:
         agree.append((predicted == results[k].predictions[:plain_queries].numpy()).mean())
     plain_seconds = (time.perf_counter() - started) * len(data.val) / plain_queries
     plain_peak = report.peak_rss_mb()
-    print(f"k-NN: ours and scikit-learn agree on {min(agree):.1%} or more of {plain_queries} rows")
+    print(
+        f"k-NN: ours and scikit-learn give the same class on {min(agree):.1%} of "
+        f"{plain_queries} rows (the lowest over the k values)"
+    )
     accuracy = ", ".join(f"k={k} {results[k].top1:.1f}" for k in KS)
     return [
         [
@@ -253,7 +256,9 @@ def main() -> None:
     parser.add_argument(
         "--features", type=Path, help="reuse (or create) the synthetic feature file here"
     )
-    parser.add_argument("--notes", default="busy 2-core CPU", help="said under each table")
+    parser.add_argument(
+        "--notes", default="", help='said under each table, e.g. "A busy CPU (load 5 to 8)."'
+    )
     args = parser.parse_args()
     parts = args.parts.split(",")
 
@@ -274,7 +279,7 @@ def main() -> None:
             f"ridge probe: {shape}, {data.num_classes} classes, 20 l2 values",
             ["method", "seconds", "x ours", "rows x values / s", "val top-1 %", "peak RSS MB"],
             bench_ridge(data, args.plain_rows or len(data.train)),
-            f"Numbers taken on a {args.notes}. Peak RSS includes the features in memory.",
+            f"{args.notes} Peak RSS includes the features in memory.".strip(),
         )
     if "knn" in parts:
         report.publish(
@@ -289,15 +294,15 @@ def main() -> None:
                 "bound MB",
             ],
             bench_knn(data, args.plain_queries),
-            f"Numbers taken on a {args.notes}. Peak RSS includes the features in memory; "
-            f"'bound' is knn.memory_bytes, what the search may add to them.",
+            f"{args.notes} Peak RSS includes the features in memory; 'bound' is "
+            f"knn.memory_bytes, what the search may add to them.".strip(),
         )
     if "adam" in parts:
         report.publish(
             f"Adam step: {args.heads} heads of {CLASSES} x 4096, float32",
             ["method", "ms / step", "x ours", "GB/s moved", "peak RSS MB"],
             bench_adam(args.heads, CLASSES, 4096, args.steps),
-            f"Numbers taken on a {args.notes}; the fastest of {args.steps} steps.",
+            f"{args.notes} The fastest of {args.steps} steps.".strip(),
         )
 
 

@@ -84,7 +84,7 @@ def alone_variant(features: Path, save: Path, epochs: int, device: str, cell: in
     import head
 
     lr, decay, standardize = ALONE[cell]
-    state = head.fit(
+    result = head.fit(
         features,
         save,
         lr=lr,
@@ -95,7 +95,7 @@ def alone_variant(features: Path, save: Path, epochs: int, device: str, cell: in
         progress=False,
         overwrite=True,
     )
-    return {"seconds": sum(state["time"]), "best_top1": state["best_accuracy"]}
+    return {"seconds": sum(result.history["seconds"]), "best_top1": result.best_top1}
 
 
 def profile(rows: int, steps: int) -> None:

@@ -62,34 +62,66 @@ class SplitTensors:
 
 @dataclasses.dataclass
 class StreamedSplit:
-    """One split left in the file and read in blocks of whole chunks; labels are in memory."""
+    """One split left in the file and read in blocks of whole chunks; labels are in memory.
+
+    `file_rows`, when set, makes it a part of the stored split: those rows only (sorted), as
+    `--holdout` divides a streamed train split. The blocks are still the file's, read whole;
+    the rows outside the part are skipped after reading.
+    """
 
     path: Path
     name: str
-    labels: torch.Tensor  # (N,) int64: 8 bytes a row
+    labels: torch.Tensor  # (N,) int64 of the rows this split holds: 8 bytes a row
     block_rows: int  # a multiple of the file's chunk rows, so every read is whole chunks
     buffer_blocks: int  # blocks held at once while training
     flip: bool = False  # train on features_flip as well
+    file_rows: torch.Tensor | None = None  # (N,) sorted rows of the stored split; None: all
+    stored_rows: int = -1  # rows of the stored split; -1: N
+
+    def __post_init__(self) -> None:
+        if self.stored_rows < 0:
+            self.stored_rows = len(self.labels)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     @property
     def blocks(self) -> int:
-        return math.ceil(len(self) / self.block_rows)
+        return math.ceil(self.stored_rows / self.block_rows)
 
     def block_range(self, block: int) -> tuple[int, int]:
+        """The stored rows [start, stop) of `block`."""
         start = block * self.block_rows
-        return start, min(start + self.block_rows, len(self))
+        return start, min(start + self.block_rows, self.stored_rows)
+
+    def held_in(self, start: int, stop: int) -> tuple[torch.Tensor | None, slice]:
+        """Of the stored rows [start, stop): the offsets from `start` of those this split holds
+        (None: all of them), and where their labels are in `labels`."""
+        if self.file_rows is None:
+            return None, slice(start, stop)
+        first, last = torch.searchsorted(self.file_rows, torch.tensor([start, stop])).tolist()
+        return self.file_rows[first:last] - start, slice(first, last)
+
+    def part(self, rows: torch.Tensor) -> StreamedSplit:
+        """The rows `rows` (sorted positions in this split) as a split of their own."""
+        within = rows if self.file_rows is None else self.file_rows[rows]
+        return dataclasses.replace(
+            self, labels=self.labels[rows], file_rows=within, stored_rows=self.stored_rows
+        )
 
     def chunks(self, device: torch.device = CPU) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(features, labels) block by block in file order: for validation and statistics."""
         with store.open_file(self.path) as file:
             for block in range(self.blocks):
                 start, stop = self.block_range(block)
+                offsets, labels = self.held_in(start, stop)
+                if offsets is not None and len(offsets) == 0:
+                    continue
                 rows = store.read_rows(file, self.name, "features", start, stop)
-                features = torch.from_numpy(rows).to(device)
-                yield features, self.labels[start:stop].to(device)
+                features = torch.from_numpy(rows)
+                if offsets is not None:
+                    features = features.index_select(0, offsets)
+                yield features.to(device), self.labels[labels].to(device)
 
 
 @dataclasses.dataclass

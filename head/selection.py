@@ -22,11 +22,11 @@ import torch
 
 from extract import store
 from extract.device import available_memory
-from extract.errors import Option, UserError
+from extract.errors import UserError
 from head import checkpoint, grid, knn, sweep_report, sweeping, training
 from head import features as feature_sets
 from head.checkpoint import Checkpoint
-from head.features import FeatureSet, SplitTensors
+from head.features import FeatureSet, SplitTensors, StreamedSplit
 from head.grid import Cell
 from head.training import Settings
 
@@ -66,21 +66,13 @@ def memory_available(device: torch.device) -> int:
 
 def holdout_splits(
     data: FeatureSet, fraction: float, seed: int
-) -> tuple[SplitTensors, SplitTensors]:
-    """(rows trained on, rows selected on) of the in-memory train split."""
-    if not isinstance(data.train, SplitTensors):
-        raise UserError(
-            Option("holdout"),
-            f": needs the train split in memory, {data.path} is streamed here (give more ",
-            Option("max_memory"),
-            ", or select on val without ",
-            Option("holdout"),
-            ")",
-        )
-    kept, held = (
-        rows.to(data.train.labels.device)
-        for rows in grid.holdout_rows(len(data.train), fraction, seed)
-    )
+) -> tuple[SplitTensors | StreamedSplit, SplitTensors | StreamedSplit]:
+    """(rows trained on, rows selected on) of the train split, in memory or streamed: the same
+    seeded rows either way (`grid.holdout_rows`)."""
+    kept, held = grid.holdout_rows(len(data.train), fraction, seed)
+    if isinstance(data.train, StreamedSplit):
+        return data.train.part(kept), dataclasses.replace(data.train.part(held), flip=False)
+    kept, held = (rows.to(data.train.labels.device) for rows in (kept, held))
 
     def part(rows: torch.Tensor, name: str) -> SplitTensors:
         flip = data.train.features_flip
@@ -230,10 +222,6 @@ def run(
         held = 0 if plan.holdout is None else max(1, round(train_rows * plan.holdout))
         knn.check_ks(plan.knn, train_rows - held)
     grid.check_memory(len(plan.cells), classes, feature_dim, memory_available(device))
-    if plan.holdout is not None and stream:
-        raise UserError(
-            Option("holdout"), " needs the train split in memory; drop ", Option("stream", True)
-        )
     if settings.overwrite:  # what an earlier sweep here left beside its state
         for folder in (REFIT, HEADS):
             shutil.rmtree(save_dir / folder, ignore_errors=True)

@@ -51,8 +51,9 @@ def stream_batches(
     """One epoch of shuffled (features, labels) batches from the file, in the stored dtype.
 
     Draws from `generator`: the order of the blocks, then for each buffer fill a permutation of
-    its rows (and, with flip, which rows use the mirrored view). Blocks are read whole, in file
-    order within a fill; batches run on across fills, so every batch is full but the last.
+    the rows it holds for the split (and, with flip, which rows use the mirrored view). Blocks
+    are read whole, in file order within a fill; batches run on across fills, so every batch is
+    full but the last. A part of a split (`StreamedSplit.part`) draws only from its own rows.
     """
     names = ["features", "features_flip"] if split.flip else ["features"]
     capacity = split.buffer_blocks * split.block_rows
@@ -62,16 +63,27 @@ def stream_batches(
         buffers = {name: np.empty((capacity, info.shape[1]), info.dtype) for name in names}
         order = torch.randperm(split.blocks, generator=generator)
         for first in range(0, split.blocks, split.buffer_blocks):
-            filled, rows = 0, []
+            filled, held, labels = 0, [], []
             for block in order[first : first + split.buffer_blocks].sort().values.tolist():
                 start, stop = split.block_range(block)
                 for name in names:
                     store.read_rows_into(file, split.name, name, buffers[name], start, stop, filled)
-                rows.append(torch.arange(start, stop))
+                offsets, block_labels = split.held_in(start, stop)
+                offsets = torch.arange(stop - start) if offsets is None else offsets
+                held.append(offsets + filled)
+                labels.append(split.labels[block_labels])
                 filled += stop - start
-            labels = split.labels[torch.cat(rows)].to(device)
+            # Labels by buffer row; rows the split does not hold (a holdout's) are never drawn.
+            positions = torch.cat(held)
+            by_row = torch.zeros(filled, dtype=torch.int64)
+            by_row[positions] = torch.cat(labels)
+            labels = by_row.to(device)
             views = [torch.from_numpy(buffers[name][:filled]).to(device) for name in names]
-            permutation = torch.randperm(filled, generator=generator).to(device)
+            count = len(positions)
+            permutation = torch.randperm(count, generator=generator)
+            if split.file_rows is not None:
+                permutation = positions[permutation]
+            permutation = permutation.to(device)
             use_flip = (
                 (torch.rand(filled, generator=generator) < 0.5).to(device) if split.flip else None
             )
@@ -87,11 +99,11 @@ def stream_batches(
                 if len(carry[1]) == batch_size:
                     yield carry
                     carry = None
-            while carry is None and position + batch_size <= filled:
+            while carry is None and position + batch_size <= count:
                 take = permutation[position : position + batch_size]
                 yield gather(views[0], take, views[-1], flips(use_flip, take)), labels[take]
                 position += batch_size
-            if carry is None and position < filled:
+            if carry is None and position < count:
                 take = permutation[position:]
                 carry = (gather(views[0], take, views[-1], flips(use_flip, take)), labels[take])
     if carry is not None:

@@ -1,22 +1,22 @@
 """The sweep's loop: every head of the grid trained at once, each epoch checkpointed, the best kept.
 
-It walks the epochs as `training.train` does and reuses its parts: the epoch's batches
-(`step.memory_batches`, `step.stream_batches`: the same seeded generator, so every head sees
-the batches an ordinary run with the same seed sees, in the same order), the starting weights
-of `training.new_run`, and `training.record`, which keeps each head's history and best epoch
-as it keeps an ordinary run's. What differs is the layer (`wide.WideLayer`: K heads, one
-product per view) and what is saved each epoch: ``sweep.pt`` holds every head's weights, Adam
-state, history and best weights, and the generator, so a sweep killed at any moment continues
-with ``--resume`` to the same end. A head whose train loss turns NaN or infinite is dropped
-from the selection (its rows stay NaN in the layer, which touches no other head) and the sweep
-goes on.
+It runs the loop `training.train` runs (`loop.run_epochs`, of which one ordinary head is the
+case K = 1) and reuses its parts: the epoch's batches (`loop.train_pass`: the same seeded
+generator, so every head sees the batches an ordinary run with the same seed sees, in the same
+order), the starting weights of `training.new_run`, and `training.record`, which keeps each
+head's history and best epoch as it keeps an ordinary run's. What differs is the layer
+(`wide.WideLayer`: K heads, one product per view) and what is saved each epoch: ``sweep.pt``
+holds every head's weights, Adam state, history and best weights, and the generator, so a sweep
+killed at any moment continues with ``--resume`` to the same end. A head whose train loss turns
+NaN or infinite is dropped from the selection (its rows stay NaN in the layer, which touches no
+other head) and the sweep goes on.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,13 +25,12 @@ from tqdm.auto import tqdm
 
 from extract.atomic import atomic_write
 from extract.errors import UserError, first_line
-from head import checkpoint, training, wide
+from head import checkpoint, loop, training, wide
 from head.checkpoint import Checkpoint
 from head.features import FeatureSet, SplitTensors, StreamedSplit
 from head.grid import Cell
 from head.scoring import Scores
-from head.step import memory_batches, stream_batches
-from head.training import PRETRAINED_INITS, SAME_ON_RESUME, Settings
+from head.training import SAME_ON_RESUME, Settings
 
 STATE = "sweep.pt"
 
@@ -104,22 +103,10 @@ def new_sweep(
 
 def train_epoch(sweep: Sweep, train, settings: Settings, bar: tqdm) -> list[Scores]:
     """One pass over the train split in the generator's order; every head's running scores."""
-    device = sweep.layer.weight.device
-    if isinstance(train, StreamedSplit):
-        batches = stream_batches(train, settings.batch_size, sweep.generator, device)
-    else:
-        batches = memory_batches(train, settings.batch_size, sweep.generator, settings.flip)
-    loss_sums = torch.zeros(sweep.layer.heads, dtype=torch.float64, device=device)
-    correct = torch.zeros(sweep.layer.heads, dtype=torch.int64, device=device)
-    bf16 = settings.precision == "bf16"
-    for features, labels in batches:
-        wide.train_step(sweep.layer, features, labels, bf16, loss_sums, correct)
-        bar.update(len(labels))
-    count = len(train)
-    return [
-        Scores(loss=loss / count, top1=100.0 * hits / count, top5=math.nan)
-        for loss, hits in zip(loss_sums.tolist(), correct.tolist())
-    ]
+    layer = sweep.layer
+    step = functools.partial(wide.train_step, layer)
+    device = layer.weight.device
+    return loop.train_pass(train, settings, sweep.generator, device, layer.heads, step, bar)
 
 
 def head_scores(weight: torch.Tensor, bias: torch.Tensor, classes: int, split, device) -> list:
@@ -320,32 +307,22 @@ def sweep_heads(
         else new_sweep(data, train, cells, settings, device)
     )
     classes = data.num_classes
-    measured = sweep.heads[0].history["epoch"]
-    if sweep.epoch == 0 and settings.init in PRETRAINED_INITS and not measured:
-        started = time.perf_counter()
+
+    def finish(epoch: int, train_scores: list, val_scores: list, seconds: float) -> None:
         exported = wide.exported(sweep.layer)
-        train_scores = head_scores(*exported, classes, train, device)
-        val_scores = head_scores(*exported, classes, selection, device)
-        seconds = time.perf_counter() - started
-        record(sweep, 0, train_scores, val_scores, seconds, has_val, exported, report)
-        report(epoch_line(sweep, 0, settings.epochs, val_scores, seconds))
-        save_state(sweep, data, settings, holdout, save_dir)
-    for epoch in range(sweep.epoch + 1, settings.epochs + 1):
-        started = time.perf_counter()
-        with tqdm(
-            total=len(train),
-            unit="img",
-            desc=f"epoch {epoch}",
-            leave=False,
-            disable=not settings.progress,
-        ) as bar:
-            train_scores = train_epoch(sweep, train, settings, bar)
-        exported = wide.exported(sweep.layer)
-        val_scores = head_scores(*exported, classes, selection, device)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - started
         record(sweep, epoch, train_scores, val_scores, seconds, has_val, exported, report)
         report(epoch_line(sweep, epoch, settings.epochs, val_scores, seconds))
         save_state(sweep, data, settings, holdout, save_dir)
+
+    loop.run_epochs(
+        sweep.epoch,
+        bool(sweep.heads[0].history["epoch"]),
+        train,
+        selection,
+        settings,
+        device,
+        lambda bar: train_epoch(sweep, train, settings, bar),
+        lambda split: head_scores(*wide.exported(sweep.layer), classes, split, device),
+        finish,
+    )
     return sweep

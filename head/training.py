@@ -1,4 +1,4 @@
-"""The training loop over cached features: shuffle, batch, step, measure, checkpoint.
+"""One head trained on cached features: shuffle, batch, step, measure, checkpoint.
 
 One epoch draws a permutation (and, with flipped features, a plain-or-flipped choice per image)
 from a `torch.Generator` seeded with `--seed`, indexes the in-memory feature tensor with it (or,
@@ -7,7 +7,8 @@ casts each batch to float32 and takes an Adam step on the cross-entropy of the l
 (`head.step`). The generator's state is saved in every checkpoint, so a resumed run draws
 exactly what an uninterrupted one would have. On CUDA, with the features in memory, the epoch
 is replayed from CUDA graphs (`head.graphs`); the eager loop here is the reference it is
-tested against.
+tested against. The epochs are walked by `loop.run_epochs`, the loop `head.sweep` runs for a
+grid of heads: one head is its case K = 1.
 
 Validation is measured on the exported layer (standardisation folded in, applied to the raw
 features), so `best_accuracy` is what `head.evaluate` recomputes from `best.pt`.
@@ -16,8 +17,8 @@ features), so `best_accuracy` is what `head.evaluate` recomputes from `best.pt`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-import time
 from pathlib import Path
 
 import torch
@@ -25,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from extract.errors import Option, UserError, first_line
-from head import checkpoint, history
+from head import checkpoint, history, loop
 from head.adam import Adam
 from head.checkpoint import Checkpoint
 from head.features import FeatureSet, SplitTensors, StreamedSplit, replay_set, standardization
@@ -38,7 +39,7 @@ from head.model import (
 )
 from head.scoring import Scores, split_scores
 from head.settings import PRETRAINED_INITS, SAME_ON_RESUME, Settings
-from head.step import memory_batches, stream_batches, train_step
+from head.step import train_step
 
 
 @dataclasses.dataclass
@@ -69,28 +70,15 @@ class Run:
 def train_epoch(
     run: Run, train: SplitTensors | StreamedSplit, settings: Settings, bar: tqdm
 ) -> Scores:
-    """One pass over the train split in the generator's order; returns running loss and top-1.
-
-    Loss and hits add up in tensors on the device and are read once at the end of the epoch:
-    a `.item()` per step would wait for the device after every step.
-    """
+    """One pass over the train split in the generator's order; returns running loss and top-1:
+    `loop.train_pass` with one head, or its CUDA-graph replay."""
     run.head.train()
     if uses_graphs(run, train, settings):
         return graphed_epoch(run, train, settings, bar)
     device = run.head.weight.device
-    if isinstance(train, StreamedSplit):
-        batches = stream_batches(train, settings.batch_size, run.generator, device)
-    else:
-        batches = memory_batches(train, settings.batch_size, run.generator, settings.flip)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    bf16 = settings.precision == "bf16"
-    for features, labels in batches:
-        train_step(run, features, labels, bf16, loss_sum, correct)
-        bar.update(len(labels))
-    return Scores(
-        loss=loss_sum.item() / len(train), top1=100.0 * correct.item() / len(train), top5=math.nan
-    )
+    step = functools.partial(train_step, run)
+    (scores,) = loop.train_pass(train, settings, run.generator, device, 1, step, bar)
+    return scores
 
 
 def validate(run: Run, val: SplitTensors | StreamedSplit | None) -> Scores:
@@ -305,42 +293,36 @@ def train(
     )
     run.replay = checkpoint.replay_entry(*replay_set(data, settings.seed))
     state = None
-    if run.epoch == 0 and settings.init in PRETRAINED_INITS and not run.history["epoch"]:
-        # Before any step: how well ImageNet's own classifier rows already do, as epoch 0.
-        started = time.perf_counter()
-        train_scores = split_scores(run.exported(), data.train, device)
-        val_scores = validate(run, data.val)
-        seconds = time.perf_counter() - started
-        is_best = record(run, 0, train_scores, val_scores, seconds, has_val)
-        report(epoch_line(0, settings.epochs, train_scores, val_scores, seconds))
-        state = save(run, data, settings, save_dir, has_val, is_best)
-    if run.epoch >= settings.epochs and state is None:
+    measured = bool(run.history["epoch"])  # false only for a fresh run
+    if run.epoch >= settings.epochs and measured:
         report(
             f"{last}: already trained for {run.epoch} epochs (--epochs {settings.epochs}); "
             f"nothing to do"
         )
-    for epoch in range(run.epoch + 1, settings.epochs + 1):
-        started = time.perf_counter()
-        with tqdm(
-            total=len(data.train),
-            unit="img",
-            desc=f"epoch {epoch}",
-            leave=False,
-            disable=not settings.progress,
-        ) as bar:
-            train_scores = train_epoch(run, data.train, settings, bar)
-        val_scores = validate(run, data.val)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - started
-        if not math.isfinite(train_scores.loss):
+
+    def finish(epoch: int, train_scores: list, val_scores: list, seconds: float) -> None:
+        nonlocal state
+        (train_head,), (val_head,) = train_scores, val_scores
+        if epoch > 0 and not math.isfinite(train_head.loss):
             raise UserError(
-                f"epoch {epoch}: the train loss is {train_scores.loss}; lower --lr "
+                f"epoch {epoch}: the train loss is {train_head.loss}; lower --lr "
                 f"(the last good epoch is in {last})"
             )
-        is_best = record(run, epoch, train_scores, val_scores, seconds, has_val)
-        report(epoch_line(epoch, settings.epochs, train_scores, val_scores, seconds))
+        is_best = record(run, epoch, train_head, val_head, seconds, has_val)
+        report(epoch_line(epoch, settings.epochs, train_head, val_head, seconds))
         state = save(run, data, settings, save_dir, has_val, is_best)
+
+    loop.run_epochs(
+        run.epoch,
+        measured,
+        data.train,
+        data.val,
+        settings,
+        device,
+        lambda bar: [train_epoch(run, data.train, settings, bar)],
+        lambda split: [validate(run, split)],
+        finish,
+    )
     if state is None:
         state = to_checkpoint(run, data, settings, has_val)
     try:

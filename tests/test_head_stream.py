@@ -12,7 +12,7 @@ import torch
 
 from benchmarks import synthetic
 from extract import store
-from head import features
+from head import features, grid
 from head.features import StreamedSplit
 from head.step import stream_batches
 from head.training import Settings, train
@@ -54,6 +54,40 @@ def test_an_epoch_of_streamed_batches_visits_every_row_once_in_a_shuffled_order(
     assert len(set((seen[:100] // 256).tolist())) == 3
     again = torch.cat([labels for _, labels in stream_batches(split, 100, generator)])
     assert not torch.equal(seen, again)
+
+
+def test_a_part_of_a_streamed_split_draws_and_reads_only_its_own_rows(noisy):
+    """What `--holdout` streams: the kept rows are trained on, each once an epoch, and the held
+    rows are read for the selection, in file order; nothing else of the file reaches either."""
+    with store.open_complete(noisy) as file:
+        stored = file["train/features"][()]
+    rows = len(stored)
+    whole = StreamedSplit(
+        noisy, "train", labels=torch.arange(rows), block_rows=256, buffer_blocks=3
+    )
+    kept, held = grid.holdout_rows(rows, 0.1, seed=0)
+    trained, selected = whole.part(kept), whole.part(held)
+    assert (len(trained), len(selected)) == (len(kept), len(held))
+    batches = list(stream_batches(trained, 100, torch.Generator().manual_seed(0)))
+    seen = torch.cat([labels for _, labels in batches])
+    assert sorted(seen.tolist()) == kept.tolist()
+    assert [len(labels) for _, labels in batches[:-1]] == [100] * (len(batches) - 1)
+    for batch, labels in batches:
+        np.testing.assert_array_equal(batch.numpy(), stored[labels.numpy()])
+    chunks = list(selected.chunks())
+    assert torch.equal(torch.cat([labels for _, labels in chunks]), held)
+    np.testing.assert_array_equal(
+        torch.cat([batch for batch, _ in chunks]).numpy(), stored[held.numpy()]
+    )
+    # A part holding every row draws what the whole split draws, batch for batch.
+    every = whole.part(torch.arange(rows))
+    for (batch, labels), (whole_batch, whole_labels) in zip(
+        stream_batches(every, 100, torch.Generator().manual_seed(1)),
+        stream_batches(whole, 100, torch.Generator().manual_seed(1)),
+        strict=True,
+    ):
+        assert torch.equal(labels, whole_labels)
+        assert torch.equal(batch, whole_batch)
 
 
 def test_streamed_training_matches_in_memory_accuracy_and_resumes_exactly(noisy, tmp_path):

@@ -27,6 +27,7 @@ import head
 import live
 from benchmarks import synthetic
 from conftest import extract_features
+from extract import store
 from extract.errors import UserError, run_cli
 from head import checkpoint, grid, selection, sweep_report, sweeping
 
@@ -237,6 +238,43 @@ def test_holdout_selects_on_train_rows_and_refits_the_winner_on_all_of_train(
     # Not what a selection on val would have trained: 240 of the 320 rows.
     trained = torch.load(tmp_path / "sweep" / sweeping.STATE, weights_only=True)
     assert trained["holdout"] == 0.25
+
+
+def test_holdout_on_streamed_features_selects_each_head_on_the_held_out_rows(
+    hard_features, tmp_path
+):
+    """CPU, fp32, streamed through a buffer smaller than the file: every head's selection
+    top-1 is its saved best layer's top-1 on the seeded held-out rows of train, recomputed
+    here from the file in memory; the winner is refit on all of train."""
+    rows = head.sweep(
+        hard_features,
+        tmp_path / "sweep",
+        holdout=0.25,
+        stream=True,
+        max_memory="40MB",
+        save_all=True,
+        lr="1e-3,3e-2",
+        weight_decay="0",
+        standardize="both",
+        **QUICK,
+    )
+    with store.open_complete(hard_features) as file:
+        features = torch.from_numpy(file["train/features"][()]).float()
+        labels = torch.from_numpy(store.read_labels(file, "train").astype(np.int64))
+    _, held = grid.holdout_rows(len(labels), 0.25, seed=0)
+    heads = [row for row in rows if row["method"] == "adam"]
+    assert len(heads) == 4
+    for row in heads:
+        best = checkpoint.load(
+            tmp_path / "sweep" / "heads" / head_name(row["lr"], 0.0, row["standardize"])
+        )
+        logits = features[held] @ best.weight.T + best.bias
+        top1 = 100.0 * (logits.argmax(1) == labels[held]).double().mean().item()
+        assert row["val_top1"] == pytest.approx(top1, abs=1e-9)
+    state = checkpoint.load(tmp_path / "sweep" / checkpoint.BEST)
+    assert state.best_by.startswith("holdout top-1 (0.25 of train)")
+    winner = next(row for row in rows if row["best"])
+    assert state.epoch == winner["best_epoch"]
 
 
 def test_holdout_rows_are_seeded_disjoint_and_cover_train():

@@ -4,7 +4,8 @@ aiohttp rather than Starlette with uvicorn: one library gives the server, its We
 files, a streamed multipart response, and the client the tests and `benchmarks.live --serve`
 drive it with; Starlette would need uvicorn to serve and a third package to be a WebSocket client.
 
-Every route is a plain async function below; the network and the predictor are used only by the
+Every route is a plain async function below (the teaching commands in `live.serve.commands`,
+what they share in `live.serve.state`); the network and the predictor are used only by the
 `Worker`'s thread, decoding only in the loop's thread pool, so the event loop just moves bytes.
 Every refusal is one JSON reply ``{"error": "..."}`` (with a 4xx status over HTTP) and the
 connection goes on: an image too large, not an image, a bomb, text that is not a command.
@@ -15,78 +16,34 @@ Protocol, limits, token and HTTPS: docs/live.md, "In the browser".
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import dataclasses
 import hmac
 import json
-import os
 import threading
 from importlib import resources
-from pathlib import Path
 
 import numpy as np
 from aiohttp import WSMsgType, web
 
 from extract.errors import UserError
 from live.predictor import Predictor
-from live.serve.inference import BadImage, Classes, Worker, decode_received, rgb_array
+from live.serve.commands import checked_name, command_reply
+from live.serve.inference import BadImage, Classes, decode_received, rgb_array
+from live.serve.state import (
+    STATE,
+    Client,
+    Settings,
+    State,
+    class_list,
+    error,
+    in_worker,
+    message_too_large,
+)
 from live.session import class_entry, smoothed, top_indices
 
+__all__ = ["Running", "Settings", "build"]
+
 PAGE_FILES = {"/": ("index.html", "text/html"), "/app.js": ("app.js", "text/javascript")}
-COMMANDS = ("teach", "stop", "forget", "save", "classes")
 FULL = 1013  # WebSocket close code "try again later"
-
-
-@dataclasses.dataclass
-class Settings:
-    """What the command line sets; the defaults are the command's."""
-
-    topk: int = 5
-    smooth: float = 0.0
-    token: str | None = None  # None: no token asked (loopback only)
-    max_message_bytes: int = 8 * 1024 * 1024
-    max_pixels: int = 25_000_000
-    max_clients: int = 8
-    max_name_length: int = 40
-    teach_max: int = 50
-    save_dir: Path = Path("taught")
-    max_batch: int = 8
-    model: Path | None = None  # the checkpoint served, which a save never overwrites
-
-
-@dataclasses.dataclass
-class Client:
-    """One WebSocket connection's state: its frame count, its moving average, what it teaches."""
-
-    frames: int = 0
-    average: np.ndarray | None = None
-    teaching: str | None = None
-    examples: list = dataclasses.field(default_factory=list)
-
-
-class State:
-    """What the routes share: the predictor's worker, the settings, the clients connected."""
-
-    def __init__(self, predictor: Predictor, settings: Settings):
-        self.predictor = predictor
-        self.settings = settings
-        self.worker = Worker(predictor, settings.max_batch)
-        self.decoders = concurrent.futures.ThreadPoolExecutor(
-            max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="live-serve-decode"
-        )
-        self.clients = 0
-        self.feed = None  # a live.serve.stream.Feed when the server reads a source itself
-
-    def close(self) -> None:
-        self.worker.stop()
-        self.decoders.shutdown(wait=False, cancel_futures=True)
-
-
-STATE = web.AppKey("state", State)
-
-
-def error(message: str, status: int = 400) -> web.Response:
-    return web.json_response({"error": message}, status=status)
 
 
 @web.middleware
@@ -116,10 +73,6 @@ async def guard(request: web.Request, handler) -> web.StreamResponse:
     return response
 
 
-def message_too_large(size: int | str, limit: int) -> str:
-    return f"message of {size} bytes: over the limit of {limit} (--max-message-bytes)"
-
-
 async def page(request: web.Request) -> web.Response:
     name, content_type = PAGE_FILES[request.path]
     text = resources.files("live.serve").joinpath("static", name).read_text(encoding="utf-8")
@@ -141,22 +94,6 @@ async def health(request: web.Request) -> web.Response:
 async def classes(request: web.Request) -> web.Response:
     state = request.app[STATE]
     return web.json_response(await in_worker(state, class_list, state.predictor))
-
-
-async def in_worker(state: State, function, *args):
-    """`function(*args)` in the worker's thread, the only one that uses the predictor."""
-    return await asyncio.wrap_future(state.worker.call(function, *args))
-
-
-def class_list(predictor: Predictor) -> dict:
-    """The classes in index order, and the taught ones with their number of examples."""
-    return {
-        "classes": [
-            {"index": index, "wnid": wnid, "name": name}
-            for index, (wnid, name) in enumerate(zip(predictor.wnids, predictor.names))
-        ],
-        "taught": predictor.taught,
-    }
 
 
 async def predict(request: web.Request) -> web.Response:
@@ -266,87 +203,6 @@ async def forward_feed(state: State, socket: web.WebSocketResponse) -> None:
             await socket.send_json(record)
         except ConnectionResetError:
             return
-
-
-def parse_command(text: str) -> tuple[str, dict]:
-    """A text message: a JSON object with a known ``command``; raises ValueError."""
-    try:
-        command = json.loads(text)
-    except json.JSONDecodeError:
-        raise ValueError(
-            'a text message must be a JSON command, e.g. {"command": "classes"}'
-        ) from None
-    if not isinstance(command, dict) or command.get("command") not in COMMANDS:
-        name = command.get("command") if isinstance(command, dict) else command
-        raise ValueError(f"unknown command {name!r}: one of {', '.join(COMMANDS)}")
-    return command["command"], command
-
-
-async def command_reply(state: State, client: Client, text: str) -> dict:
-    """Run one command; every refusal is ``{"error"}`` and the connection goes on."""
-    try:
-        verb, command = parse_command(text)
-        if verb == "teach":
-            client.teaching = checked_name(state, command.get("name"))
-            client.examples = []
-            return {"teaching": client.teaching}
-        if verb == "stop":
-            return await stop_teaching(state, client)
-        if verb == "forget":
-            return await forget(state, checked_name(state, command.get("name")))
-        if verb == "save":
-            return await save(state, command.get("path", "."))
-        return await in_worker(state, class_list, state.predictor)
-    except (ValueError, UserError) as refused:
-        return {"error": str(refused)}
-
-
-def checked_name(state: State, name: object) -> str:
-    """A class name as `live.teaching.check_class_name` allows it; raises UserError."""
-    if not isinstance(name, str):
-        raise UserError('a class name is needed: {"command": ..., "name": "..."}')
-    from live.teaching import check_class_name
-
-    return check_class_name(name, state.settings.max_name_length)
-
-
-async def stop_teaching(state: State, client: Client) -> dict:
-    """Teach the frames kept since ``teach`` to its class: one refit for them all."""
-    name, examples = client.teaching, client.examples
-    client.teaching, client.examples = None, []
-    if name is None:
-        raise UserError('nothing is being taught: send {"command": "teach", "name": ...} first')
-    if not examples:
-        raise UserError(f"no frame arrived while teaching {name!r}")
-
-    def teach() -> dict:
-        count = state.predictor.teach(name, examples)
-        return {"learned": {"name": name, "examples": count}} | class_list(state.predictor)
-
-    return await in_worker(state, teach)
-
-
-async def forget(state: State, name: str) -> dict:
-    def forget_name() -> dict:
-        state.predictor.forget(name)
-        return {"forgot": name} | class_list(state.predictor)
-
-    return await in_worker(state, forget_name)
-
-
-async def save(state: State, path: object) -> dict:
-    """Save into a folder inside the save folder; any path that leaves it is refused."""
-    root = state.settings.save_dir.resolve()
-    if not isinstance(path, str):
-        raise UserError('"path" must be a folder name inside the save folder')
-    folder = (root / path).resolve()
-    if not folder.is_relative_to(root):
-        raise UserError(f"save path {path!r} is outside the save folder {root} (--save-dir)")
-    model = state.settings.model
-    if model is not None and (folder / "best.pt").resolve() == model.resolve():
-        raise UserError(f"save path {path!r} would overwrite the model being served ({model})")
-    saved = await in_worker(state, state.predictor.save, folder)
-    return {"saved": str(saved)}
 
 
 async def teach_route(request: web.Request) -> web.Response:

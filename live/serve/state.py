@@ -1,0 +1,88 @@
+"""What the server's routes share: its settings, the state of each client, the predictor's
+worker, and the JSON error reply they all answer a refusal with."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import os
+from pathlib import Path
+
+import numpy as np
+from aiohttp import web
+
+from live.predictor import Predictor
+from live.serve.inference import Worker
+
+
+@dataclasses.dataclass
+class Settings:
+    """What the command line sets; the defaults are the command's."""
+
+    topk: int = 5
+    smooth: float = 0.0
+    token: str | None = None  # None: no token asked (loopback only)
+    max_message_bytes: int = 8 * 1024 * 1024
+    max_pixels: int = 25_000_000
+    max_clients: int = 8
+    max_name_length: int = 40
+    teach_max: int = 50
+    save_dir: Path = Path("taught")
+    max_batch: int = 8
+    model: Path | None = None  # the checkpoint served, which a save never overwrites
+
+
+@dataclasses.dataclass
+class Client:
+    """One WebSocket connection's state: its frame count, its moving average, what it teaches."""
+
+    frames: int = 0
+    average: np.ndarray | None = None
+    teaching: str | None = None
+    examples: list = dataclasses.field(default_factory=list)
+
+
+class State:
+    """What the routes share: the predictor's worker, the settings, the clients connected."""
+
+    def __init__(self, predictor: Predictor, settings: Settings):
+        self.predictor = predictor
+        self.settings = settings
+        self.worker = Worker(predictor, settings.max_batch)
+        self.decoders = concurrent.futures.ThreadPoolExecutor(
+            max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="live-serve-decode"
+        )
+        self.clients = 0
+        self.feed = None  # a live.serve.stream.Feed when the server reads a source itself
+
+    def close(self) -> None:
+        self.worker.stop()
+        self.decoders.shutdown(wait=False, cancel_futures=True)
+
+
+STATE = web.AppKey("state", State)
+
+
+def error(message: str, status: int = 400) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+def message_too_large(size: int | str, limit: int) -> str:
+    return f"message of {size} bytes: over the limit of {limit} (--max-message-bytes)"
+
+
+async def in_worker(state: State, function, *args):
+    """`function(*args)` in the worker's thread, the only one that uses the predictor."""
+    return await asyncio.wrap_future(state.worker.call(function, *args))
+
+
+def class_list(predictor: Predictor) -> dict:
+    """The classes in index order, and the taught ones with their number of examples."""
+    return {
+        "classes": [
+            {"index": index, "wnid": wnid, "name": name}
+            for index, (wnid, name) in enumerate(zip(predictor.wnids, predictor.names))
+        ],
+        "taught": predictor.taught,
+    }
