@@ -80,10 +80,7 @@ def stream_batches(
             labels = by_row.to(device)
             views = [torch.from_numpy(buffers[name][:filled]).to(device) for name in names]
             count = len(positions)
-            permutation = torch.randperm(count, generator=generator)
-            if split.file_rows is not None:
-                permutation = positions[permutation]
-            permutation = permutation.to(device)
+            permutation = positions[torch.randperm(count, generator=generator)].to(device)
             use_flip = (
                 (torch.rand(filled, generator=generator) < 0.5).to(device) if split.flip else None
             )

@@ -307,9 +307,14 @@ def sweep_heads(
         else new_sweep(data, train, cells, settings, device)
     )
     classes = data.num_classes
+    exported = None  # every head's layer as last scored, which `finish` records as scored
+
+    def scores(split) -> list[Scores]:
+        nonlocal exported
+        exported = wide.exported(sweep.layer)
+        return head_scores(*exported, classes, split, device)
 
     def finish(epoch: int, train_scores: list, val_scores: list, seconds: float) -> None:
-        exported = wide.exported(sweep.layer)
         record(sweep, epoch, train_scores, val_scores, seconds, has_val, exported, report)
         report(epoch_line(sweep, epoch, settings.epochs, val_scores, seconds))
         save_state(sweep, data, settings, holdout, save_dir)
@@ -322,7 +327,7 @@ def sweep_heads(
         settings,
         device,
         lambda bar: train_epoch(sweep, train, settings, bar),
-        lambda split: head_scores(*wide.exported(sweep.layer), classes, split, device),
+        scores,
         finish,
     )
     return sweep
