@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from test_head import assert_one_line_error
 
 import extract
@@ -29,6 +30,7 @@ from benchmarks import synthetic
 from conftest import extract_features
 from extract import store
 from extract.errors import UserError, run_cli
+from extract.preprocess import normalize, to_uint8
 from head import checkpoint, grid, selection, sweep_report, sweeping
 
 REPO = Path(__file__).resolve().parents[1]
@@ -397,7 +399,8 @@ def test_help_shows_real_invocations(capsys):
 
 def test_best_pt_runs_in_live_with_the_winning_layer(features_file, tiny_imagenet, tmp_path):
     """CPU, fp32: live's probabilities on the val images are the softmax of the stored
-    (float16) features under best.pt's layer, within 2e-3; another head's are not."""
+    (float16) features under best.pt's layer, within 2e-3; another head's are not; the program
+    `live.export` writes from best.pt gives live's probabilities within 1e-5."""
     rows = head.sweep(
         features_file, tmp_path / "sweep", lr="1e-3,1e-2", weight_decay="0", save_all=True, **QUICK
     )
@@ -418,6 +421,14 @@ def test_best_pt_runs_in_live_with_the_winning_layer(features_file, tiny_imagene
     other = head_name(loser["lr"], loser["weight_decay"], loser["standardize"])
     layer = checkpoint.load(tmp_path / "sweep" / "heads" / other).layer
     assert not torch.allclose(seen, probabilities(layer).gather(1, indices), atol=2e-3)
+    program = torch.export.load(model.export(tmp_path / "live.pt2")[0]).module()
+    with Image.open(tiny_imagenet / cache.paths[0]) as image:
+        pixels = to_uint8(image, model.params)
+    with torch.no_grad():
+        exported = program(normalize(pixels[None], model.params)).softmax(1)[0]
+    torch.testing.assert_close(exported[indices[0]].double(), seen[0], rtol=0, atol=1e-5)
+    loser_first = probabilities(layer)[0, indices[0]]
+    assert not torch.allclose(exported[indices[0]].double(), loser_first, atol=2e-3)
 
 
 @pytest.mark.cuda
