@@ -5,7 +5,7 @@ writes it as a torch.export program; ``python -m live.serve`` serves it to a bro
 see `live.serve`):
 
     live.load(model, device="auto", weights=None, precision="fp32", *, backbone=None,
-              imagenet=False, teach_max=50) -> Predictor
+              imagenet=False, teach_max=50, max_name_length=40) -> Predictor
         Rebuild backbone and head from a checkpoint (or the folder head.fit saved into);
         model None: no trained head, only classes taught from then on (or, imagenet=True,
         the backbone's own ImageNet classes).

@@ -32,7 +32,7 @@ from head import checkpoint
 from live import model as stitched
 from live.model import Classifier, frame_pixels
 from live.session import top_indices
-from live.teaching import CROPS, Lessons
+from live.teaching import CROPS, MAX_NAME_LENGTH, Lessons
 
 BATCH = 32  # images through the network at once (32 normalized 224 x 224 images: 19 MB)
 ImageInput = Image.Image | np.ndarray | str | os.PathLike
@@ -210,6 +210,7 @@ def load(
     backbone: str | None = None,
     imagenet: bool = False,
     teach_max: int = 50,
+    max_name_length: int = MAX_NAME_LENGTH,
 ) -> Predictor:
     """Rebuild the backbone and the head from a checkpoint (a file, or the folder `head.fit`
     saved into: its best.pt), ready to `predict` and to `teach`.
@@ -222,7 +223,7 @@ def load(
     `model` None: no trained head, only the classes taught from then on, on the `backbone`
     (default alexnet) with `weights` (default imagenet); with ``imagenet=True``, the backbone's
     own ImageNet classes, as ``python -m live --imagenet --backbone``. `teach_max`: the most
-    examples kept per taught class.
+    examples kept per taught class; `max_name_length`: the longest name a taught class may have.
     """
     weights = None if weights is None else os.fspath(weights)
     if model is not None and (imagenet or backbone is not None):
@@ -255,5 +256,6 @@ def load(
         replay_features=replay_features,
         replay_labels=replay_labels,
         teach_max=teach_max,
+        max_name_length=max_name_length,
     )
     return Predictor(classifier, lessons)

@@ -42,6 +42,7 @@ WEIGHT_DECAY = 0.03  # in standardised units; 0.003 let the old classes lose 12 
 WEIGHT_DECAY_WITHOUT_REPLAY = 10.0  # the old classes lost 22 points at 1, 9 at 10
 # A folder name on every system: no / \ or :, no space or dot at either end.
 NAME = re.compile(r"\w(?:[\w .'-]*[\w'-])?")
+MAX_NAME_LENGTH = 40  # characters of a taught class's name
 CROPS = "crops"
 
 
@@ -56,7 +57,7 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def check_class_name(name: str, max_length: int = 40) -> str:
+def check_class_name(name: object, max_length: int = MAX_NAME_LENGTH) -> str:
     """`name` if it can name a taught class (and its crops folder), else UserError saying why."""
     if not isinstance(name, str):
         raise UserError(f"class name {name!r}: must be text")
@@ -147,15 +148,22 @@ class Lessons:
     replay_features: torch.Tensor  # (R, D) float32; R = 0 without a replay set
     replay_labels: torch.Tensor  # (R,) int64
     teach_max: int = 50
+    max_name_length: int = MAX_NAME_LENGTH
     taught: dict[str, Lesson] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.teach_max < 1:
-            raise UserError(f"teach_max={self.teach_max}: must be >= 1")
+        for field in ("teach_max", "max_name_length"):
+            if getattr(self, field) < 1:
+                raise UserError(f"{field}={getattr(self, field)}: must be >= 1")
+
+    def valid_name(self, name: object) -> str:
+        """`name` if it is a valid class name here (`check_class_name` up to max_name_length),
+        else UserError; whether it is taught or trained is not asked."""
+        return check_class_name(name, self.max_name_length)
 
     def check_name(self, name: str) -> None:
         """UserError unless `name` can name a taught class: valid, and not a trained class."""
-        check_class_name(name)
+        self.valid_name(name)
         if name in self.wnids or name in self.names:
             raise UserError(
                 f"class name {name!r}: already a class of the trained head; pick another name"

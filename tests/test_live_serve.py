@@ -618,6 +618,37 @@ def test_the_command_serves_predict_with_its_token_and_ends_on_ctrl_c(model_dir,
     assert code == 130 and "Traceback" not in stderr
 
 
+@pytest.mark.slow
+def test_the_commands_max_name_length_holds_from_teach_to_stop(weights_file, tmp_path):
+    """CPU fp32, random AlexNet weights, no head: with --max-name-length 60 a 50-character class
+    is taught end to end (teach, a frame, stop -> learned), as the refit at stop checks the same
+    length the command was given; 61 characters are still refused, at teach."""
+    process, url = start_command(
+        *("--backbone", "alexnet", "--weights", str(weights_file), "--device", "cpu"),
+        *("--max-name-length", "60", "--save-dir", str(tmp_path / "saves")),
+    )
+    name = "n" * 50
+    try:
+        replies = asyncio.run(
+            exchange(
+                url + "ws",
+                [
+                    json.dumps({"command": "teach", "name": name}),
+                    checkerboard(1),
+                    '{"command": "stop"}',
+                    json.dumps({"command": "teach", "name": "m" * 61}),
+                ],
+            )
+        )
+    finally:
+        code, stderr = interrupt(process)
+    assert replies[0] == {"teaching": name}
+    assert replies[2].get("learned") == {"name": name, "examples": 1}, replies[2]
+    assert replies[2]["taught"] == {name: 1}
+    assert set(replies[3]) == {"error"} and "1 to 60 characters" in replies[3]["error"]
+    assert code == 130 and "Traceback" not in stderr
+
+
 def test_only_a_loopback_bind_goes_without_a_token():
     for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
         assert is_loopback(host) and needed_token(host, None) is None

@@ -28,6 +28,7 @@ from extract.precisions import LIVE_CHOICES
 from live.__main__ import default_threads
 from live.serve import app
 from live.sources import open_source
+from live.teaching import MAX_NAME_LENGTH
 
 DEFAULTS = app.Settings()
 
@@ -112,8 +113,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--max-name-length",
         type=int,
-        default=DEFAULTS.max_name_length,
-        help=f"longest taught class name ({DEFAULTS.max_name_length})",
+        default=MAX_NAME_LENGTH,
+        help=f"longest taught class name ({MAX_NAME_LENGTH})",
     )
     parser.add_argument(
         "--teach-max",
@@ -199,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         backbone=args.backbone,
         imagenet=args.imagenet,
         teach_max=args.teach_max,
+        max_name_length=args.max_name_length,
     )
     predictor.classifier.warm_up()
     settings = app.Settings(
@@ -208,7 +210,6 @@ def main(argv: list[str] | None = None) -> int:
         max_message_bytes=args.max_message_bytes,
         max_pixels=args.max_pixels,
         max_clients=args.max_clients,
-        max_name_length=args.max_name_length,
         teach_max=args.teach_max,
         save_dir=save_dir(args),
         max_batch=args.max_batch,

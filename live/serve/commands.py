@@ -47,12 +47,11 @@ async def command_reply(state: State, client: Client, text: str) -> dict:
 
 
 def checked_name(state: State, name: object) -> str:
-    """A class name as `live.teaching.check_class_name` allows it; raises UserError."""
-    if not isinstance(name, str):
+    """A class name as the predictor's lessons allow it (text, at most their max_name_length
+    characters, the check `teach` makes again at stop); raises UserError."""
+    if name is None:
         raise UserError('a class name is needed: {"command": ..., "name": "..."}')
-    from live.teaching import check_class_name
-
-    return check_class_name(name, state.settings.max_name_length)
+    return state.predictor.lessons.valid_name(name)
 
 
 async def stop_teaching(state: State, client: Client) -> dict:

@@ -26,7 +26,6 @@ class Settings:
     max_message_bytes: int = 8 * 1024 * 1024
     max_pixels: int = 25_000_000
     max_clients: int = 8
-    max_name_length: int = 40
     teach_max: int = 50
     save_dir: Path = Path("taught")
     max_batch: int = 8
