@@ -29,6 +29,7 @@ from extract.errors import UserError, run_cli
 from extract.precisions import LIVE_CHOICES, LIVE_DEFAULT
 from live import model, session
 from live.sources import open_source
+from live.teaching import TEACH_MAX
 from live.window import Window, display_missing
 
 
@@ -119,7 +120,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=[],
         metavar="NAME=IMAGES",
         help="before classifying, teach the class NAME from an image folder, glob or video "
-        "file (its last 50 frames); repeatable (docs/live.md, Teaching a class)",
+        f"file (its last {TEACH_MAX} frames); repeatable (docs/live.md, Teaching a class)",
     )
     parser.add_argument("--output", type=Path, help="annotated video to write (.mp4)")
     parser.add_argument("--log", type=Path, help="JSONL file, one line per classified frame")

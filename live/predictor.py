@@ -32,7 +32,7 @@ from head import checkpoint
 from live import model as stitched
 from live.model import Classifier, frame_pixels
 from live.session import top_indices
-from live.teaching import CROPS, MAX_NAME_LENGTH, Lessons
+from live.teaching import CROPS, MAX_NAME_LENGTH, TEACH_MAX, Lessons
 
 BATCH = 32  # images through the network at once (32 normalized 224 x 224 images: 19 MB)
 ImageInput = Image.Image | np.ndarray | str | os.PathLike
@@ -209,7 +209,7 @@ def load(
     *,
     backbone: str | None = None,
     imagenet: bool = False,
-    teach_max: int = 50,
+    teach_max: int = TEACH_MAX,
     max_name_length: int = MAX_NAME_LENGTH,
 ) -> Predictor:
     """Rebuild the backbone and the head from a checkpoint (a file, or the folder `head.fit`

@@ -42,6 +42,7 @@ WEIGHT_DECAY = 0.03  # in standardised units; 0.003 let the old classes lose 12 
 WEIGHT_DECAY_WITHOUT_REPLAY = 10.0  # the old classes lost 22 points at 1, 9 at 10
 # A folder name on every system: no / \ or :, no space or dot at either end.
 NAME = re.compile(r"\w(?:[\w .'-]*[\w'-])?")
+TEACH_MAX = 50  # examples kept per taught class, the oldest dropped
 MAX_NAME_LENGTH = 40  # characters of a taught class's name
 CROPS = "crops"
 
@@ -147,7 +148,7 @@ class Lessons:
     provenance: dict[str, str]  # of the backbone, as the checkpoint's `features`
     replay_features: torch.Tensor  # (R, D) float32; R = 0 without a replay set
     replay_labels: torch.Tensor  # (R,) int64
-    teach_max: int = 50
+    teach_max: int = TEACH_MAX
     max_name_length: int = MAX_NAME_LENGTH
     taught: dict[str, Lesson] = dataclasses.field(default_factory=dict)
 

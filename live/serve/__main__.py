@@ -28,7 +28,7 @@ from extract.precisions import LIVE_CHOICES
 from live.__main__ import default_threads
 from live.serve import app
 from live.sources import open_source
-from live.teaching import MAX_NAME_LENGTH
+from live.teaching import MAX_NAME_LENGTH, TEACH_MAX
 
 DEFAULTS = app.Settings()
 
@@ -119,8 +119,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--teach-max",
         type=int,
-        default=DEFAULTS.teach_max,
-        help=f"examples kept per taught class, the oldest dropped ({DEFAULTS.teach_max})",
+        default=TEACH_MAX,
+        help=f"examples kept per taught class, the oldest dropped ({TEACH_MAX})",
     )
     parser.add_argument(
         "--save-dir",

@@ -14,6 +14,7 @@ from aiohttp import web
 
 from live.predictor import Predictor
 from live.serve.inference import Worker
+from live.teaching import TEACH_MAX
 
 
 @dataclasses.dataclass
@@ -26,7 +27,7 @@ class Settings:
     max_message_bytes: int = 8 * 1024 * 1024
     max_pixels: int = 25_000_000
     max_clients: int = 8
-    teach_max: int = 50
+    teach_max: int = TEACH_MAX
     save_dir: Path = Path("taught")
     max_batch: int = 8
     model: Path | None = None  # the checkpoint served, which a save never overwrites
