@@ -68,8 +68,10 @@ class Summary:
 
 
 def smoothed(previous: np.ndarray | None, probs: np.ndarray, alpha: float) -> np.ndarray:
-    """Exponential moving average of the probabilities; alpha is the weight of the past."""
-    if previous is None or alpha == 0.0:
+    """Exponential moving average of the probabilities; alpha is the weight of the past. It
+    restarts at `probs` when there is no past, or when the classes changed (teaching adds or
+    removes one) and the past no longer lines up with them."""
+    if previous is None or previous.shape != probs.shape or alpha == 0.0:
         return probs
     return alpha * previous + (1.0 - alpha) * probs
 

@@ -76,6 +76,14 @@ def test_smoothing_is_an_exponential_moving_average_and_zero_is_off():
     assert np.array_equal(session.smoothed(None, second, 0.75), second)
 
 
+def test_smoothing_restarts_when_the_number_of_classes_changes():
+    """A class taught or forgotten between two frames: the new frame's probabilities alone."""
+    past, taught = np.array([0.5, 0.5]), np.array([0.2, 0.3, 0.5])
+    assert np.array_equal(session.smoothed(past, taught, 0.75), taught)
+    assert np.array_equal(session.smoothed(taught, past, 0.75), past)
+    np.testing.assert_allclose(session.smoothed(taught, taught[::-1], 0.5), [0.35, 0.3, 0.35])
+
+
 def test_log_record_holds_the_raw_top_k_and_the_top_1_of_the_average():
     """The JSONL line, field by field: top-k of this frame's probabilities (ties in class
     order), the top-1 of the moving average, the latency in ms to the microsecond."""

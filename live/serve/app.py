@@ -21,13 +21,12 @@ import json
 import threading
 from importlib import resources
 
-import numpy as np
 from aiohttp import WSMsgType, web
 
 from extract.errors import UserError
 from live.predictor import Predictor
 from live.serve.commands import checked_name, command_reply
-from live.serve.inference import BadImage, Classes, decode_received, rgb_array
+from live.serve.inference import BadImage, decode_received, rgb_array
 from live.serve.state import (
     STATE,
     Client,
@@ -37,8 +36,8 @@ from live.serve.state import (
     error,
     in_worker,
     message_too_large,
+    reply_of,
 )
-from live.session import class_entry, smoothed, top_indices
 
 __all__ = ["Running", "Settings", "build"]
 
@@ -136,24 +135,6 @@ async def frame_reply(state: State, client: Client, data: bytes, topk: int) -> d
             "total": round((loop.time() - started) * 1000.0, 3),
         }
     }
-
-
-def reply_of(classes: Classes, client: Client, probs: np.ndarray, topk: int, smooth: float) -> dict:
-    """The top-k of this frame's probabilities and the top-1 of the client's moving average,
-    as `live`'s log has them; the average restarts when teaching changed the classes."""
-    if client.average is not None and client.average.shape != probs.shape:
-        client.average = None
-    client.average = smoothed(client.average, probs, smooth)
-    reply = {
-        "frame": client.frames,
-        "top": [class_entry(classes, i, probs[i]) for i in top_indices(probs, topk)],
-        "smoothed": None,  # a head of taught classes only, none taught yet
-    }
-    if len(probs):
-        best = int(np.argmax(client.average))
-        reply["smoothed"] = class_entry(classes, best, client.average[best])
-    client.frames += 1
-    return reply
 
 
 async def websocket(request: web.Request) -> web.WebSocketResponse:

@@ -1,5 +1,5 @@
 """What the server's routes share: its settings, the state of each client, the predictor's
-worker, and the JSON error reply they all answer a refusal with."""
+worker, the reply to a classified frame, and the JSON error reply they answer a refusal with."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import numpy as np
 from aiohttp import web
 
 from live.predictor import Predictor
-from live.serve.inference import Worker
+from live.serve.inference import Classes, Worker
+from live.session import class_entry, smoothed, top_indices
 from live.teaching import TEACH_MAX
 
 
@@ -86,3 +87,19 @@ def class_list(predictor: Predictor) -> dict:
         ],
         "taught": predictor.taught,
     }
+
+
+def reply_of(classes: Classes, client: Client, probs: np.ndarray, topk: int, smooth: float) -> dict:
+    """The top-k of this frame's probabilities and the top-1 of the client's moving average,
+    as `live`'s log has them; the average restarts when teaching changed the classes."""
+    client.average = smoothed(client.average, probs, smooth)
+    reply = {
+        "frame": client.frames,
+        "top": [class_entry(classes, i, probs[i]) for i in top_indices(probs, topk)],
+        "smoothed": None,  # a head of taught classes only, none taught yet
+    }
+    if len(probs):
+        best = int(np.argmax(client.average))
+        reply["smoothed"] = class_entry(classes, best, client.average[best])
+    client.frames += 1
+    return reply

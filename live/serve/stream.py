@@ -20,7 +20,8 @@ from live import overlay
 from live.model import frame_pixels
 from live.predictor import Predictor
 from live.serve.inference import Worker
-from live.session import class_entry, smoothed, top_indices
+from live.serve.state import Client, reply_of
+from live.session import top_indices
 from live.sources import Source
 from live.timing import RateMeter
 
@@ -58,7 +59,7 @@ class Feed:
 
     def run(self, worker: Worker, loop: asyncio.AbstractEventLoop) -> None:
         rate = RateMeter()
-        average = None
+        client = Client()  # the source's own moving average
         try:
             for frame in self.source.frames():
                 if self.stopping.is_set():
@@ -66,24 +67,17 @@ class Feed:
                 result = worker.classify(frame_pixels(frame.bgr, self.predictor.params)).result()
                 done = time.perf_counter()
                 rate.tick(done)
-                probs = result.probs
-                if average is not None and average.shape != probs.shape:
-                    average = None  # teaching changed the classes
-                average = smoothed(average, probs, self.smooth)
-                if not len(probs):
+                reply = reply_of(result.classes, client, result.probs, self.topk, self.smooth)
+                if not len(result.probs):
                     continue  # a head of taught classes only, none taught yet
-                k = min(self.topk, len(probs))
                 latency_ms = (done - frame.captured) * 1000.0
-                record = {
-                    "frame": frame.index,
-                    "top": [
-                        class_entry(result.classes, i, probs[i]) for i in top_indices(probs, k)
-                    ],
-                    "smoothed": class_entry(result.classes, int(average.argmax()), average.max()),
+                record = reply | {
+                    "frame": frame.index,  # the source's frame number
                     "ms": {"network": round(result.network_ms, 3), "total": round(latency_ms, 3)},
                     "source": self.description,
                 }
-                shown = top_indices(average, k)
+                average = client.average
+                shown = top_indices(average, self.topk)
                 annotated = overlay.annotate(
                     frame.bgr,
                     [(result.classes.names[i], float(average[i])) for i in shown],
