@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import threading
 from importlib import resources
 
@@ -25,7 +24,7 @@ from aiohttp import WSMsgType, web
 
 from extract.errors import UserError
 from live.predictor import Predictor
-from live.serve.commands import checked_name, command_reply
+from live.serve.commands import checked_name, command_reply, forget, save, stop_teaching
 from live.serve.inference import BadImage, decode_received, rgb_array
 from live.serve.state import (
     STATE,
@@ -192,26 +191,30 @@ async def teach_route(request: web.Request) -> web.Response:
     client = Client()
     try:
         client.teaching = checked_name(state, request.query.get("name"))
+        reply = await frame_reply(state, client, await request.read(), state.settings.topk)
+        if "error" in reply:
+            return error(reply["error"])
+        return web.json_response(await stop_teaching(state, client))
     except UserError as refused:
         return error(str(refused))
-    reply = await frame_reply(state, client, await request.read(), state.settings.topk)
-    if "error" in reply:
-        return error(reply["error"])
-    return command_response(await command_reply(state, client, '{"command": "stop"}'))
 
 
 async def forget_route(request: web.Request) -> web.Response:
-    text = json.dumps({"command": "forget", "name": request.query.get("name")})
-    return command_response(await command_reply(request.app[STATE], Client(), text))
+    state = request.app[STATE]
+    try:
+        return web.json_response(
+            await forget(state, checked_name(state, request.query.get("name")))
+        )
+    except UserError as refused:
+        return error(str(refused))
 
 
 async def save_route(request: web.Request) -> web.Response:
-    text = json.dumps({"command": "save", "path": request.query.get("path", ".")})
-    return command_response(await command_reply(request.app[STATE], Client(), text))
-
-
-def command_response(reply: dict) -> web.Response:
-    return error(reply["error"]) if "error" in reply else web.json_response(reply)
+    state = request.app[STATE]
+    try:
+        return web.json_response(await save(state, request.query.get("path", ".")))
+    except UserError as refused:
+        return error(str(refused))
 
 
 async def stream(request: web.Request) -> web.StreamResponse:
