@@ -25,6 +25,7 @@ import torch
 import live
 from extract.errors import UserError, run_cli
 from extract.precisions import LIVE_CHOICES
+from head import checkpoint
 from live.__main__ import default_threads
 from live.serve import app
 from live.sources import open_source
@@ -172,7 +173,9 @@ def save_dir(args: argparse.Namespace) -> Path:
 
 
 def checkpoint_file(model: Path) -> Path:
-    return model / "best.pt" if model.is_dir() else model
+    """The file `--model` names: itself, or the checkpoint in the folder, as head.checkpoint
+    loads it (so that 'save' can refuse to overwrite it)."""
+    return model / checkpoint.BEST if model.is_dir() else model
 
 
 def ssl_context(args: argparse.Namespace) -> ssl.SSLContext | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 from extract.errors import UserError
+from head import checkpoint
 from live.serve.state import Client, State, class_list, in_worker
 
 COMMANDS = ("teach", "stop", "forget", "save", "classes")
@@ -87,7 +88,7 @@ async def save(state: State, path: object) -> dict:
     if not folder.is_relative_to(root):
         raise UserError(f"save path {path!r} is outside the save folder {root} (--save-dir)")
     model = state.settings.model
-    if model is not None and (folder / "best.pt").resolve() == model.resolve():
+    if model is not None and (folder / checkpoint.BEST).resolve() == model.resolve():
         raise UserError(f"save path {path!r} would overwrite the model being served ({model})")
     saved = await in_worker(state, state.predictor.save, folder)
     return {"saved": str(saved)}
