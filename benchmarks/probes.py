@@ -34,8 +34,6 @@ from benchmarks import report
 CLASSES = 200
 VAL_ROWS = 10_000
 KS = [10, 20, 100, 200]
-LRS = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
-DECAYS = [0.0, 1e-5, 1e-4, 1e-3]
 NONE = lambda line: None  # noqa: E731
 
 
@@ -182,6 +180,7 @@ def bench_knn(data, plain_queries: int) -> list[list]:
 
 def bench_adam(heads: int, classes: int, dim: int, steps: int) -> list[list]:
     from head.adam import Adam, grid_memory_bytes
+    from head.grid import DEFAULT_LRS, DEFAULT_WEIGHT_DECAYS
 
     def timed(step) -> float:
         step()  # warm-up
@@ -194,7 +193,7 @@ def bench_adam(heads: int, classes: int, dim: int, steps: int) -> list[list]:
 
     generator = torch.Generator().manual_seed(0)
     # The sweep's default grid, standardize innermost: 40 heads, 20 (lr, wd) pairs, 20 calls.
-    grid = [(lr, wd) for lr in LRS for wd in DECAYS for _ in ("off", "on")]
+    grid = [(lr, wd) for lr in DEFAULT_LRS for wd in DEFAULT_WEIGHT_DECAYS for _ in ("off", "on")]
     grid = (grid * (heads // len(grid) + 1))[:heads]
     lrs, decays = [lr for lr, _ in grid], [wd for _, wd in grid]
     reset_peak()

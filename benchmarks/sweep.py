@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import report
+from benchmarks import report, synthetic
+from benchmarks.head import features_bytes
 
 CLASSES = 200
 VAL_ROWS = 10_000
@@ -67,7 +68,7 @@ def sweep_variant(features: Path, save: Path, epochs: int, device: str, stream: 
     finished = time.perf_counter()
     from head import sweeping
 
-    state = torch.load(save / sweeping.STATE, weights_only=True)
+    state = sweeping.load_state(save / sweeping.STATE)
     adam = [row for row in rows if row["method"] == "adam"]
     top1 = [row["val_top1"] for row in adam]
     return {
@@ -106,9 +107,10 @@ def profile(rows: int, steps: int) -> None:
     from head import grid, wide
 
     cells = grid.cells(grid.DEFAULT_LRS, grid.DEFAULT_WEIGHT_DECAYS, "both")
-    start = torch.nn.Linear(4096, CLASSES)
-    layer = wide.new_layer(cells, start, start, torch.zeros(4096), torch.ones(4096))
-    features = torch.rand(rows, 4096).half()
+    dim = synthetic.FEATURE_DIM
+    start = torch.nn.Linear(dim, CLASSES)
+    layer = wide.new_layer(cells, start, start, torch.zeros(dim), torch.ones(dim))
+    features = torch.rand(rows, dim).half()
     labels = torch.randint(0, CLASSES, (rows,))
     sums = torch.zeros(len(cells), dtype=torch.float64)
     hits = torch.zeros(len(cells), dtype=torch.int64)
@@ -158,8 +160,6 @@ def main(argv: list[str] | None = None) -> None:
     scratch = Path(tempfile.mkdtemp(prefix="bench-sweep-"))
     features = args.features or scratch / "features.h5"
     if not features.is_file():
-        from benchmarks import synthetic
-
         synthetic.write_features(features, args.rows, CLASSES, val_rows=VAL_ROWS, hard=True)
     common = ["--features", str(features), "--device", args.device]
 
@@ -175,8 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     streamed = run("sweep:stream", args.stream_epochs)
     heads = swept["heads"]
     one = sum(result["seconds"] for result in alone) / len(alone)
-    train_bytes = args.rows * 4096 * 2
-    val_bytes = VAL_ROWS * 4096 * 2
+    stored_bytes = features_bytes(features)
     per_epoch = streamed["epoch_bytes"]
     rows = [
         [
@@ -206,14 +205,14 @@ def main(argv: list[str] | None = None) -> None:
     ]
     read = ", ".join(f"{value / MB:,.0f} MB" for value in per_epoch) or "-"
     report.publish(
-        f"head.sweep: {args.rows} x 4096 float16 hard synthetic train rows (+{VAL_ROWS} val), "
-        f"{CLASSES} classes, {args.epochs} epochs, batch 100, {args.device}",
+        f"head.sweep: {args.rows} x {synthetic.FEATURE_DIM} float16 hard synthetic train rows "
+        f"(+{VAL_ROWS} val), {CLASSES} classes, {args.epochs} epochs, batch 100, {args.device}",
         ["training", "train s", "s/epoch", "x separate", "peak RSS MB", "val top-1 % range"],
         rows,
         f"One head alone: {one:,.1f} s for {args.epochs} epochs (mean of {len(alone)} cells: "
         + ", ".join(f"{result['seconds']:,.1f} s" for result in alone)
         + f"). Streamed: bytes read per epoch after the first {read}, against "
-        f"{(train_bytes + val_bytes) / MB:,.0f} MB of train and val features: one pass for "
+        f"{stored_bytes / MB:,.0f} MB of train and val features: one pass for "
         f"all heads.",
     )
     if not args.no_probes:
