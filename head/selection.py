@@ -216,7 +216,7 @@ def run(
 ) -> list[dict]:
     """The whole sweep (see the module's docstring); returns the report's rows."""
     settings = plan.settings
-    sweeping.check_save_dir(save_dir, settings)
+    training.check_save_dir(save_dir, sweeping.STATE, "sweep", settings)
     train_rows, classes, feature_dim = file_shape(features_path)
     if plan.knn:
         held = 0 if plan.holdout is None else max(1, round(train_rows * plan.holdout))

@@ -60,20 +60,6 @@ class Sweep:
     epoch: int = 0
 
 
-def check_save_dir(save_dir: Path, settings: Settings) -> None:
-    """A saved sweep is continued only with --resume and replaced only with --overwrite."""
-    state = save_dir / STATE
-    if save_dir.exists() and not save_dir.is_dir():
-        raise UserError(f"{save_dir}: exists and is not a folder")
-    if settings.resume and not state.is_file():
-        raise UserError(f"{state}: nothing to resume (run without --resume to start)")
-    if not settings.resume and state.exists() and not settings.overwrite:
-        raise UserError(
-            f"{state}: a sweep is already saved here (use --resume to continue it, "
-            f"or --overwrite to start again)"
-        )
-
-
 def new_sweep(
     data: FeatureSet, train, cells: list[Cell], settings: Settings, device: torch.device
 ) -> Sweep:

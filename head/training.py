@@ -249,18 +249,19 @@ def save(
     return state
 
 
-def check_save_dir(save_dir: Path, settings: Settings) -> None:
-    """A saved run is continued only with --resume and replaced only with --overwrite."""
-    last = save_dir / checkpoint.LAST
+def check_save_dir(save_dir: Path, state_file: str, noun: str, settings: Settings) -> None:
+    """A saved `noun` (its `state_file` in `save_dir`) is continued only with --resume and
+    replaced only with --overwrite; a run's is last.pt, a sweep's sweep.pt."""
+    state = save_dir / state_file
     if save_dir.exists() and not save_dir.is_dir():
         raise UserError(f"{save_dir}: exists and is not a folder")
-    if settings.resume and not last.is_file():
+    if settings.resume and not state.is_file():
         raise UserError(
-            f"{last}: nothing to resume (run without ", Option("resume", True), " to start)"
+            f"{state}: nothing to resume (run without ", Option("resume", True), " to start)"
         )
-    if not settings.resume and last.exists() and not settings.overwrite:
+    if not settings.resume and state.exists() and not settings.overwrite:
         raise UserError(
-            f"{last}: a run is already saved here (use ",
+            f"{state}: a {noun} is already saved here (use ",
             Option("resume", True),
             " to continue it, or ",
             Option("overwrite", True),
@@ -272,7 +273,7 @@ def train(
     data: FeatureSet, save_dir: Path, settings: Settings, device: torch.device, report=print
 ) -> Checkpoint:
     """Train (or resume training) the head on `data`; returns the last checkpoint."""
-    check_save_dir(save_dir, settings)
+    check_save_dir(save_dir, checkpoint.LAST, "run", settings)
     last = save_dir / checkpoint.LAST
     if settings.flip and not (
         data.train.flip if data.streamed else data.train.features_flip is not None
