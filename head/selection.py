@@ -28,7 +28,7 @@ from head import features as feature_sets
 from head.checkpoint import Checkpoint
 from head.features import FeatureSet, SplitTensors, StreamedSplit
 from head.grid import Cell
-from head.training import Settings
+from head.settings import Settings
 
 HEADS = "heads"  # --save-all: one folder per head
 REFIT = "refit"  # --holdout: the winner trained again on the whole train split

@@ -30,7 +30,7 @@ from head.checkpoint import Checkpoint
 from head.features import FeatureSet, SplitTensors, StreamedSplit
 from head.grid import Cell
 from head.scoring import Scores
-from head.training import SAME_ON_RESUME, Settings
+from head.settings import Settings, changed_settings
 
 STATE = "sweep.pt"
 
@@ -214,13 +214,7 @@ def resumed_sweep(
     checkpoint.check_compatible(
         first, str(path), data.path, data.provenance, data.wnids, data.feature_dim
     )
-    recorded = {**Settings().recorded(), **saved["args"]}
-    changed = [
-        f"--{key.replace('_', '-')} {recorded[key]} -> {getattr(settings, key)}"
-        for key in SAME_ON_RESUME
-        if key not in ("lr", "weight_decay", "standardize")
-        and recorded[key] != getattr(settings, key)
-    ]
+    changed = changed_settings(saved["args"], settings, skip=("lr", "weight_decay", "standardize"))
     if [tuple(cell) for cell in saved["cells"]] != [
         (cell.lr, cell.weight_decay, cell.standardize) for cell in cells
     ]:

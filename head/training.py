@@ -38,7 +38,7 @@ from head.model import (
     unfold_standardization,
 )
 from head.scoring import Scores, split_scores
-from head.settings import PRETRAINED_INITS, SAME_ON_RESUME, Settings
+from head.settings import PRETRAINED_INITS, Settings, changed_settings
 from head.step import train_step
 
 
@@ -193,12 +193,7 @@ def resumed_run(path: Path, data: FeatureSet, settings: Settings, device: torch.
     checkpoint.check_compatible(
         state, str(path), data.path, data.provenance, data.wnids, data.feature_dim
     )
-    saved = {**Settings().recorded(), **state.settings}  # a setting added later: its default
-    changed = [
-        f"--{key.replace('_', '-')} {saved[key]} -> {getattr(settings, key)}"
-        for key in SAME_ON_RESUME
-        if saved[key] != getattr(settings, key)
-    ]
+    changed = changed_settings(state.settings, settings)
     if changed:
         raise UserError(f"{path}: cannot resume with other settings ({'; '.join(changed)})")
     head = initial_head(data.feature_dim, data.num_classes, settings.seed)
