@@ -233,9 +233,7 @@ def run(
         stream=stream,
         max_memory=max_memory,
     )
-    if settings.flip and not (
-        data.train.flip if data.streamed else data.train.features_flip is not None
-    ):
+    if settings.flip and not data.has_flip:
         settings = dataclasses.replace(settings, flip=False)
     if plan.holdout is not None:
         train, selection = holdout_splits(data, plan.holdout, settings.seed)

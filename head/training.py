@@ -270,9 +270,7 @@ def train(
     """Train (or resume training) the head on `data`; returns the last checkpoint."""
     check_save_dir(save_dir, checkpoint.LAST, "run", settings)
     last = save_dir / checkpoint.LAST
-    if settings.flip and not (
-        data.train.flip if data.streamed else data.train.features_flip is not None
-    ):
+    if settings.flip and not data.has_flip:
         settings = dataclasses.replace(settings, flip=False)
     save_dir.mkdir(parents=True, exist_ok=True)
     has_val = data.val is not None
