@@ -29,7 +29,14 @@ from extract.errors import Option, UserError, first_line
 from head import checkpoint, history, loop
 from head.adam import Adam
 from head.checkpoint import Checkpoint
-from head.features import FeatureSet, SplitTensors, StreamedSplit, replay_set, standardization
+from head.features import (
+    FeatureSet,
+    SplitTensors,
+    StreamedSplit,
+    replay_set,
+    split_blocks,
+    standardization,
+)
 from head.graphs import EpochGraph, graphed_epoch, uses_graphs
 from head.model import (
     fold_standardization,
@@ -162,12 +169,9 @@ def adam(head: nn.Linear, settings: Settings) -> Adam:
 def new_run(data: FeatureSet, settings: Settings, device: torch.device) -> Run:
     mean = std = None
     if settings.standardize:
-        chunks = (
-            (features.to(device) for features, _ in data.train.chunks())
-            if data.streamed
-            else data.train.features.split(8192)
+        mean, std = standardization(
+            features for features, _ in split_blocks(data.train, device=device)
         )
-        mean, std = standardization(chunks)
     if settings.init in PRETRAINED_INITS:
         head = pretrained_classifier_head(
             data.provenance, data.wnids, str(data.path), settings.init
