@@ -219,7 +219,7 @@ def run(
     training.check_save_dir(save_dir, sweeping.STATE, "sweep", settings)
     train_rows, classes, feature_dim = file_shape(features_path)
     if plan.knn:
-        held = 0 if plan.holdout is None else max(1, round(train_rows * plan.holdout))
+        held = 0 if plan.holdout is None else grid.held_rows(train_rows, plan.holdout)
         knn.check_ks(plan.knn, train_rows - held)
     grid.check_memory(len(plan.cells), classes, feature_dim, memory_available(device))
     if settings.overwrite:  # what an earlier sweep here left beside its state
