@@ -55,6 +55,12 @@ def empty_history() -> dict[str, list]:
     return {name: [] for name in HISTORY_KEYS}
 
 
+def best_by(has_val: bool) -> str:
+    """`Checkpoint.best_by` of a run: what chose its best epoch, the highest validation top-1,
+    or without a val split the lowest train loss."""
+    return "validation top-1" if has_val else "train loss"
+
+
 @dataclasses.dataclass
 class Checkpoint:
     """A trained head, its classes, where its features came from, and its training state."""
@@ -69,7 +75,7 @@ class Checkpoint:
     history: dict[str, list] = dataclasses.field(default_factory=empty_history)
     optimizer_state: dict = dataclasses.field(default_factory=dict)
     best_epoch: int | None = None
-    best_by: str | None = None  # "validation top-1" or "train loss"
+    best_by: str | None = None  # `best_by(has_val)`, or how a sweep selected
     settings: dict | None = None  # the hyper-parameters that produced the head
     generator_state: torch.Tensor | None = None  # the shuffling's, for an exact resume
     trained_layer: dict[str, torch.Tensor] | None = None  # weight, bias as trained

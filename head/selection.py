@@ -168,7 +168,7 @@ def sweep_record(plan: Plan, has_val: bool) -> dict:
     if plan.holdout is not None:
         selection = f"holdout top-1 ({plan.holdout:g} of train), refit on all of train"
     else:
-        selection = "validation top-1" if has_val else "train loss"
+        selection = checkpoint.best_by(has_val)
     return {
         "selection": selection,
         "holdout": plan.holdout,

@@ -149,7 +149,7 @@ def to_checkpoint(run: Run, data: FeatureSet, settings: Settings, has_val: bool)
         history={key: list(values) for key, values in run.history.items()},
         optimizer_state=run.optimizer.state_dict(),
         best_epoch=run.best_epoch,
-        best_by="validation top-1" if has_val else "train loss",
+        best_by=checkpoint.best_by(has_val),
         settings=settings.recorded(),
         generator_state=run.generator.get_state(),
         trained_layer={
@@ -222,7 +222,7 @@ def resumed_run(path: Path, data: FeatureSet, settings: Settings, device: torch.
     best = run.history["epoch"].index(run.best_epoch)
     run.best_score = (
         run.history["val_top1"][best]
-        if state.best_by == "validation top-1"
+        if state.best_by == checkpoint.best_by(has_val=True)
         else -run.history["train_loss"][best]
     )
     return run
