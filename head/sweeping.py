@@ -23,10 +23,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from extract.atomic import atomic_write
 from extract.errors import UserError, first_line
 from head import checkpoint, loop, training, wide
-from head.checkpoint import Checkpoint
 from head.features import FeatureSet, SplitTensors, StreamedSplit
 from head.grid import Cell
 from head.scoring import Scores
@@ -203,16 +201,16 @@ def resumed_sweep(
     device: torch.device,
 ) -> Sweep:
     """Rebuild the sweep from ``sweep.pt`` after checking it continues this very sweep."""
-    saved = load_state(path)
-    first = Checkpoint(
-        weight=saved["weight"][: data.num_classes],
-        bias=saved["bias"][: data.num_classes],
-        wnids=list(saved["numeric_class_names"]),
-        class_names={},
-        provenance=dict(saved["features"]),
-    )
-    checkpoint.check_compatible(
-        first, str(path), data.path, data.provenance, data.wnids, data.feature_dim
+    saved = checkpoint.load_dict(path, "sweep state")
+    checkpoint.check_trained_on(
+        list(saved["numeric_class_names"]),
+        dict(saved["features"]),
+        saved["weight"].shape[1],
+        str(path),
+        data.path,
+        data.provenance,
+        data.wnids,
+        data.feature_dim,
     )
     changed = changed_settings(saved["args"], settings, skip=("lr", "weight_decay", "standardize"))
     if [tuple(cell) for cell in saved["cells"]] != [
@@ -246,19 +244,11 @@ def resumed_sweep(
     )
 
 
-def load_state(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise UserError(f"{path}: not a loadable sweep state ({first_line(error)})") from None
-
-
 def save_state(
     sweep: Sweep, data: FeatureSet, settings: Settings, holdout: float | None, save_dir: Path
 ) -> None:
     try:
-        with atomic_write(save_dir / STATE) as temporary, open(temporary, "wb") as stream:
-            torch.save(state(sweep, data, settings, holdout), stream)
+        checkpoint.save_dict(state(sweep, data, settings, holdout), save_dir / STATE)
     except OSError as error:
         raise UserError(
             f"{save_dir}: cannot save epoch {sweep.epoch} ({error.strerror or first_line(error)}); "
