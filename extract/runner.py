@@ -94,7 +94,7 @@ def make_loader(
     shard's batches among themselves, each reading its own front to back, and rows reach the
     file in manifest order, as resume needs."""
     workers = default_workers(device) if options.workers is None else options.workers
-    images = ManifestImages(manifest, range(len(manifest.paths)), options.decode)
+    images = ManifestImages(manifest, options.decode)
     return DataLoader(
         images,
         batch_sampler=manifest.batches(start, options.batch_size),
