@@ -13,6 +13,7 @@ label i is the i-th of them. This module is the one place that decides that orde
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import os
@@ -129,11 +130,17 @@ def read_words(path: Path) -> dict[str, str]:
     return names
 
 
+def first_repeated(values: list[str]) -> str | None:
+    """The first value (in sorted order) that `values` holds more than once, or None."""
+    repeated = [value for value, count in collections.Counter(values).items() if count > 1]
+    return min(repeated) if repeated else None
+
+
 def read_wnids(path: Path) -> list[str]:
     wnids = [line.strip() for line in read_lines(path) if line.strip()]
-    duplicates = sorted({w for w in wnids if wnids.count(w) > 1})
-    if duplicates:
-        raise UserError(f"{path}: wnid {duplicates[0]} is listed more than once")
+    repeated = first_repeated(wnids)
+    if repeated is not None:
+        raise UserError(f"{path}: wnid {repeated} is listed more than once")
     return wnids
 
 

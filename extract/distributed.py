@@ -24,7 +24,6 @@ import torch.distributed as dist
 from extract import runner, store
 from extract.dataset import Manifest
 from extract.device import resolve_device
-from extract.errors import Option, UserError
 from extract.parts import merge
 
 
@@ -61,12 +60,9 @@ def run(options: runner.Options) -> runner.Summary:
     try:
         started = time.perf_counter()
         out = options.out
-        if out.exists() and not options.overwrite:
-            if options.resume:
-                return runner.Summary(0, 0, 0.0, out.stat().st_size, already_complete=True)
-            raise UserError(
-                f"{out}: already exists (use ", Option("overwrite", True), " to replace it)"
-            )
+        done = runner.already_written(out, options)
+        if done is not None:
+            return done
         classes, manifests = runner.read_dataset(options)
         mine = [shard(m, rank, world, options.batch_size) for m in manifests]
         part = rank_path(out, rank, world)
@@ -87,7 +83,6 @@ def run(options: runner.Options) -> runner.Summary:
             os.replace(store.part_path(out), out)
             for path in parts:
                 path.unlink()
-                path.with_name(path.name + ".lock").unlink(missing_ok=True)
             if options.progress:
                 print(f"merged {world} rank files into {out}", file=sys.stderr)
         dist.barrier()

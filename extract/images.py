@@ -161,20 +161,19 @@ class ManifestImages(Dataset):
     With ``decode="device"``, JPEG files come as their bytes (1-D) for `crops_on_device`.
     """
 
-    def __init__(self, manifest: Manifest, indices: range, decode: str = "workers"):
+    def __init__(self, manifest: Manifest, decode: str = "workers"):
         self.manifest = manifest
-        self.indices = indices
         self.decode = for_device if decode == "device" else pixels_of
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.manifest.paths)
 
-    def __getitem__(self, position: int) -> tuple[int, torch.Tensor | None, str]:
-        return self.__getitems__([position])[0]
+    def __getitem__(self, row: int) -> tuple[int, torch.Tensor | None, str]:
+        return self.__getitems__([row])[0]
 
-    def __getitems__(self, positions: list[int]) -> list[tuple[int, torch.Tensor | None, str]]:
+    def __getitems__(self, rows: list[int]) -> list[tuple[int, torch.Tensor | None, str]]:
+        """The manifest's rows `rows` (a batch of `Manifest.batches`)."""
         manifest = self.manifest
-        rows = [self.indices[position] for position in positions]
         wanted = [row for row in rows if row not in manifest.failures]
         read = dict(
             zip(wanted, manifest.reader.read([manifest.reader_offset + row for row in wanted]))

@@ -83,7 +83,7 @@ def copy_split(
             store.read_rows(source, split, "labels", start, stop).tolist(),
             store.read_paths(source, split, start, stop),
             [],
-            store.next_index(target, split),
+            store.progress(target, split).next_index,
         )
     failed = store.read_failed(source, split)
     store.append(target[split], None, None, [], [], failed, index_offset + done.next_index)

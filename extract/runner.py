@@ -94,7 +94,7 @@ def make_loader(
     shard's batches among themselves, each reading its own front to back, and rows reach the
     file in manifest order, as resume needs."""
     workers = default_workers(device) if options.workers is None else options.workers
-    images = ManifestImages(manifest, range(len(manifest.paths)), options.decode)
+    images = ManifestImages(manifest, options.decode)
     return DataLoader(
         images,
         batch_sampler=manifest.batches(start, options.batch_size),
@@ -179,12 +179,9 @@ def extract_to(
     held = lock.acquire(out)
     first_batches = None
     try:
-        if out.exists() and not options.overwrite:
-            if options.resume:
-                return Summary(0, 0, 0.0, out.stat().st_size, already_complete=True)
-            raise UserError(
-                f"{out}: already exists (use ", Option("overwrite", True), " to replace it)"
-            )
+        done = already_written(out, options)
+        if done is not None:
+            return done
         if part.exists() and not (options.resume or options.overwrite):
             raise UserError(
                 f"{part}: an interrupted run is here (use ",
@@ -258,6 +255,16 @@ def extract_to(
         lock.release(held, out)
 
 
+def already_written(out: Path, options: Options) -> Summary | None:
+    """A complete `out` is kept: with --resume there is nothing to do (its summary), without
+    --overwrite it is refused; None when the run goes on."""
+    if not out.exists() or options.overwrite:
+        return None
+    if options.resume:
+        return Summary(0, 0, 0.0, out.stat().st_size, already_complete=True)
+    raise UserError(f"{out}: already exists (use ", Option("overwrite", True), " to replace it)")
+
+
 def close_quietly(file) -> None:
     """Close after a failed write; what cannot be closed is left as is for --resume."""
     try:
@@ -283,7 +290,7 @@ def extract_splits(
     """
     dtype = precisions.DTYPES[precision]
     extractor = extractor.to(device=device, dtype=dtype, memory_format=torch.channels_last)
-    remaining = sum(len(m.paths) - store.next_index(file, m.split) for m in manifests)
+    remaining = sum(len(m.paths) - store.progress(file, m.split).next_index for m in manifests)
     written = failed_count = after_first = 0
     first_batch_at = math.nan
     started = time.perf_counter()
@@ -295,7 +302,7 @@ def extract_splits(
     ):
         for number, manifest in enumerate(manifests):
             group = file[manifest.split]
-            start = store.next_index(file, manifest.split)
+            start = store.progress(file, manifest.split).next_index
             bar.set_description(manifest.split)
             batches = (
                 first_batches

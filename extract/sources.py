@@ -34,7 +34,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
-from extract.dataset import SPLITS, UNLABELED, Classes, Manifest, image_paths, read_lines
+from extract.dataset import (
+    SPLITS,
+    UNLABELED,
+    Classes,
+    Manifest,
+    first_repeated,
+    image_paths,
+    read_lines,
+)
 from extract.errors import UserError
 from extract.images import read_bytes
 
@@ -184,8 +192,8 @@ def open_source(spec: str, split: str | None, image_column: str, label_column: s
     path = Path(spec)
     suffix = path.suffix.lower()
     if path.is_dir():
-        if any(path.rglob("*.parquet")):
-            files = sorted(os.fspath(p) for p in path.rglob("*.parquet"))
+        files = sorted(os.fspath(p) for p in path.rglob("*.parquet"))
+        if files:
             return parquet_source.ParquetFiles(files, image_column, label_column)
         return folder_source(path)
     if suffix in CSV_SUFFIXES:
@@ -265,9 +273,9 @@ def read_class_file(path: Path) -> Classes:
         wnid, _, name = line.partition("\t")
         wnids.append(wnid.strip())
         names.append(name.strip() or wnid.strip())
-    duplicates = sorted({w for w in wnids if wnids.count(w) > 1})
-    if duplicates:
-        raise UserError(f"{path}: class {duplicates[0]} is listed more than once")
+    repeated = first_repeated(wnids)
+    if repeated is not None:
+        raise UserError(f"{path}: class {repeated} is listed more than once")
     if not wnids:
         raise UserError(f"{path}: no classes in the class file")
     return Classes(wnids=wnids, names=names)

@@ -50,7 +50,6 @@ from extract.room import check_room, handle_release_errors_silenced
 
 FORMAT = "fc7cache/1"
 CHUNK_ROWS = 128
-RUN_KEYS = ("precision", "store_dtype", "flip", "splits")
 STRING = h5py.string_dtype("utf-8")
 
 
@@ -407,11 +406,6 @@ def read_split(
     )
 
 
-def next_index(file: h5py.File, split: str) -> int:
-    """The manifest position a resumed run continues `split` from."""
-    return int(file[split].attrs["next_index"])
-
-
 def read_failed(file: h5py.File, split: str) -> list[tuple[str, str]]:
     """The split's unreadable files and why, up to its committed count (a run killed between
     growing the dataset and moving the count leaves rows past it)."""
@@ -425,11 +419,10 @@ def read_paths(file: h5py.File, split: str, start: int = 0, stop: int | None = N
 
 @dataclasses.dataclass(frozen=True)
 class Progress:
-    """How far a split was written: its committed rows and failures, the manifest position a
-    resumed run continues from, and the manifest it was made from (its size and digest)."""
+    """How far a split was written: its committed rows, the manifest position a resumed run
+    continues from, and the manifest it was made from (its size and digest)."""
 
     rows: int
-    failed_count: int
     next_index: int
     manifest_size: int
     manifest_sha256: str
@@ -439,7 +432,6 @@ def progress(file: h5py.File, split: str) -> Progress:
     attrs = file[split].attrs
     return Progress(
         rows=int(attrs["rows"]),
-        failed_count=int(attrs["failed_count"]),
         next_index=int(attrs["next_index"]),
         manifest_size=int(attrs["manifest_size"]),
         manifest_sha256=str(attrs["manifest_sha256"]),

@@ -90,7 +90,7 @@ def fit(
     log = log or progress_lines(chosen.progress)
     save = Path(save)
     resolved = resolve_device(device)
-    check_save_dir(save, chosen)
+    check_save_dir(save, LAST, "run", chosen)
     data = feature_sets.load(
         Path(features),
         flip=chosen.flip,

@@ -10,9 +10,11 @@ is a tensor, number, string, list or dict, so it loads with ``torch.load(..., we
 
 `load` is the one place that reads a checkpoint file and refuses one that is not ours (missing,
 damaged, pickled code, missing entries, metadata of the wrong type, a layer of the wrong shape);
-`save` the one that writes it, atomically. `preprocess_of` parses and checks the recorded
+`save` the one that writes it, atomically. Both go through `load_dict` and `save_dict`, which
+the sweep's state file shares. `preprocess_of` parses and checks the recorded
 preprocessing for `live` (it needs torchvision, which training does not load).
-`check_compatible` decides whether a checkpoint goes with a feature file.
+`check_compatible` decides whether a checkpoint goes with a feature file (`check_trained_on`,
+whether any head does).
 
 Optional fields are written only when set and read with a default, so a field added later
 leaves older checkpoints loadable. One such is `replay`: a few train features of each class in
@@ -55,6 +57,12 @@ def empty_history() -> dict[str, list]:
     return {name: [] for name in HISTORY_KEYS}
 
 
+def best_by(has_val: bool) -> str:
+    """`Checkpoint.best_by` of a run: what chose its best epoch, the highest validation top-1,
+    or without a val split the lowest train loss."""
+    return "validation top-1" if has_val else "train loss"
+
+
 @dataclasses.dataclass
 class Checkpoint:
     """A trained head, its classes, where its features came from, and its training state."""
@@ -69,7 +77,7 @@ class Checkpoint:
     history: dict[str, list] = dataclasses.field(default_factory=empty_history)
     optimizer_state: dict = dataclasses.field(default_factory=dict)
     best_epoch: int | None = None
-    best_by: str | None = None  # "validation top-1" or "train loss"
+    best_by: str | None = None  # `best_by(has_val)`, or how a sweep selected
     settings: dict | None = None  # the hyper-parameters that produced the head
     generator_state: torch.Tensor | None = None  # the shuffling's, for an exact resume
     trained_layer: dict[str, torch.Tensor] | None = None  # weight, bias as trained
@@ -276,8 +284,14 @@ def checked_layer(layer: object, origin: str) -> tuple[torch.Tensor, torch.Tenso
 
 def save(checkpoint: Checkpoint, path: Path) -> None:
     """Save so that a crash at any moment leaves either the previous file or the new one."""
+    save_dict(checkpoint.to_dict(), path)
+
+
+def save_dict(state: dict, path: Path) -> None:
+    """Write `state` (tensors and plain data) with `torch.save`, atomically: a checkpoint, or
+    the sweep's state."""
     with atomic_write(path) as temporary, open(temporary, "wb") as stream:
-        torch.save(checkpoint.to_dict(), stream)  # a full disk is an OSError (ENOSPC)
+        torch.save(state, stream)  # a full disk is an OSError (ENOSPC)
 
 
 def load(path: Path) -> Checkpoint:
@@ -287,20 +301,25 @@ def load(path: Path) -> Checkpoint:
         path = path / BEST
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found")
+    return Checkpoint.from_dict(load_dict(path, "checkpoint"), str(path))
+
+
+def load_dict(path: Path, what: str) -> dict:
+    """What `save_dict` wrote, loaded safely (no pickled code runs); `what` names the kind of
+    file in the one line that refuses a damaged or foreign one."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         if "Unsupported global" not in str(error):
             raise UserError(
-                f"{path}: not a loadable checkpoint (damaged, or not a PyTorch file)"
+                f"{path}: not a loadable {what} (damaged, or not a PyTorch file)"
             ) from None
         raise UserError(
             f"{path}: refused, it holds pickled Python objects, not only tensors "
             f"and plain data (loading them could run code)"
         ) from None
     except Exception as error:  # foreign pickles, damaged zips, other formats
-        raise UserError(f"{path}: not a loadable checkpoint ({first_line(error)})") from None
-    return Checkpoint.from_dict(state, str(path))
+        raise UserError(f"{path}: not a loadable {what} ({first_line(error)})") from None
 
 
 def check_compatible(
@@ -313,12 +332,36 @@ def check_compatible(
 ) -> None:
     """Refuse a checkpoint trained on other classes, or on features made another way (another
     backbone, node, weights or preprocessing) or of another width, than those of the file."""
-    if checkpoint.wnids != list(wnids):
+    check_trained_on(
+        checkpoint.wnids,
+        checkpoint.provenance,
+        checkpoint.weight.shape[1],
+        origin,
+        features_path,
+        provenance,
+        wnids,
+        feature_dim,
+    )
+
+
+def check_trained_on(
+    trained_wnids: list[str],
+    trained_provenance: dict[str, str],
+    trained_dim: int,
+    origin: str,
+    features_path: Path,
+    provenance: dict[str, str],
+    wnids: list[str],
+    feature_dim: int,
+) -> None:
+    """`check_compatible` for a head given by its classes, its features' provenance and its
+    width: a checkpoint's, or each head of a saved sweep."""
+    if trained_wnids != list(wnids):
         raise UserError(
-            f"{origin}: trained on {len(checkpoint.wnids)} classes that differ from the "
+            f"{origin}: trained on {len(trained_wnids)} classes that differ from the "
             f"{len(wnids)} of {features_path}"
         )
-    recorded = checkpoint.provenance
+    recorded = trained_provenance
     if recorded != provenance:
         differ = "; ".join(
             f"{key} {str(recorded.get(key))[:40]!r} in the checkpoint, "
@@ -329,8 +372,8 @@ def check_compatible(
         raise UserError(
             f"{origin}: trained on features made differently from {features_path} ({differ})"
         )
-    if checkpoint.weight.shape[1] != feature_dim:
+    if trained_dim != feature_dim:
         raise UserError(
-            f"{origin}: the head takes {tuple(checkpoint.weight.shape)[1:]} features, "
+            f"{origin}: the head takes {(trained_dim,)} features, "
             f"{features_path} holds {feature_dim} per image"
         )

@@ -141,6 +141,11 @@ class FeatureSet:
         return isinstance(self.train, StreamedSplit)
 
     @property
+    def has_flip(self) -> bool:
+        """Whether the train split holds flipped features to train on (``--flip``)."""
+        return self.train.flip if self.streamed else self.train.features_flip is not None
+
+    @property
     def num_classes(self) -> int:
         return len(self.wnids)
 

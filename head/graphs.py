@@ -18,10 +18,11 @@ from tqdm.auto import tqdm
 
 from head.features import SplitTensors, StreamedSplit
 from head.scoring import Scores
+from head.settings import Settings
 from head.step import epoch_order, gather, train_step
 
 if TYPE_CHECKING:
-    from head.training import Run, Settings
+    from head.training import Run
 
 MAX_STEPS_PER_GRAPH = 32  # steps captured in one CUDA graph (a divisor of the epoch's steps)
 

@@ -116,13 +116,18 @@ def check_holdout(fraction: float | None) -> None:
         raise UserError(Option("holdout", fraction), ": must be in (0, 0.5]")
 
 
+def held_rows(count: int, fraction: float) -> int:
+    """How many of `count` train rows ``--holdout`` `fraction` sets aside: at least one."""
+    return max(1, round(count * fraction))
+
+
 def holdout_rows(count: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows trained on, rows selected on), each sorted: a seeded `fraction` of `count` rows.
 
     Drawn from a generator of its own (seeded with `seed`), so the split is the same on resume
     and the training generator's draws are those of an ordinary run on the remaining rows.
     """
-    held = max(1, round(count * fraction))
+    held = held_rows(count, fraction)
     if held >= count:
         raise UserError(Option("holdout", fraction), f": leaves no train rows of {count}")
     order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))

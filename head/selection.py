@@ -28,7 +28,7 @@ from head import features as feature_sets
 from head.checkpoint import Checkpoint
 from head.features import FeatureSet, SplitTensors, StreamedSplit
 from head.grid import Cell
-from head.training import Settings
+from head.settings import Settings
 
 HEADS = "heads"  # --save-all: one folder per head
 REFIT = "refit"  # --holdout: the winner trained again on the whole train split
@@ -168,7 +168,7 @@ def sweep_record(plan: Plan, has_val: bool) -> dict:
     if plan.holdout is not None:
         selection = f"holdout top-1 ({plan.holdout:g} of train), refit on all of train"
     else:
-        selection = "validation top-1" if has_val else "train loss"
+        selection = checkpoint.best_by(has_val)
     return {
         "selection": selection,
         "holdout": plan.holdout,
@@ -216,10 +216,10 @@ def run(
 ) -> list[dict]:
     """The whole sweep (see the module's docstring); returns the report's rows."""
     settings = plan.settings
-    sweeping.check_save_dir(save_dir, settings)
+    training.check_save_dir(save_dir, sweeping.STATE, "sweep", settings)
     train_rows, classes, feature_dim = file_shape(features_path)
     if plan.knn:
-        held = 0 if plan.holdout is None else max(1, round(train_rows * plan.holdout))
+        held = 0 if plan.holdout is None else grid.held_rows(train_rows, plan.holdout)
         knn.check_ks(plan.knn, train_rows - held)
     grid.check_memory(len(plan.cells), classes, feature_dim, memory_available(device))
     if settings.overwrite:  # what an earlier sweep here left beside its state
@@ -233,9 +233,7 @@ def run(
         stream=stream,
         max_memory=max_memory,
     )
-    if settings.flip and not (
-        data.train.flip if data.streamed else data.train.features_flip is not None
-    ):
+    if settings.flip and not data.has_flip:
         settings = dataclasses.replace(settings, flip=False)
     if plan.holdout is not None:
         train, selection = holdout_splits(data, plan.holdout, settings.seed)

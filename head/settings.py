@@ -8,6 +8,7 @@ not loaded with it.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Collection
 
 INITS = ("random", "classifier", "fc8")  # fc8: AlexNet's name for its classifier
 PRETRAINED_INITS = ("classifier", "fc8")
@@ -44,3 +45,15 @@ class Settings:
 
     def recorded(self) -> dict:
         return {key: getattr(self, key) for key in ("epochs", *SAME_ON_RESUME)}
+
+
+def changed_settings(saved: dict, settings: Settings, skip: Collection[str] = ()) -> list[str]:
+    """What a resume would change of `SAME_ON_RESUME` (but `skip`), one line per setting in
+    the command's words: ``--lr 0.001 -> 0.01``. `saved` is the settings recorded in the file;
+    a setting added after it was written takes its default."""
+    saved = {**Settings().recorded(), **saved}
+    return [
+        f"--{key.replace('_', '-')} {saved[key]} -> {getattr(settings, key)}"
+        for key in SAME_ON_RESUME
+        if key not in skip and saved[key] != getattr(settings, key)
+    ]

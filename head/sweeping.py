@@ -23,14 +23,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from extract.atomic import atomic_write
 from extract.errors import UserError, first_line
 from head import checkpoint, loop, training, wide
-from head.checkpoint import Checkpoint
 from head.features import FeatureSet, SplitTensors, StreamedSplit
 from head.grid import Cell
 from head.scoring import Scores
-from head.training import SAME_ON_RESUME, Settings
+from head.settings import Settings, changed_settings
 
 STATE = "sweep.pt"
 
@@ -58,20 +56,6 @@ class Sweep:
     heads: list[HeadRun]
     dropped: dict[int, str] = dataclasses.field(default_factory=dict)
     epoch: int = 0
-
-
-def check_save_dir(save_dir: Path, settings: Settings) -> None:
-    """A saved sweep is continued only with --resume and replaced only with --overwrite."""
-    state = save_dir / STATE
-    if save_dir.exists() and not save_dir.is_dir():
-        raise UserError(f"{save_dir}: exists and is not a folder")
-    if settings.resume and not state.is_file():
-        raise UserError(f"{state}: nothing to resume (run without --resume to start)")
-    if not settings.resume and state.exists() and not settings.overwrite:
-        raise UserError(
-            f"{state}: a sweep is already saved here (use --resume to continue it, "
-            f"or --overwrite to start again)"
-        )
 
 
 def new_sweep(
@@ -217,24 +201,18 @@ def resumed_sweep(
     device: torch.device,
 ) -> Sweep:
     """Rebuild the sweep from ``sweep.pt`` after checking it continues this very sweep."""
-    saved = load_state(path)
-    first = Checkpoint(
-        weight=saved["weight"][: data.num_classes],
-        bias=saved["bias"][: data.num_classes],
-        wnids=list(saved["numeric_class_names"]),
-        class_names={},
-        provenance=dict(saved["features"]),
+    saved = checkpoint.load_dict(path, "sweep state")
+    checkpoint.check_trained_on(
+        list(saved["numeric_class_names"]),
+        dict(saved["features"]),
+        saved["weight"].shape[1],
+        str(path),
+        data.path,
+        data.provenance,
+        data.wnids,
+        data.feature_dim,
     )
-    checkpoint.check_compatible(
-        first, str(path), data.path, data.provenance, data.wnids, data.feature_dim
-    )
-    recorded = {**Settings().recorded(), **saved["args"]}
-    changed = [
-        f"--{key.replace('_', '-')} {recorded[key]} -> {getattr(settings, key)}"
-        for key in SAME_ON_RESUME
-        if key not in ("lr", "weight_decay", "standardize")
-        and recorded[key] != getattr(settings, key)
-    ]
+    changed = changed_settings(saved["args"], settings, skip=("lr", "weight_decay", "standardize"))
     if [tuple(cell) for cell in saved["cells"]] != [
         (cell.lr, cell.weight_decay, cell.standardize) for cell in cells
     ]:
@@ -266,19 +244,11 @@ def resumed_sweep(
     )
 
 
-def load_state(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise UserError(f"{path}: not a loadable sweep state ({first_line(error)})") from None
-
-
 def save_state(
     sweep: Sweep, data: FeatureSet, settings: Settings, holdout: float | None, save_dir: Path
 ) -> None:
     try:
-        with atomic_write(save_dir / STATE) as temporary, open(temporary, "wb") as stream:
-            torch.save(state(sweep, data, settings, holdout), stream)
+        checkpoint.save_dict(state(sweep, data, settings, holdout), save_dir / STATE)
     except OSError as error:
         raise UserError(
             f"{save_dir}: cannot save epoch {sweep.epoch} ({error.strerror or first_line(error)}); "

@@ -20,7 +20,7 @@ from pathlib import Path
 from extract.device import DEFAULT_DEVICE
 from extract.errors import run_cli
 from extract.precisions import HEAD_CHOICES
-from head import checkpoint, features
+from head import features
 from head.api import fit
 from head.settings import INITS, Settings
 
@@ -141,7 +141,7 @@ def size(text: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     given = dict(vars(args))
-    fit(
+    result = fit(
         given.pop("features"),
         given.pop("save"),
         device=given.pop("device"),
@@ -151,10 +151,9 @@ def main(argv: list[str] | None = None) -> int:
         progress=not given.pop("no_progress"),
         **given,
     )
-    best = checkpoint.load(args.save)
     print(
-        f"best.pt: epoch {best.best_epoch}, {best.best_by} selection, "
-        f"top-1 {best.best_top1:.2f}%; saved in {args.save}"
+        f"best.pt: epoch {result.best_epoch}, {result.best_by} selection, "
+        f"top-1 {result.best_top1:.2f}%; saved in {result.save}"
     )
     return 0
 

@@ -29,7 +29,14 @@ from extract.errors import Option, UserError, first_line
 from head import checkpoint, history, loop
 from head.adam import Adam
 from head.checkpoint import Checkpoint
-from head.features import FeatureSet, SplitTensors, StreamedSplit, replay_set, standardization
+from head.features import (
+    FeatureSet,
+    SplitTensors,
+    StreamedSplit,
+    replay_set,
+    split_blocks,
+    standardization,
+)
 from head.graphs import EpochGraph, graphed_epoch, uses_graphs
 from head.model import (
     fold_standardization,
@@ -38,7 +45,7 @@ from head.model import (
     unfold_standardization,
 )
 from head.scoring import Scores, split_scores
-from head.settings import PRETRAINED_INITS, SAME_ON_RESUME, Settings
+from head.settings import PRETRAINED_INITS, Settings, changed_settings
 from head.step import train_step
 
 
@@ -142,7 +149,7 @@ def to_checkpoint(run: Run, data: FeatureSet, settings: Settings, has_val: bool)
         history={key: list(values) for key, values in run.history.items()},
         optimizer_state=run.optimizer.state_dict(),
         best_epoch=run.best_epoch,
-        best_by="validation top-1" if has_val else "train loss",
+        best_by=checkpoint.best_by(has_val),
         settings=settings.recorded(),
         generator_state=run.generator.get_state(),
         trained_layer={
@@ -162,12 +169,9 @@ def adam(head: nn.Linear, settings: Settings) -> Adam:
 def new_run(data: FeatureSet, settings: Settings, device: torch.device) -> Run:
     mean = std = None
     if settings.standardize:
-        chunks = (
-            (features.to(device) for features, _ in data.train.chunks())
-            if data.streamed
-            else data.train.features.split(8192)
+        mean, std = standardization(
+            features for features, _ in split_blocks(data.train, device=device)
         )
-        mean, std = standardization(chunks)
     if settings.init in PRETRAINED_INITS:
         head = pretrained_classifier_head(
             data.provenance, data.wnids, str(data.path), settings.init
@@ -193,12 +197,7 @@ def resumed_run(path: Path, data: FeatureSet, settings: Settings, device: torch.
     checkpoint.check_compatible(
         state, str(path), data.path, data.provenance, data.wnids, data.feature_dim
     )
-    saved = {**Settings().recorded(), **state.settings}  # a setting added later: its default
-    changed = [
-        f"--{key.replace('_', '-')} {saved[key]} -> {getattr(settings, key)}"
-        for key in SAME_ON_RESUME
-        if saved[key] != getattr(settings, key)
-    ]
+    changed = changed_settings(state.settings, settings)
     if changed:
         raise UserError(f"{path}: cannot resume with other settings ({'; '.join(changed)})")
     head = initial_head(data.feature_dim, data.num_classes, settings.seed)
@@ -223,7 +222,7 @@ def resumed_run(path: Path, data: FeatureSet, settings: Settings, device: torch.
     best = run.history["epoch"].index(run.best_epoch)
     run.best_score = (
         run.history["val_top1"][best]
-        if state.best_by == "validation top-1"
+        if state.best_by == checkpoint.best_by(has_val=True)
         else -run.history["train_loss"][best]
     )
     return run
@@ -249,18 +248,19 @@ def save(
     return state
 
 
-def check_save_dir(save_dir: Path, settings: Settings) -> None:
-    """A saved run is continued only with --resume and replaced only with --overwrite."""
-    last = save_dir / checkpoint.LAST
+def check_save_dir(save_dir: Path, state_file: str, noun: str, settings: Settings) -> None:
+    """A saved `noun` (its `state_file` in `save_dir`) is continued only with --resume and
+    replaced only with --overwrite; a run's is last.pt, a sweep's sweep.pt."""
+    state = save_dir / state_file
     if save_dir.exists() and not save_dir.is_dir():
         raise UserError(f"{save_dir}: exists and is not a folder")
-    if settings.resume and not last.is_file():
+    if settings.resume and not state.is_file():
         raise UserError(
-            f"{last}: nothing to resume (run without ", Option("resume", True), " to start)"
+            f"{state}: nothing to resume (run without ", Option("resume", True), " to start)"
         )
-    if not settings.resume and last.exists() and not settings.overwrite:
+    if not settings.resume and state.exists() and not settings.overwrite:
         raise UserError(
-            f"{last}: a run is already saved here (use ",
+            f"{state}: a {noun} is already saved here (use ",
             Option("resume", True),
             " to continue it, or ",
             Option("overwrite", True),
@@ -272,11 +272,9 @@ def train(
     data: FeatureSet, save_dir: Path, settings: Settings, device: torch.device, report=print
 ) -> Checkpoint:
     """Train (or resume training) the head on `data`; returns the last checkpoint."""
-    check_save_dir(save_dir, settings)
+    check_save_dir(save_dir, checkpoint.LAST, "run", settings)
     last = save_dir / checkpoint.LAST
-    if settings.flip and not (
-        data.train.flip if data.streamed else data.train.features_flip is not None
-    ):
+    if settings.flip and not data.has_flip:
         settings = dataclasses.replace(settings, flip=False)
     save_dir.mkdir(parents=True, exist_ok=True)
     has_val = data.val is not None

@@ -6,7 +6,7 @@ and the matrix products are wide enough to keep a CPU's or GPU's units busy wher
 (B, D) x (D, C) is not. Standardised heads read the standardised view of the batch: the raw
 heads' rows come first and the standardised ones after, so each group is one product on its
 own view. The softmax and the cross-entropy are taken per head over its own C logits, so a
-head's gradient is exactly the one `training.closed_form_step` gives it alone; Adam works
+head's gradient is exactly the one `step.closed_form_step` gives it alone; Adam works
 element by element, so with a per-head learning rate and weight decay each head follows the
 steps an ordinary run takes.
 """
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from head.adam import Adam
-from head.features import SplitTensors, StreamedSplit
+from head.features import SplitTensors, StreamedSplit, split_blocks
 from head.grid import Cell
 from head.model import fold_standardization
 
@@ -131,7 +131,7 @@ def train_step(
 ) -> None:
     """One Adam step of every head on a batch in the stored dtype; adds each head's loss and
     hits to `loss_sums` and `correct` (K,). The arithmetic per head is that of
-    `training.closed_form_step` and `training.train_step`."""
+    `step.closed_form_step` and `step.train_step`."""
     with torch.no_grad():
         groups = views(layer, features.float())
         count, heads, classes = len(labels), layer.heads, layer.classes
@@ -201,19 +201,12 @@ def split_scores(
     split: SplitTensors | StreamedSplit,
     device: torch.device,
 ) -> HeadScores:
-    """`training.split_scores` for every head of a raw-feature wide layer at once."""
+    """`scoring.split_scores` for every head of a raw-feature wide layer at once."""
     heads = len(bias) // classes
     loss = torch.zeros(heads, dtype=torch.float64, device=device)
     top1 = torch.zeros(heads, dtype=torch.int64, device=device)
     top5 = torch.zeros(heads, dtype=torch.int64, device=device)
-    if isinstance(split, SplitTensors):
-        chunks = (
-            (split.features[start : start + EVAL_ROWS], split.labels[start : start + EVAL_ROWS])
-            for start in range(0, len(split), EVAL_ROWS)
-        )
-    else:
-        chunks = split.chunks(device)
-    for features, labels in chunks:
+    for features, labels in split_blocks(split, EVAL_ROWS, device):
         logits = torch.addmm(bias, features.float(), weight.t()).view(len(labels), heads, classes)
         hits = logits.topk(min(5, classes), dim=2).indices == labels[:, None, None]
         targets = labels[:, None, None].expand(len(labels), heads, 1)

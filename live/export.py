@@ -18,8 +18,8 @@ import argparse
 from pathlib import Path
 
 from extract.errors import run_cli
-from live import exporter, model
-from live.predictor import Predictor, load
+from live import exporter
+from live.predictor import load
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,10 +45,11 @@ def main(argv: list[str] | None = None) -> int:
         help="also write TorchScript (FILE.pt), which torch has deprecated",
     )
     args = parser.parse_args(argv)
-    if args.imagenet:
-        predictor = Predictor(model.imagenet(args.weights or "imagenet", device="cpu"))
-    else:
-        predictor = load(args.model, device="cpu", weights=args.weights)
+    predictor = (
+        load(None, device="cpu", weights=args.weights, imagenet=True)
+        if args.imagenet
+        else load(args.model, device="cpu", weights=args.weights)
+    )
     written = predictor.export(args.out, torchscript=args.torchscript)
     print("wrote " + ", ".join(str(path) for path in written))
     if not exporter.onnx_available():

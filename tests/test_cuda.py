@@ -177,7 +177,7 @@ def test_device_decoded_pixels_are_close_to_the_workers_pixels(tmp_path):
         pattern_image(index % 3, index, size=200).resize((200 + 40 * index, 150)).save(path)
         paths.append(path.name)
     manifest = Manifest("train", paths, [0] * 4, reader=folder_files(tmp_path, paths))
-    files = ManifestImages(manifest, range(len(paths)), decode="device")
+    files = ManifestImages(manifest, decode="device")
     batch = Collate(default_preprocess(), defer_resize=True, decode="device")(
         [files[i] for i in range(4)]
     )
@@ -187,7 +187,7 @@ def test_device_decoded_pixels_are_close_to_the_workers_pixels(tmp_path):
     on_device = on_device.cpu()
     assert refused == []
     workers = Collate(default_preprocess(), defer_resize=False)(
-        [ManifestImages(manifest, range(4))[i] for i in range(4)]
+        [ManifestImages(manifest)[i] for i in range(4)]
     )
     difference = (on_device.int() - workers.pixels.int()).abs().float()
     assert on_device.shape == (4, 3, 224, 224)

@@ -164,7 +164,7 @@ def test_files_the_device_decoder_refuses_go_to_pil_or_fail_with_pils_reason(tmp
     names = ["baseline.jpg", "truncated.jpg", "cmyk.jpg", "progressive.jpg", "header_only.jpg"]
     assert all(name in corpus for name in names)
     manifest = Manifest("train", names, [0] * 5, reader=folder_files(tmp_path / "corpus", names))
-    files = ManifestImages(manifest, range(len(names)), decode="device")
+    files = ManifestImages(manifest, decode="device")
     batch = Collate(default_preprocess(), defer_resize=True, decode="device")(
         [files[i] for i in range(5)]
     )
@@ -176,7 +176,7 @@ def test_files_the_device_decoder_refuses_go_to_pil_or_fail_with_pils_reason(tmp
     ]
     assert refused == list(zip((1, 4), expected_reasons))
     assert all(reason.startswith(("OSError", "SyntaxError")) for reason in expected_reasons)
-    workers = ManifestImages(manifest, range(len(names)))
+    workers = ManifestImages(manifest)
     good = Collate(default_preprocess(), defer_resize=False)([workers[i] for i in (0, 2, 3)])
     torch.testing.assert_close(crops, good.pixels, rtol=0, atol=0)
 

@@ -12,9 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torchvision.models import alexnet
 
 import live
 from conftest import pattern_image
+from extract import backbone
 from extract.errors import UserError
 from extract.preprocess import Preprocess, normalize
 from live import export, exporter
@@ -162,3 +164,21 @@ def test_a_model_on_cuda_predicts_as_on_the_cpu_and_exports_a_cpu_program(tmp_pa
 def test_export_refuses_an_out_name_that_the_side_car_files_would_take(tmp_path, model_dir):
     with pytest.raises(UserError, match=r"\.pt2"):
         export.main(["--model", str(model_dir), "--out", str(tmp_path / "live.json")])
+
+
+def test_imagenet_export_is_the_1000_way_network_with_its_classes(
+    tmp_path, torch_home, weights_file
+):
+    """`python -m live.export --imagenet`: torchvision's AlexNet with the weights the hub cache
+    holds, and its 1000 ImageNet names; CPU, fp32, within 1e-4."""
+    out = tmp_path / "imagenet.pt2"
+    assert export.main(["--imagenet", "--out", str(out)]) == 0
+    described = json.loads(out.with_suffix(".json").read_text())
+    assert described["names"] == backbone.categories("alexnet", "imagenet")
+    reference = alexnet(weights=None).eval()
+    reference.load_state_dict(torch.load(weights_file, weights_only=True))
+    images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            torch.export.load(out).module()(images), reference(images), rtol=1e-4, atol=1e-4
+        )
