@@ -66,9 +66,9 @@ def sweep_variant(features: Path, save: Path, epochs: int, device: str, stream: 
         log=log,
     )
     finished = time.perf_counter()
-    from head import sweeping
+    from head import checkpoint, sweeping
 
-    state = sweeping.load_state(save / sweeping.STATE)
+    state = checkpoint.load_dict(save / sweeping.STATE, "sweep state")
     adam = [row for row in rows if row["method"] == "adam"]
     top1 = [row["val_top1"] for row in adam]
     return {
