@@ -552,3 +552,16 @@ def test_with_flip_each_head_draws_the_views_its_own_run_draws(
     rows = slice(3, 6)  # the second head: lr 1e-2
     assert relative_error(saved["weight"][rows], flipped.checkpoint.trained_layer["weight"]) < 1e-5
     assert relative_error(saved["weight"][rows], plain.checkpoint.trained_layer["weight"]) > 1e-3
+
+
+def test_resuming_with_other_settings_is_refused_naming_what_changed(hard_features, tmp_path):
+    """A run and a sweep continue only the training they saved: another seed, learning rate
+    or grid is one line naming the change, and what was saved stays as it was."""
+    head.fit(hard_features, tmp_path / "run", lr=1e-3, **{**QUICK, "epochs": 1})
+    saved = (tmp_path / "run" / checkpoint.LAST).read_bytes()
+    with pytest.raises(UserError, match=r"cannot resume with other settings \(.*lr 0.001 -> 0.01"):
+        head.fit(hard_features, tmp_path / "run", lr=1e-2, resume=True, **QUICK)
+    assert (tmp_path / "run" / checkpoint.LAST).read_bytes() == saved
+    head.sweep(hard_features, tmp_path / "sweep", **GRID, **{**QUICK, "epochs": 1})
+    with pytest.raises(UserError, match=r"--seed 0 -> 3; --lr, --weight-decay or --standardize"):
+        head.sweep(hard_features, tmp_path / "sweep", lr="1e-3", seed=3, resume=True, **{**QUICK})
